@@ -1,0 +1,26 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   install, then generate with the default model (../shared/models/stories260K)
+#   make test   install, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/strata generate --prompt "Once upon a time" --max-tokens 64
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check strata tests benchmarks
+
+.PHONY: install demo test lint

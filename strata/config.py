@@ -1,0 +1,83 @@
+"""Engine configuration: what the user sets, grouped the way vLLM groups it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The default model: the small trained Llama the project's shared folder holds,
+# beside the repository root (tests and demos never touch a model hub).
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K")
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9}
+
+
+def parse_size(value: int | float | str) -> int:
+    """Bytes from an int or a string such as '512MiB', '4GiB', '2e9'."""
+    if isinstance(value, int | float):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read a memory size from {value!r} (try '512MiB' or '4GiB')")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    # Bytes for the KV pool; None = a fraction of free memory (see kv_cache_budget).
+    kv_cache_memory: int | str | None = None
+    # Exact number of blocks, overriding the memory budget (tests, benchmarks).
+    num_kv_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    # Token budget of one step: decodes take 1 each, prompt chunks fill the rest.
+    max_num_batched_tokens: int = 2048
+    # Off: a prompt is scheduled whole or not at all (budget grows to fit it).
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    skip_tokenizer_init: bool = False
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def create(cls, model: str = DEFAULT_MODEL, **kwargs) -> EngineConfig:
+        """Build from flat keyword arguments, as `LLM(model, **engine_args)` takes them."""
+        groups = {name: {} for name in ("engine", "cache", "scheduler")}
+        owners = {f.name: "cache" for f in dataclasses.fields(CacheConfig)}
+        owners |= {f.name: "scheduler" for f in dataclasses.fields(SchedulerConfig)}
+        owners |= {f.name: "engine" for f in dataclasses.fields(cls) if f.name not in
+                   ("cache", "scheduler")}
+        for key, value in kwargs.items():
+            if key not in owners:
+                raise TypeError(f"unknown engine argument {key!r}")
+            groups[owners[key]][key] = value
+        return cls(model=model, cache=CacheConfig(**groups["cache"]),
+                   scheduler=SchedulerConfig(**groups["scheduler"]), **groups["engine"])

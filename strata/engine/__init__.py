@@ -1,0 +1,1 @@
+"""Engine layer: scheduler, paged KV cache, model runner; knows no HTTP."""

@@ -1,0 +1,122 @@
+"""EngineCore: add / abort / step over token ids. The server runs it in its own process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.config import EngineConfig
+from strata.engine.kv_cache import KVCacheManager
+from strata.engine.request import Request, RequestStatus
+from strata.engine.runner import ModelRunner
+from strata.engine.scheduler import Scheduler
+from strata.model.loader import load_json, resolve_model_path
+from strata.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs of one sampled token: its own, its rank, and the top-N of the step."""
+
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_id: int
+    logprobs: TokenLogprobs | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.runner = ModelRunner(config, self.model_path)
+        self.max_model_len = self.runner.max_model_len
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        if (not config.scheduler.enable_chunked_prefill
+                and config.scheduler.max_num_batched_tokens < self.max_model_len):
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be at least "
+                             f"max_model_len ({self.max_model_len})")
+        self.eos_token_ids = _eos_token_ids(self.model_path)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, with the reason, for a request the engine cannot serve."""
+        params.validate()  # again: the params may have been changed since they were made
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, which leaves no "
+                             f"room to generate within max_model_len {self.max_model_len}")
+        vocab = self.runner.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Validate and queue; a bad request raises before anything is scheduled."""
+        self.validate(prompt_token_ids, params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.runner.device).manual_seed(params.seed)
+        self.scheduler.add_request(Request(
+            request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
+            max_total_tokens=self.max_model_len, generator=generator))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule, run the model once, and report each request's new token."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.requests:
+            return []
+        sampling_requests, sampled = self.runner.execute(scheduled)
+        if sampled is None:
+            self.scheduler.update_from_output(scheduled, {})
+            return []
+        token_ids = sampled.token_ids.tolist()
+        logprobs = _logprobs_per_row(sampled, sampling_requests)
+        by_id = {r.request_id: t for r, t in zip(sampling_requests, token_ids, strict=True)}
+        updates = self.scheduler.update_from_output(scheduled, by_id)
+        row_of = {r.request_id: row for row, r in enumerate(sampling_requests)}
+        return [EngineCoreOutput(
+            request.request_id, request.output_token_ids[-1],
+            logprobs[row_of[request.request_id]],
+            finish_reason=status.value if status else None,
+            stop_reason=request.stop_reason if status == RequestStatus.FINISHED_STOPPED else None,
+        ) for request, status in updates]
+
+
+def _logprobs_per_row(sampled, requests: list[Request]) -> list[TokenLogprobs | None]:
+    if sampled.sampled_logprobs is None:
+        return [None] * len(requests)
+    columns = (sampled.sampled_logprobs.tolist(), sampled.sampled_ranks.tolist(),
+               sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
+    rows = []
+    for request, (logprob, rank, ids, values) in zip(requests, zip(*columns), strict=True):
+        wanted = request.sampling_params.logprobs
+        rows.append(None if wanted is None else
+                    TokenLogprobs(logprob, rank, ids[:wanted], values[:wanted]))
+    return rows
+
+
+def _eos_token_ids(model_path) -> frozenset[int]:
+    """EOS ids from config.json and generation_config.json (which may list several)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        value = load_json(model_path / name, required=False).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return frozenset(ids)

@@ -1,0 +1,198 @@
+"""ModelRunner: owns the model and the KV pool; turns a scheduled step into tokens.
+
+Each step is one flattened batch: every scheduled request contributes its new
+tokens (a prompt chunk, or one token to decode). Inputs are built with numpy
+over the whole batch; logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from strata.config import EngineConfig
+from strata.engine.kv_cache import cdiv
+from strata.engine.request import Request
+from strata.engine.scheduler import SchedulerOutput
+from strata.model.attention import AttentionGroup, AttentionMetadata
+from strata.model.loader import load_json
+from strata.model.registry import load_model, resolve_device, resolve_dtype
+from strata.model.sampler import Sampler, SamplerOutput, SamplingMetadata
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attention: AttentionMetadata
+    logits_indices: torch.Tensor  # flat index of the last token of each sampling request
+    sampling_requests: list[Request]
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path) -> None:
+        self.config = config
+        hf_config = load_json(model_path / "config.json")
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
+        self.model = load_model(model_path, self.dtype, self.device)
+        args = self.model.args
+        self.vocab_size = args.vocab_size
+        self.max_model_len = config.max_model_len or args.max_position_embeddings
+        if self.max_model_len > args.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {args.max_position_embeddings}")
+        self.block_size = config.cache.block_size
+        self.num_blocks = self._num_blocks()
+        # Zeroed, not empty: attention reads whole blocks and masks the unused
+        # slots, and 0 * NaN from stale memory would still poison the output.
+        self.kv_cache = torch.zeros(args.num_layers, 2, self.num_blocks, self.block_size,
+                                    args.num_kv_heads, args.head_dim,
+                                    dtype=self.dtype, device=self.device)
+        self.model.bind_kv_cache(self.kv_cache)
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
+
+    @property
+    def bytes_per_block(self) -> int:
+        a = self.model.args
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * \
+            self.dtype.itemsize
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            num_blocks = cache.num_kv_blocks
+        else:
+            budget = cache.kv_cache_memory or int(0.2 * available_memory(self.device))
+            # More blocks than max_num_seqs full-length sequences could ever hold is waste.
+            ceiling = self.config.scheduler.max_num_seqs * cdiv(self.max_model_len, self.block_size)
+            num_blocks = min(budget // self.bytes_per_block, ceiling)
+        if num_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * self.block_size} tokens, fewer than "
+                f"max_model_len {self.max_model_len}: raise --kv-cache-memory or lower "
+                f"--max-model-len")
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
+        inputs = self.prepare_inputs(step)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention)
+        if not inputs.sampling_requests:
+            return [], None
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        meta = self.sampling_metadata(inputs.sampling_requests)
+        return inputs.sampling_requests, self.sampler(logits, meta)
+
+    def prepare_inputs(self, step: SchedulerOutput) -> StepInputs:
+        requests = step.requests
+        starts = np.array([r.num_computed_tokens for r in requests], dtype=np.int64)
+        counts = np.array(step.num_new_tokens, dtype=np.int64)
+        ends = starts + counts
+        first_token = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        total = int(counts.sum())
+        owner = np.repeat(np.arange(len(requests)), counts)
+        positions = starts[owner] + np.arange(total) - first_token[owner]
+        max_blocks = cdiv(int(ends.max()), self.block_size)
+        block_tables = np.zeros((len(requests), max_blocks), dtype=np.int64)
+        for row, request in enumerate(requests):
+            block_tables[row, :len(request.block_ids)] = request.block_ids[:max_blocks]
+        slots = block_tables[owner, positions // self.block_size] * self.block_size + \
+            positions % self.block_size
+        input_ids = np.fromiter(
+            (t for r, s, e in zip(requests, starts, ends, strict=True)
+             for t in r.all_token_ids[s:e]), dtype=np.int64, count=total)
+        sampling = ends == np.array([r.num_tokens for r in requests])
+        groups = [self._group(rows, starts, counts, first_token, block_tables)
+                  for rows in (np.flatnonzero(counts == 1), np.flatnonzero(counts > 1))
+                  if len(rows)]
+        device = self.device
+        last_tokens = first_token[sampling] + counts[sampling] - 1
+        return StepInputs(
+            input_ids=torch.from_numpy(input_ids).to(device),
+            positions=torch.from_numpy(positions).to(device),
+            attention=AttentionMetadata(torch.from_numpy(slots).to(device), groups),
+            logits_indices=torch.from_numpy(last_tokens).to(device),
+            sampling_requests=[r for r, s in zip(requests, sampling, strict=True) if s],
+        )
+
+    def _group(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+               first_token: np.ndarray, block_tables: np.ndarray) -> AttentionGroup:
+        """Requests `rows`, their queries padded to the longest (pads repeat the last query)."""
+        counts = counts[rows]
+        max_q = int(counts.max())
+        offsets = np.minimum(np.arange(max_q), counts[:, None] - 1)  # [B, max_q]
+        real = np.arange(max_q) < counts[:, None]
+        context = int((starts[rows] + counts).max())
+        device = self.device
+        return AttentionGroup(
+            token_index=torch.from_numpy(first_token[rows][:, None] + offsets).to(device),
+            query_positions=torch.from_numpy(starts[rows][:, None] + offsets).to(device),
+            block_tables=torch.from_numpy(
+                np.ascontiguousarray(block_tables[rows, :cdiv(context, self.block_size)])
+            ).to(device),
+            padded_rows=torch.from_numpy(np.flatnonzero(real)).to(device),
+            flat_tokens=torch.from_numpy((first_token[rows][:, None] + offsets)[real]).to(device),
+        )
+
+    def sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
+        params = [r.sampling_params for r in requests]
+        device, vocab = self.device, self.vocab_size
+
+        def column(values, dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [p.greedy for p in params]
+        uses_top_k = any(0 < p.top_k < vocab for p in params)
+        uses_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
+        uses_repetition = any(p.repetition_penalty != 1.0 for p in params)
+        counts = seen = banned = None
+        if uses_penalties or uses_repetition:
+            counts = self._token_counts([r.output_token_ids for r in requests])
+        if uses_repetition:
+            seen = (counts > 0) | (self._token_counts([r.prompt_token_ids for r in requests]) > 0)
+        under_min = [(row, r.stop_token_ids) for row, r in enumerate(requests)
+                     if len(r.output_token_ids) < r.sampling_params.min_tokens and r.stop_token_ids]
+        if under_min:
+            banned = torch.zeros(len(requests), vocab, dtype=torch.bool, device=device)
+            for row, stop_ids in under_min:
+                banned[row, [t for t in stop_ids if t < vocab]] = True
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingMetadata(
+            temperature=column([0.0 if g else p.temperature for g, p in zip(greedy, params)]),
+            all_greedy=all(greedy),
+            top_k=column([p.top_k if 0 < p.top_k < vocab else vocab for p in params],
+                         torch.int64) if uses_top_k else None,
+            top_p=column([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
+            min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
+            generators={row: r.generator for row, r in enumerate(requests)
+                        if r.generator is not None},
+            presence_penalty=column([p.presence_penalty for p in params]),
+            frequency_penalty=column([p.frequency_penalty for p in params]),
+            repetition_penalty=column([p.repetition_penalty for p in params])
+            if uses_repetition else None,
+            output_token_counts=counts if uses_penalties else None,
+            seen_tokens=seen,
+            banned_tokens=banned,
+            max_num_logprobs=min(max(asked), vocab) if asked else None,
+        )
+
+    def _token_counts(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """[N, V] occurrences of each token id in each row's list, in one scatter."""
+        width = max(1, max(len(t) for t in token_lists))
+        padded = torch.full((len(token_lists), width), self.vocab_size, dtype=torch.int64)
+        for row, tokens in enumerate(token_lists):
+            padded[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        padded = padded.to(self.device)
+        counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=self.device)
+        counts.scatter_add_(1, padded, torch.ones(padded.shape, device=self.device))
+        return counts[:, :self.vocab_size]  # the last column counted the padding

@@ -1,0 +1,131 @@
+"""One step's batch under a token budget: decodes, prompt chunks, preemption.
+
+There are no separate prefill and decode phases: every request has tokens
+whose K/V are computed (`num_computed_tokens`) and tokens still to compute, and
+each step gives some of the budget to each. Running requests go first (a
+decode costs one token), then waiting prompts fill what is left, chunked to
+fit. When the pool runs out of blocks, the newest running request is
+preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from strata.config import SchedulerConfig
+from strata.engine.kv_cache import KVCacheManager
+from strata.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        self.requests.append(request)
+        self.num_new_tokens.append(num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[Request]:
+        aborted = [self.requests[i] for i in request_ids if i in self.requests]
+        for request in aborted:
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+        return aborted
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark finished and return its blocks at once; the caller drops it from `running`."""
+        request.status = status
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._make_room(request, num_new):
+                break  # the request preempted itself: nothing newer is left to schedule
+            out.add(request, num_new)
+            budget -= num_new
+            index += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = request.num_tokens - request.num_computed_tokens
+            if self.config.enable_chunked_prefill:
+                num_new = min(num_new, budget)
+            elif num_new > budget:
+                break
+            if not self.kv_cache.allocate_slots(request, num_new):
+                break  # wait for blocks; waiting requests never preempt running ones
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.add(request, num_new)
+            budget -= num_new
+        return out
+
+    def _make_room(self, request: Request, num_new: int) -> bool:
+        """Allocate for a running request, preempting the newest until it fits."""
+        while not self.kv_cache.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]
+                           ) -> list[tuple[Request, RequestStatus | None]]:
+        """Advance each scheduled request; returns (request, finish status) per new token."""
+        updates = []
+        for request, num_new in zip(out.requests, out.num_new_tokens, strict=True):
+            request.num_computed_tokens += num_new
+            if request.request_id not in sampled:
+                continue  # a prompt chunk that is not the last: nothing sampled yet
+            request.append_token(sampled[request.request_id])
+            status = request.check_stop()
+            if status is not None:
+                self.finish(request, status)
+            updates.append((request, status))
+        if any(status is not None for _, status in updates):
+            self.running = [r for r in self.running if not r.status.finished]
+        return updates

@@ -1,0 +1,83 @@
+"""Paged attention in pure PyTorch: the reference path, and the one that runs on CPU.
+
+One step's tokens arrive flattened (prefill chunks and decodes mixed). K/V of
+the new tokens are written into their cache slots first; each sequence then
+attends to its whole context, gathered from the cache through its block table.
+Sequences are attended in two groups, each padded to its own longest query, so
+that a 512-token chunk does not pad 64 single-token decodes to 512 rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together: queries padded to [B, max_q]."""
+
+    token_index: torch.Tensor  # [B, max_q] flat-token index of each query (pads repeat one)
+    query_positions: torch.Tensor  # [B, max_q] absolute position of each query
+    block_tables: torch.Tensor  # [B, max_blocks] block ids (pads point at block 0)
+    padded_rows: torch.Tensor  # [n] rows of the [B * max_q] output that are real tokens
+    flat_tokens: torch.Tensor  # [n] their flat-token index
+    # Masks depend only on the step, not the layer: built once per (window, heads per KV).
+    masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None, per_kv: int, context_len: int) -> torch.Tensor:
+        key = (sliding_window, per_kv)
+        if key not in self.masks:
+            key_positions = torch.arange(context_len, device=self.query_positions.device)
+            query_positions = self.query_positions.unsqueeze(-1)
+            mask = key_positions <= query_positions  # causal; hides slots past the context
+            if sliding_window is not None:
+                mask &= key_positions > query_positions - sliding_window
+            self.masks[key] = mask.repeat_interleave(per_kv, dim=1).unsqueeze(1)
+        return self.masks[key]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    groups: list[AttentionGroup]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new K/V at slot = block_id * block_size + offset."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float, sliding_window: int | None
+                    ) -> torch.Tensor:
+    """q: [T, H, D]; caches: [num_blocks, block_size, H_kv, D]. Returns [T, H, D]."""
+    out = torch.empty_like(q)
+    for group in meta.groups:
+        attended = _attend_group(q, k_cache, v_cache, group, scale, sliding_window)
+        out.index_copy_(0, group.flat_tokens, attended.flatten(0, 1)[group.padded_rows])
+    return out
+
+
+def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  group: AttentionGroup, scale: float, sliding_window: int | None
+                  ) -> torch.Tensor:
+    batch, max_q = group.token_index.shape
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    per_kv = num_heads // num_kv_heads
+    # Context: [B, H_kv, max_blocks * block_size, D], gathered through the block tables.
+    k = k_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+    v = v_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+    # Grouped-query attention without repeating K/V: the query heads that share a
+    # KV head become extra query rows of that head.
+    queries = q[group.token_index].view(batch, max_q, num_kv_heads, per_kv, head_dim)
+    queries = queries.permute(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, max_q * per_kv, head_dim)
+    mask = group.mask(sliding_window, per_kv, k.shape[2])
+    out = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scale)
+    out = out.view(batch, num_kv_heads, max_q, per_kv, head_dim).permute(0, 2, 1, 3, 4)
+    return out.reshape(batch, max_q, num_heads, head_dim)

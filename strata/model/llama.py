@@ -1,0 +1,208 @@
+"""Llama, Mistral, Qwen2 and Qwen3: one decoder, with flags for where they differ.
+
+Qwen2 adds a bias to q/k/v, Qwen3 normalises q and k per head, Mistral may
+limit attention to a sliding window. Weights load from Hugging Face names; q/k/v
+and gate/up are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from strata.model.attention import AttentionMetadata, paged_attention, write_kv
+from strata.model.layers import Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: dict
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_windows: list[int | None]  # per layer
+
+    @classmethod
+    def from_hf(cls, config: dict, architecture: str) -> ModelArgs:
+        heads = config["num_attention_heads"]
+        layers = config["num_hidden_layers"]
+        # transformers 5 writes rope_parameters; older checkpoints rope_theta + rope_scaling.
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+        attention_bias = bool(config.get("attention_bias", False))
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope=rope,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=architecture == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=attention_bias and architecture != "Qwen2ForCausalLM",
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            sliding_windows=_sliding_windows(config, layers, architecture),
+        )
+
+
+def _sliding_windows(config: dict, layers: int, architecture: str) -> list[int | None]:
+    window = config.get("sliding_window")
+    if window is None:
+        return [None] * layers
+    if "layer_types" in config and config["layer_types"]:
+        return [window if t == "sliding_attention" else None for t in config["layer_types"]]
+    if architecture == "MistralForCausalLM" or config.get("use_sliding_window", False):
+        first = config.get("max_window_layers", 0) if architecture.startswith("Qwen") else 0
+        return [window if i >= first else None for i in range(layers)]
+    return [None] * layers
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_heads, args.num_kv_heads, args.head_dim)
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.scale = args.head_dim**-0.5
+        self.sliding_window = args.sliding_windows[layer]
+        self.k_cache = self.v_cache = torch.empty(0)  # bound by the runner
+
+    def forward(self, positions: torch.Tensor, rotary: RotaryEmbedding, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(out.view(-1, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, rotary: RotaryEmbedding, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, rotary, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+# HF checkpoint names that live inside one of our fused parameters: (ours, shard).
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = DecoderModel(args)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope)
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        """kv_cache: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
+        for layer, cache in zip(self.model.layers, kv_cache, strict=True):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states of the flattened step batch, [tokens, hidden]."""
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(positions, self.rotary, x, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                name = "model.embed_tokens.weight"  # tied: one tensor, stored under either name
+            target, shard = _fused_target(name)
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            param = params[target].data
+            if shard is not None:
+                param = param.narrow(0, *self._shard_range(target, shard))
+            if param.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(param.shape)}")
+            param.copy_(tensor)
+            loaded.add(target if shard is None else f"{target}#{shard}")
+        expected = {name for name, _ in self.named_parameters()}
+        expected = {f"{n}#{s}" for n in expected for s in self._shards_of(n)} | {
+            n for n in expected if not self._shards_of(n)}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+
+    def _shards_of(self, name: str) -> range:
+        if ".qkv_proj." in name:
+            return range(3)
+        return range(2) if ".gate_up_proj." in name else range(0)
+
+    def _shard_range(self, name: str, shard: int) -> tuple[int, int]:
+        a = self.args
+        if ".qkv_proj." in name:
+            sizes = [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim,
+                     a.num_kv_heads * a.head_dim]
+        else:
+            sizes = [a.intermediate_size] * 2
+        return sum(sizes[:shard]), sizes[shard]
+
+
+def _fused_target(name: str) -> tuple[str, int | None]:
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in _FUSED:
+            fused, shard = _FUSED[part]
+            return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+    return name, None

@@ -1,0 +1,64 @@
+"""From a checkpoint folder to a loaded model: architecture lookup, dtype, device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from strata.model.llama import LlamaForCausalLM, ModelArgs
+from strata.model.loader import iterate_weights, load_json
+
+# config.json "architectures" -> model class. Qwen3 differs from Llama only by
+# q/k norm, and Mistral by its sliding window: flags of one class.
+ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, config: dict) -> torch.dtype:
+    """float32 on CPU; on CUDA the checkpoint's half type, else bfloat16."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(_DTYPES)})")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return torch.float16 if stored == "float16" else torch.bfloat16
+
+
+def model_args(config: dict) -> tuple[str, ModelArgs]:
+    architectures = config.get("architectures") or []
+    supported = [a for a in architectures if a in ARCHITECTURES]
+    if not supported:
+        raise ValueError(f"unsupported architecture {architectures or 'none given'} "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
+    return supported[0], ModelArgs.from_hf(config, supported[0])
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    architecture, args = model_args(load_json(path / "config.json"))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = ARCHITECTURES[architecture](args)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        model.load_weights(iterate_weights(path))
+    return model.eval().requires_grad_(False)
