@@ -1,0 +1,66 @@
+"""Shared fixtures: the trained models in ../shared/models and tiny random checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+STORIES = SHARED_MODELS / "stories260K"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# Small shapes that still exercise GQA, biases, q/k norm and rope scaling.
+_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+ARCHITECTURES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+}
+
+
+def build_checkpoint(out: Path, arch: str, seed: int = 0) -> Path:
+    """A random-weight HF checkpoint (float32) with stories260K's tokenizer (vocab 512)."""
+    import transformers
+
+    config_name, model_name, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_name)(**(_COMMON | extra))
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # sharper than the default init, so greedy ids are far from ties
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.15)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (STORIES / name).exists():
+            shutil.copy(STORIES / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session", params=list(ARCHITECTURES))
+def tiny_checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
+    arch = request.param
+    return arch, build_checkpoint(tmp_path_factory.mktemp(arch), arch)
+
+
+@pytest.fixture(scope="session")
+def stories_llm():
+    from strata import LLM
+
+    return LLM(str(STORIES), max_num_seqs=64)
+
+
+def assert_all_blocks_free(llm) -> None:
+    engine = llm.engine
+    assert not engine.has_unfinished_requests
+    assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.num_blocks
+    assert all(count == 0 for count in engine.kv_cache.pool.ref_counts)
