@@ -17,7 +17,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", default=None,
-                        help="KV pool size, e.g. 512MiB (default: 20%% of free memory)")
+                        help="KV pool size, e.g. 512MiB (default: 20%% of free RAM, 80%% on CUDA)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
 

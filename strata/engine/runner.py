@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -72,7 +73,9 @@ class ModelRunner:
         if cache.num_kv_blocks is not None:
             num_blocks = cache.num_kv_blocks
         else:
-            budget = cache.kv_cache_memory or int(0.2 * available_memory(self.device))
+            # A GPU is the engine's alone; host memory is shared with everything else.
+            fraction = 0.8 if self.device.type == "cuda" else 0.2
+            budget = cache.kv_cache_memory or int(fraction * available_memory(self.device))
             # More blocks than max_num_seqs full-length sequences could ever hold is waste.
             ceiling = self.config.scheduler.max_num_seqs * cdiv(self.max_model_len, self.block_size)
             num_blocks = min(budget // self.bytes_per_block, ceiling)
@@ -108,9 +111,9 @@ class ModelRunner:
             block_tables[row, :len(request.block_ids)] = request.block_ids[:max_blocks]
         slots = block_tables[owner, positions // self.block_size] * self.block_size + \
             positions % self.block_size
-        input_ids = np.fromiter(
-            (t for r, s, e in zip(requests, starts, ends, strict=True)
-             for t in r.all_token_ids[s:e]), dtype=np.int64, count=total)
+        input_ids = np.fromiter(chain.from_iterable(
+            r.all_token_ids[s:e] for r, s, e in zip(requests, starts, ends)),
+            dtype=np.int64, count=total)
         sampling = ends == np.array([r.num_tokens for r in requests])
         groups = [self._group(rows, starts, counts, first_token, block_tables)
                   for rows in (np.flatnonzero(counts == 1), np.flatnonzero(counts > 1))
