@@ -70,9 +70,12 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     num_heads, head_dim = q.shape[1:]
     num_kv_heads = k_cache.shape[2]
     per_kv = num_heads // num_kv_heads
-    # Context: [B, H_kv, max_blocks * block_size, D], gathered through the block tables.
-    k = k_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
-    v = v_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+    # Context: [B, H_kv, max_blocks * block_size, D], gathered through the block tables
+    # (index_select on the flat table: several times faster than advanced indexing on CPU).
+    blocks = group.block_tables.flatten()
+    context_shape = (batch, -1, num_kv_heads, head_dim)
+    k = k_cache.index_select(0, blocks).view(context_shape).transpose(1, 2)
+    v = v_cache.index_select(0, blocks).view(context_shape).transpose(1, 2)
     # Grouped-query attention without repeating K/V: the query heads that share a
     # KV head become extra query rows of that head.
     queries = q[group.token_index].view(batch, max_q, num_kv_heads, per_kv, head_dim)
