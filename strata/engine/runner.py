@@ -135,7 +135,8 @@ class ModelRunner:
         max_q = int(counts.max())
         offsets = np.minimum(np.arange(max_q), counts[:, None] - 1)  # [B, max_q]
         real = np.arange(max_q) < counts[:, None]
-        context = int((starts[rows] + counts).max())
+        context_lens = starts[rows] + counts
+        context = int(context_lens.max())
         device = self.device
         return AttentionGroup(
             token_index=torch.from_numpy(first_token[rows][:, None] + offsets).to(device),
@@ -143,6 +144,7 @@ class ModelRunner:
             block_tables=torch.from_numpy(
                 np.ascontiguousarray(block_tables[rows, :cdiv(context, self.block_size)])
             ).to(device),
+            context_lens=torch.from_numpy(context_lens).to(device),
             padded_rows=torch.from_numpy(np.flatnonzero(real)).to(device),
             flat_tokens=torch.from_numpy((first_token[rows][:, None] + offsets)[real]).to(device),
         )

@@ -4,7 +4,9 @@ One step's tokens arrive flattened (prefill chunks and decodes mixed). K/V of
 the new tokens are written into their cache slots first; each sequence then
 attends to its whole context, gathered from the cache through its block table.
 Sequences are attended in two groups, each padded to its own longest query, so
-that a 512-token chunk does not pad 64 single-token decodes to 512 rows.
+that a 512-token chunk does not pad 64 single-token decodes to 512 rows. On CPU
+the single-token group runs in a C++ kernel that reads the blocks in place
+(`csrc/paged_decode.cpp`); this file stays the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from strata.model.cpu_kernels import paged_decode_kernel
+
 
 @dataclass
 class AttentionGroup:
@@ -22,6 +26,7 @@ class AttentionGroup:
     token_index: torch.Tensor  # [B, max_q] flat-token index of each query (pads repeat one)
     query_positions: torch.Tensor  # [B, max_q] absolute position of each query
     block_tables: torch.Tensor  # [B, max_blocks] block ids (pads point at block 0)
+    context_lens: torch.Tensor  # [B] tokens each sequence attends to (its last query's + 1)
     padded_rows: torch.Tensor  # [n] rows of the [B * max_q] output that are real tokens
     flat_tokens: torch.Tensor  # [n] their flat-token index
     # Masks depend only on the step, not the layer: built once per (window, heads per KV).
@@ -58,9 +63,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: [T, H, D]; caches: [num_blocks, block_size, H_kv, D]. Returns [T, H, D]."""
     out = torch.empty_like(q)
     for group in meta.groups:
+        if group.token_index.shape[1] == 1 and (kernel := _decode_kernel(q)) is not None:
+            queries = q.index_select(0, group.flat_tokens)
+            attended = torch.empty_like(queries)
+            kernel.paged_decode_attention(attended, queries, k_cache, v_cache, group.block_tables,
+                                          group.context_lens, scale, sliding_window or 0)
+            out.index_copy_(0, group.flat_tokens, attended)
+            continue
         attended = _attend_group(q, k_cache, v_cache, group, scale, sliding_window)
         out.index_copy_(0, group.flat_tokens, attended.flatten(0, 1)[group.padded_rows])
     return out
+
+
+def _decode_kernel(q: torch.Tensor):
+    """The C++ decode kernel where it applies (CPU, float32) and could be built."""
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        return None
+    return paged_decode_kernel()
 
 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,0 +1,94 @@
+// Paged attention for single-token queries (decodes) on CPU, float32.
+//
+// Reads each sequence's K/V straight from the cache blocks named by its block
+// table: no gathered copy of the context, which is what the pure-PyTorch path
+// pays for (a read, a write and a read again of every context token per layer).
+// A work item is one sequence (or, when the batch is smaller than the thread
+// count, a slice of its KV heads): it walks the context token by token, reading
+// each K/V row once for every query head that uses it.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                            torch::Tensor v_cache, torch::Tensor block_tables,
+                            torch::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
+              "paged_decode_attention: float32 only");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && block_tables.is_contiguous() &&
+                  context_lens.is_contiguous(),
+              "paged_decode_attention: contiguous tensors only");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t per_kv = heads / kv_heads, max_blocks = block_tables.size(1);
+  const int64_t token_stride = kv_heads * dim, block_stride = block_size * token_stride;
+  const float* q_ptr = q.data_ptr<float>();
+  const float* k_ptr = k_cache.data_ptr<float>();
+  const float* v_ptr = v_cache.data_ptr<float>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* out_ptr = out.data_ptr<float>();
+  const float softmax_scale = static_cast<float>(scale);
+
+  // Enough work items to keep every thread busy even for a batch of one.
+  const int64_t splits = std::min<int64_t>(
+      kv_heads, std::max<int64_t>(1, (2 * at::get_num_threads() + batch - 1) / batch));
+  const int64_t kv_per_split = (kv_heads + splits - 1) / splits;
+
+  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / splits;
+      const int64_t head_begin = (item % splits) * kv_per_split * per_kv;
+      const int64_t head_end = std::min(kv_heads, (item % splits + 1) * kv_per_split) * per_kv;
+      const int64_t len = lens[seq];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      const int64_t* table = tables + seq * max_blocks;
+      const float* queries = q_ptr + seq * heads * dim;
+      float* outputs = out_ptr + seq * heads * dim;
+      scores.assign(heads * n, 0.f);
+      for (int64_t j = first; j < len; ++j) {
+        const float* row = k_ptr + table[j / block_size] * block_stride +
+                           (j % block_size) * token_stride;
+        for (int64_t h = head_begin; h < head_end; ++h) {
+          const float* query = queries + h * dim;
+          const float* key = row + (h / per_kv) * dim;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
+          scores[h * n + (j - first)] = dot * softmax_scale;
+        }
+      }
+      for (int64_t h = head_begin; h < head_end; ++h) {
+        float* row = scores.data() + h * n;
+        const float top = *std::max_element(row, row + n);
+        float total = 0.f;
+        for (int64_t j = 0; j < n; ++j) total += (row[j] = std::exp(row[j] - top));
+        const float inverse = 1.f / total;
+        for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
+        std::fill(outputs + h * dim, outputs + (h + 1) * dim, 0.f);
+      }
+      for (int64_t j = first; j < len; ++j) {
+        const float* row = v_ptr + table[j / block_size] * block_stride +
+                           (j % block_size) * token_stride;
+        for (int64_t h = head_begin; h < head_end; ++h) {
+          const float weight = scores[h * n + (j - first)];
+          const float* value = row + (h / per_kv) * dim;
+          float* output = outputs + h * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) output[d] += weight * value[d];
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "Paged attention of single-token queries through block tables (CPU, float32)");
+}
