@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from strata.model.attention import AttentionMetadata, paged_attention, write_kv
-from strata.model.layers import Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from strata.model.layers import (
+    Embedding,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+)
 
 
 @dataclass
@@ -91,15 +98,16 @@ class Attention(nn.Module):
         self.sliding_window = args.sliding_windows[layer]
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the runner
 
-    def forward(self, positions: torch.Tensor, rotary: RotaryEmbedding, x: torch.Tensor,
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(-1, heads + kv_heads, head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        # q and k rotate together: one set of elementwise ops instead of two.
+        q, k = apply_rotary(qk, *rope).split([heads, kv_heads], dim=1)
+        v = v.view(-1, kv_heads, head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.view(-1, self.q_size))
@@ -113,9 +121,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, rotary: RotaryEmbedding, x: torch.Tensor,
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, rotary, self.input_layernorm(x), meta)
+        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -151,8 +159,9 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of the flattened step batch, [tokens, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary(positions)
         for layer in self.model.layers:
-            x = layer(positions, self.rotary, x, meta)
+            x = layer(rope, x, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
