@@ -49,10 +49,20 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     # Off: a prompt is scheduled whole or not at all (budget grows to fit it).
     enable_chunked_prefill: bool = True
+    # Admission keeps blocks back for the running requests' future tokens,
+    # estimated as remaining max_tokens x this ratio (SGLang's new_token_ratio).
+    # The ratio decays while nothing is preempted and resets when something is,
+    # so the engine learns how full it can run without thrashing. 0: admit while
+    # blocks are free and rely on preemption alone (vLLM's policy).
+    init_new_token_ratio: float = 0.3
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay_steps: int = 600
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if not 0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1:
+            raise ValueError("need 0 <= min_new_token_ratio <= init_new_token_ratio <= 1")
 
 
 @dataclass

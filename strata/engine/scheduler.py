@@ -5,7 +5,9 @@ whose K/V are computed (`num_computed_tokens`) and tokens still to compute, and
 each step gives some of the budget to each. Running requests go first (a
 decode costs one token), then waiting prompts fill what is left, chunked to
 fit. When the pool runs out of blocks, the newest running request is
-preempted: its blocks are freed and it is recomputed later.
+preempted: its blocks are freed and it is recomputed later. Admission keeps
+back blocks for the running requests' expected growth, so that preemption (and
+the recompute it costs) stays rare.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.new_token_ratio = config.init_new_token_ratio
+        self._ratio_decay = (config.init_new_token_ratio - config.min_new_token_ratio) / max(
+            1, config.new_token_ratio_decay_steps)
 
     @property
     def has_unfinished_requests(self) -> bool:
@@ -80,6 +85,7 @@ class Scheduler:
             budget -= num_new
             index += 1
 
+        reserved = sum(self._blocks_to_come(r) for r in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             num_new = request.num_tokens - request.num_computed_tokens
@@ -87,14 +93,30 @@ class Scheduler:
                 num_new = min(num_new, budget)
             elif num_new > budget:
                 break
+            # Waiting requests never preempt running ones; the first always gets in.
+            free = self.kv_cache.pool.num_free_blocks
+            if self.running and self._blocks_to_come(request) + reserved > free:
+                break
             if not self.kv_cache.allocate_slots(request, num_new):
-                break  # wait for blocks; waiting requests never preempt running ones
+                break
+            reserved += self._blocks_to_come(request)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.add(request, num_new)
             budget -= num_new
+        self.new_token_ratio = max(self.config.min_new_token_ratio,
+                                   self.new_token_ratio - self._ratio_decay)
         return out
+
+    def _blocks_to_come(self, request: Request) -> float:
+        """Blocks the request is expected to add: its uncomputed tokens, plus its remaining
+        output scaled by new_token_ratio."""
+        limit = request.max_total_tokens
+        if request.sampling_params.max_tokens is not None:
+            limit = min(limit, request.num_prompt_tokens + request.sampling_params.max_tokens)
+        expected = request.num_tokens + self.new_token_ratio * max(0, limit - request.num_tokens)
+        return max(0.0, expected / self.kv_cache.block_size - len(request.block_ids))
 
     def _make_room(self, request: Request, num_new: int) -> bool:
         """Allocate for a running request, preempting the newest until it fits."""
@@ -106,6 +128,7 @@ class Scheduler:
         return True
 
     def _preempt(self, request: Request) -> None:
+        self.new_token_ratio = self.config.init_new_token_ratio  # admitted too many: back off
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
