@@ -75,6 +75,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        preemptions_before = self.num_preemptions
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -85,8 +86,11 @@ class Scheduler:
             budget -= num_new
             index += 1
 
+        # After a preemption the pool is short: admitting now would only thrash.
+        admit = self.num_preemptions == preemptions_before
         reserved = sum(self._blocks_to_come(r) for r in self.running)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        max_seqs = self.config.max_num_seqs
+        while admit and self.waiting and budget > 0 and len(self.running) < max_seqs:
             request = self.waiting[0]
             num_new = request.num_tokens - request.num_computed_tokens
             if self.config.enable_chunked_prefill:
