@@ -1,6 +1,6 @@
 """Continuous vs static batching, Strata vs transformers, KV waste and engine overhead.
 
-    python benchmarks/batching.py --model /work/peerwork/tiny-llama [--quick] [--json out.json]
+    python benchmarks/batching.py --model MODEL_DIR [--quick] [--json out.json]
 
 The machine may be shared, so every figure is a ratio within one run, and the
 runs being compared are interleaved: each keeps its own engine and KV pool, and
@@ -573,7 +573,7 @@ def render(r: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="/work/peerwork/tiny-llama")
+    p.add_argument("--model", required=True, help="a random-weight checkpoint folder")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--hf-requests", type=int, default=None,
                    help="run HF on the first N requests only (a multiple of --batch-size)")

@@ -1,6 +1,8 @@
 """Build a random-weight Llama checkpoint (HF layout) for benchmarks that need no trained model.
 
-    python benchmarks/make_model.py /work/peerwork/llama-1024 --hidden 1024 --layers 12
+    python benchmarks/make_model.py OUT_DIR --tokenizer-from PEER_MODEL --hidden 1024 --layers 12
+
+PEER_MODEL is the 32000-token model ../shared/peers/make_tiny_model.py builds.
 
 Weights are seeded, so the same arguments give the same checkpoint; the tokenizer
 files are copied from another model folder so that text prompts still work.
@@ -17,7 +19,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model")
-DEFAULT_TOKENIZER = "/work/peerwork/tiny-llama"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--max-pos", type=int, default=2048)
-    parser.add_argument("--tokenizer-from", type=Path, default=Path(DEFAULT_TOKENIZER))
+    parser.add_argument("--tokenizer-from", type=Path, required=True,
+                        help="a model folder whose tokenizer has --vocab tokens")
     return parser.parse_args(argv)
 
 
