@@ -44,6 +44,11 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        params = self.sampling_params
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        # Tokens that end generation (EOS unless ignored, plus stop_token_ids); checked
+        # after every token, so built once.
+        self.stop_token_ids = eos | frozenset(params.stop_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -52,13 +57,6 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
-
-    @property
-    def stop_token_ids(self) -> frozenset[int]:
-        """Tokens that end generation (EOS unless ignored, plus stop_token_ids)."""
-        params = self.sampling_params
-        eos = frozenset() if params.ignore_eos else self.eos_token_ids
-        return eos | frozenset(params.stop_token_ids)
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -181,8 +181,10 @@ class ModelRunner:
             min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
             generators={row: r.generator for row, r in enumerate(requests)
                         if r.generator is not None},
-            presence_penalty=column([p.presence_penalty for p in params]),
-            frequency_penalty=column([p.frequency_penalty for p in params]),
+            presence_penalty=column([p.presence_penalty for p in params])
+            if uses_penalties else None,
+            frequency_penalty=column([p.frequency_penalty for p in params])
+            if uses_penalties else None,
             repetition_penalty=column([p.repetition_penalty for p in params])
             if uses_repetition else None,
             output_token_counts=counts if uses_penalties else None,
