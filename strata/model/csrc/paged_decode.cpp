@@ -39,9 +39,14 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       kv_heads, std::max<int64_t>(1, (2 * at::get_num_threads() + batch - 1) / batch));
   const int64_t kv_per_split = (kv_heads + splits - 1) / splits;
 
-  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+  // Items are dealt round-robin, not in contiguous ranges: the running list is
+  // oldest first, so contiguous ranges would hand one thread the longest contexts.
+  const int64_t items = batch * splits;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t thread = thread_begin; thread < thread_end; ++thread)
+    for (int64_t item = thread; item < items; item += threads) {
       const int64_t seq = item / splits;
       const int64_t head_begin = (item % splits) * kv_per_split * per_kv;
       const int64_t head_end = std::min(kv_heads, (item % splits + 1) * kv_per_split) * per_kv;
