@@ -64,3 +64,12 @@ def assert_all_blocks_free(llm) -> None:
     assert not engine.has_unfinished_requests
     assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.num_blocks
     assert all(count == 0 for count in engine.kv_cache.pool.ref_counts)
+
+
+def record_logits(llm) -> list[torch.Tensor]:
+    """Make the engine keep every step's logits (rows that sample) in the returned list."""
+    logits: list[torch.Tensor] = []
+    model = llm.engine.runner.model
+    original = model.compute_logits
+    model.compute_logits = lambda hidden: logits.append(original(hidden)) or logits[-1]
+    return logits

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from strata import LLM, SamplingParams
-from tests.conftest import SHARED_MODELS
+from tests.conftest import SHARED_MODELS, record_logits
 
 GOLDEN = json.loads((SHARED_MODELS / "golden_greedy.json").read_text())
 
@@ -17,9 +17,7 @@ def test_greedy_ids_match_golden(name):
     llm = LLM(str(SHARED_MODELS / name))
     prompt_len = len(golden["prompt_ids"])
     max_tokens = len(golden["greedy_ids_48"]) - prompt_len
-    logits = []
-    original = llm.engine.runner.model.compute_logits
-    llm.engine.runner.model.compute_logits = lambda h: logits.append(original(h)) or logits[-1]
+    logits = record_logits(llm)
 
     out = llm.generate(golden["prompt"], SamplingParams(temperature=0, max_tokens=max_tokens,
                                                         ignore_eos=True), use_tqdm=False)[0]

@@ -4,6 +4,7 @@ import torch
 import transformers
 
 from strata import LLM, SamplingParams
+from tests.conftest import record_logits
 
 PROMPTS = [[1, 5, 77, 300, 12, 9], [1] + list(range(20, 60)), [1, 400]]
 NEW_TOKENS = 24
@@ -21,9 +22,7 @@ def _transformers_reference(path, prompt):
 def test_greedy_ids_and_logits_match_transformers(tiny_checkpoint):
     arch, path = tiny_checkpoint
     llm = LLM(str(path), skip_tokenizer_init=True)
-    logits = []
-    original = llm.engine.runner.model.compute_logits
-    llm.engine.runner.model.compute_logits = lambda h: logits.append(original(h)) or logits[-1]
+    logits = record_logits(llm)
     for prompt in PROMPTS:
         logits.clear()
         expected_ids, expected_last_logits = _transformers_reference(path, prompt)

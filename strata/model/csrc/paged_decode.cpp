@@ -45,48 +45,49 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
   at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
     std::vector<float> scores;
-    for (int64_t thread = thread_begin; thread < thread_end; ++thread)
-    for (int64_t item = thread; item < items; item += threads) {
-      const int64_t seq = item / splits;
-      const int64_t head_begin = (item % splits) * kv_per_split * per_kv;
-      const int64_t head_end = std::min(kv_heads, (item % splits + 1) * kv_per_split) * per_kv;
-      const int64_t len = lens[seq];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first;
-      const int64_t* table = tables + seq * max_blocks;
-      const float* queries = q_ptr + seq * heads * dim;
-      float* outputs = out_ptr + seq * heads * dim;
-      scores.assign(heads * n, 0.f);
-      for (int64_t j = first; j < len; ++j) {
-        const float* row = k_ptr + table[j / block_size] * block_stride +
-                           (j % block_size) * token_stride;
-        for (int64_t h = head_begin; h < head_end; ++h) {
-          const float* query = queries + h * dim;
-          const float* key = row + (h / per_kv) * dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
-          scores[h * n + (j - first)] = dot * softmax_scale;
+    for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
+      for (int64_t item = thread; item < items; item += threads) {
+        const int64_t seq = item / splits;
+        const int64_t head_begin = (item % splits) * kv_per_split * per_kv;
+        const int64_t head_end = std::min(kv_heads, (item % splits + 1) * kv_per_split) * per_kv;
+        const int64_t len = lens[seq];
+        const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+        const int64_t n = len - first;
+        const int64_t* table = tables + seq * max_blocks;
+        const float* queries = q_ptr + seq * heads * dim;
+        float* outputs = out_ptr + seq * heads * dim;
+        scores.assign(heads * n, 0.f);
+        for (int64_t j = first; j < len; ++j) {
+          const float* row = k_ptr + table[j / block_size] * block_stride +
+                             (j % block_size) * token_stride;
+          for (int64_t h = head_begin; h < head_end; ++h) {
+            const float* query = queries + h * dim;
+            const float* key = row + (h / per_kv) * dim;
+            float dot = 0.f;
+  #pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
+            scores[h * n + (j - first)] = dot * softmax_scale;
+          }
         }
-      }
-      for (int64_t h = head_begin; h < head_end; ++h) {
-        float* row = scores.data() + h * n;
-        const float top = *std::max_element(row, row + n);
-        float total = 0.f;
-        for (int64_t j = 0; j < n; ++j) total += (row[j] = std::exp(row[j] - top));
-        const float inverse = 1.f / total;
-        for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
-        std::fill(outputs + h * dim, outputs + (h + 1) * dim, 0.f);
-      }
-      for (int64_t j = first; j < len; ++j) {
-        const float* row = v_ptr + table[j / block_size] * block_stride +
-                           (j % block_size) * token_stride;
         for (int64_t h = head_begin; h < head_end; ++h) {
-          const float weight = scores[h * n + (j - first)];
-          const float* value = row + (h / per_kv) * dim;
-          float* output = outputs + h * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) output[d] += weight * value[d];
+          float* row = scores.data() + h * n;
+          const float top = *std::max_element(row, row + n);
+          float total = 0.f;
+          for (int64_t j = 0; j < n; ++j) total += (row[j] = std::exp(row[j] - top));
+          const float inverse = 1.f / total;
+          for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
+          std::fill(outputs + h * dim, outputs + (h + 1) * dim, 0.f);
+        }
+        for (int64_t j = first; j < len; ++j) {
+          const float* row = v_ptr + table[j / block_size] * block_stride +
+                             (j % block_size) * token_stride;
+          for (int64_t h = head_begin; h < head_end; ++h) {
+            const float weight = scores[h * n + (j - first)];
+            const float* value = row + (h / per_kv) * dim;
+            float* output = outputs + h * dim;
+  #pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) output[d] += weight * value[d];
+          }
         }
       }
     }
