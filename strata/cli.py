@@ -1,8 +1,9 @@
-"""strata: the command line (`strata generate`, more to come: serve, up, route, bench)."""
+"""strata: the command line (`strata generate | serve | up | bench serve`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from strata.config import DEFAULT_MODEL
@@ -45,6 +46,39 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    from strata.config import EngineConfig
+    from strata.server.launch import serve as run_server
+    from strata.server.serving import ServerLimits
+
+    model = args.model_tag or args.model
+    config = EngineConfig.create(model, **engine_kwargs(args))
+    return run_server(config, host=args.host, port=args.port,
+                      served_model_names=args.served_model_name or [model],
+                      api_key=args.api_key, chat_template=args.chat_template,
+                      limits=ServerLimits(max_waiting_requests=args.max_waiting_requests),
+                      access_log=not args.disable_uvicorn_access_log)
+
+
+def add_serve_parser(commands) -> None:
+    parser = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
+    parser.add_argument("model_tag", nargs="?", default=None,
+                        help="checkpoint folder or hub id (default: --model)")
+    add_engine_args(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="the name(s) clients use in `model` (default: the model argument)")
+    parser.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),
+                        help="require `Authorization: Bearer KEY` on /v1 (env STRATA_API_KEY)")
+    parser.add_argument("--max-waiting-requests", type=int, default=1024,
+                        help="answer 429 while this many requests wait to be scheduled")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template, or a file holding one")
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    parser.set_defaults(handler=serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="strata", description="Strata LLM inference stack")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(handler=generate)
+    add_serve_parser(commands)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"strata: error: {exc}", file=sys.stderr)
         return 2
 

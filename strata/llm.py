@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
 from strata.config import DEFAULT_MODEL, EngineConfig
-from strata.engine.core import EngineCore, EngineCoreOutput
+from strata.engine.core import EngineCore
 from strata.model.loader import resolve_model_path
-from strata.outputs import CompletionOutput, Logprob, RequestOutput
+from strata.outputs import CompletionOutput, RequestOutput
+from strata.sample_state import SampleState
 from strata.sampling_params import SamplingParams
-from strata.tokenizer import IncrementalDetokenizer, Tokenizer
+from strata.tokenizer import Tokenizer
 
 PromptType = str | dict  # "text" or {"prompt_token_ids": [...]} (or {"prompt": "text"})
-
-
-@dataclass
-class _Sample:
-    """Frontend state of one of a prompt's n samples."""
-
-    index: int
-    params: SamplingParams
-    detokenizer: IncrementalDetokenizer | None
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, Logprob]] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 class LLM:
@@ -61,15 +48,14 @@ class LLM:
             self.engine.validate(token_ids, params)
 
         outputs: dict[str, RequestOutput] = {}
-        samples: dict[str, _Sample] = {}
+        samples: dict[str, SampleState] = {}
         for (text, token_ids), params in zip(encoded, sampling_params, strict=True):
             request_id = str(next(self._request_ids))
             outputs[request_id] = RequestOutput(request_id, text, token_ids)
             for index in range(params.n):
-                # Each sample is its own engine request; seeded samples get distinct seeds.
-                child = replace(params, n=1,
-                                seed=None if params.seed is None else params.seed + index)
-                samples[f"{request_id}-{index}"] = self._new_sample(index, child, token_ids)
+                child = params.for_sample(index)
+                samples[f"{request_id}-{index}"] = SampleState.create(
+                    index, child, self.tokenizer, token_ids)
                 self.engine.add_request(f"{request_id}-{index}", token_ids, child)
 
         progress = tqdm(total=len(samples), desc="Generating", disable=not use_tqdm)
@@ -78,7 +64,7 @@ class LLM:
                 stopped = []
                 for out in self.engine.step():
                     sample = samples[out.request_id]
-                    self._absorb(sample, out)
+                    sample.absorb(out)
                     if sample.finish_reason is not None:
                         progress.update(1)
                         if out.finish_reason is None:  # a stop string: the engine goes on
@@ -92,9 +78,8 @@ class LLM:
 
         for sample_id, sample in samples.items():
             request_id = sample_id.rsplit("-", 1)[0]
-            text = sample.detokenizer.text if sample.detokenizer else ""
             outputs[request_id].outputs.append(CompletionOutput(
-                sample.index, text, sample.token_ids, sample.logprobs,
+                sample.index, sample.text, sample.token_ids, sample.logprobs,
                 sample.finish_reason, sample.stop_reason))
         return list(outputs.values())
 
@@ -108,32 +93,3 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
         return text, self.tokenizer.encode(text) if text else []
-
-    def _new_sample(self, index: int, params: SamplingParams, prompt_ids: list[int]) -> _Sample:
-        detokenizer = None
-        if self.tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
-                params.skip_special_tokens)
-        return _Sample(index, params, detokenizer,
-                       logprobs=[] if params.logprobs is not None else None)
-
-    def _absorb(self, sample: _Sample, out: EngineCoreOutput) -> None:
-        sample.token_ids.append(out.new_token_id)
-        if out.logprobs is not None:
-            sample.logprobs.append(self._logprob_dict(out))
-        sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
-        if sample.detokenizer is None:
-            return
-        sample.detokenizer.add_token(out.new_token_id)
-        if sample.detokenizer.stop_string is not None:
-            sample.finish_reason, sample.stop_reason = "stop", sample.detokenizer.stop_string
-
-    def _logprob_dict(self, out: EngineCoreOutput) -> dict[int, Logprob]:
-        lp = out.logprobs
-        text = self.tokenizer.token_text if self.tokenizer else (lambda _: None)
-        entries = {token: Logprob(value, rank + 1, text(token))
-                   for rank, (token, value) in enumerate(zip(lp.top_ids, lp.top_logprobs,
-                                                            strict=True))}
-        entries[out.new_token_id] = Logprob(lp.logprob, lp.rank, text(out.new_token_id))
-        return entries

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 # Below this, temperature means greedy (argmax), as in vLLM.
@@ -61,6 +62,11 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The params of sample `index` of n: each is its own engine request, and seeded
+        samples get distinct seeds."""
+        return dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + index)
 
     @property
     def greedy(self) -> bool:

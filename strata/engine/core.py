@@ -8,7 +8,7 @@ import torch
 
 from strata.config import EngineConfig
 from strata.engine.kv_cache import KVCacheManager
-from strata.engine.request import Request, RequestStatus
+from strata.engine.request import Request, RequestStatus, validate_request
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
 from strata.model.loader import load_json, resolve_model_path
@@ -32,6 +32,19 @@ class EngineCoreOutput:
     logprobs: TokenLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
+    queue_time: float | None = None  # seconds it waited to be scheduled; on its first token
+
+
+@dataclass
+class EngineStats:
+    """The engine's state after a step, for the frontend's metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int  # cumulative
+    prefix_cache_queries: int  # cumulative, in tokens
+    prefix_cache_hits: int
 
 
 class EngineCore:
@@ -49,16 +62,7 @@ class EngineCore:
         self.eos_token_ids = _eos_token_ids(self.model_path)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError, with the reason, for a request the engine cannot serve."""
-        params.validate()  # again: the params may have been changed since they were made
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, which leaves no "
-                             f"room to generate within max_model_len {self.max_model_len}")
-        vocab = self.runner.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        validate_request(prompt_token_ids, params, self.max_model_len, self.runner.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -70,6 +74,15 @@ class EngineCore:
         self.scheduler.add_request(Request(
             request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
             max_total_tokens=self.max_model_len, generator=generator))
+
+    def warm_up(self) -> None:
+        """Run one short request end to end, so that the first real one pays for no kernel
+        build or allocator growth; it leaves no trace in the stats."""
+        self.add_request("warm-up", [0, 0], SamplingParams(max_tokens=2, temperature=0.0,
+                                                           ignore_eos=True))
+        while self.has_unfinished_requests:
+            self.step()
+        self.scheduler.num_prompt_tokens_admitted = 0
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
@@ -97,7 +110,17 @@ class EngineCore:
             logprobs[row_of[request.request_id]],
             finish_reason=status.value if status else None,
             stop_reason=request.stop_reason if status == RequestStatus.FINISHED_STOPPED else None,
+            queue_time=request.first_scheduled_time - request.arrival_time
+            if len(request.output_token_ids) == 1 else None,
         ) for request, status in updates]
+
+    def stats(self) -> EngineStats:
+        scheduler = self.scheduler
+        return EngineStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            kv_cache_usage=self.kv_cache.usage, num_preemptions=scheduler.num_preemptions,
+            # No prefix cache yet: every prompt token is a query that misses.
+            prefix_cache_queries=scheduler.num_prompt_tokens_admitted, prefix_cache_hits=0)
 
 
 def _logprobs_per_row(sampled, requests: list[Request]) -> list[TokenLogprobs | None]:

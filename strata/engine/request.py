@@ -41,6 +41,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    first_scheduled_time: float | None = None  # when it first left the waiting queue
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -74,3 +75,20 @@ class Request:
         if self.num_tokens >= self.max_total_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int,
+                     vocab_size: int) -> None:
+    """Raise ValueError, with the reason, for a request the engine cannot serve.
+
+    The engine checks every request it is given; the HTTP frontend runs the same
+    checks first, so that a bad request gets a 400 before it crosses the socket.
+    """
+    params.validate()  # again: the params may have been changed since they were made
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, which leaves no "
+                         f"room to generate within max_model_len {max_model_len}")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")

@@ -12,6 +12,7 @@ the recompute it costs) stays rare.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_prompt_tokens_admitted = 0
         self.new_token_ratio = config.init_new_token_ratio
         self._ratio_decay = (config.init_new_token_ratio - config.min_new_token_ratio) / max(
             1, config.new_token_ratio_decay_steps)
@@ -105,6 +107,9 @@ class Scheduler:
                 break
             reserved += self._blocks_to_come(request)
             self.waiting.popleft()
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+                self.num_prompt_tokens_admitted += request.num_prompt_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.add(request, num_new)

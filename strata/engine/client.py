@@ -1,0 +1,169 @@
+"""The frontend's asyncio client of the EngineCore process.
+
+It starts the engine process, sends requests and aborts over a ZMQ PUSH socket,
+and one task reads the engine's per-step messages and hands each output to the
+queue of the HTTP request that asked for it. A watchdog on the process'
+sentinel turns an engine death into EngineDeadError for everyone waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from strata.config import EngineConfig
+from strata.engine.core import EngineCoreOutput, EngineStats
+from strata.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    EngineReady,
+    EngineStep,
+    FromEngine,
+    Shutdown,
+)
+from strata.engine.process import run_engine_core
+from strata.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process is gone; nothing more can be served."""
+
+
+class EngineRejectedError(ValueError):
+    """The engine refused a request (the frontend's own checks should have caught it)."""
+
+
+@dataclass
+class EngineInfo:
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+
+
+# What a request's queue receives: its outputs in order, or the error that ended it.
+Sink = asyncio.Queue
+
+
+class AsyncEngineClient:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.info: EngineInfo | None = None
+        self.stats = EngineStats(0, 0, 0.0, 0, 0, 0)
+        self.on_stats: Callable[[EngineStats], None] = lambda stats: None
+        self.on_dead: Callable[[], None] = lambda: None
+        self.dead = False
+        self._sinks: dict[str, Sink] = {}
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(FromEngine)
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._sinks)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self) -> EngineInfo:
+        """Start the engine process and wait until its model is loaded."""
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="strata-")
+        base = Path(self._socket_dir.name)
+        self._context = zmq.asyncio.Context()
+        self._to_engine = self._context.socket(zmq.PUSH)
+        self._to_engine.bind(f"ipc://{base / 'input'}")
+        self._from_engine = self._context.socket(zmq.PULL)
+        self._from_engine.bind(f"ipc://{base / 'output'}")
+        spawn = multiprocessing.get_context("spawn")
+        self._process = spawn.Process(
+            target=run_engine_core, name="strata-engine-core", daemon=True,
+            args=(self.config, f"ipc://{base / 'input'}", f"ipc://{base / 'output'}"))
+        self._process.start()
+        ready = await self._wait_ready()
+        if ready.error:
+            raise RuntimeError(f"the engine could not start: {ready.error}")
+        self.info = EngineInfo(ready.max_model_len, ready.vocab_size, ready.num_blocks,
+                               ready.block_size, ready.max_num_seqs)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._read_outputs()))
+        loop.add_reader(self._process.sentinel, self._engine_died)
+        return self.info
+
+    async def _wait_ready(self) -> EngineReady:
+        while not await self._from_engine.poll(200):
+            if not self._process.is_alive():
+                raise RuntimeError(f"the engine process exited with code "
+                                   f"{self._process.exitcode} before it was ready")
+        message = self._decoder.decode(await self._from_engine.recv())
+        if not isinstance(message, EngineReady):
+            raise RuntimeError(f"the engine sent {type(message).__name__} before it was ready")
+        return message
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, sink: Sink) -> None:
+        if self.dead:
+            raise EngineDeadError("the engine process is not running")
+        self._sinks[request_id] = sink
+        self._send(AddRequest(request_id, prompt_token_ids, params))
+
+    def abort(self, request_ids: list[str]) -> None:
+        live = [i for i in request_ids if self._sinks.pop(i, None) is not None]
+        if live and not self.dead:
+            self._send(AbortRequests(live))
+
+    def _send(self, message) -> None:
+        # PUSH over ipc to a live peer does not block: the frame is queued at once.
+        self._to_engine.send(self._encoder.encode(message), copy=False)
+
+    async def _read_outputs(self) -> None:
+        while True:
+            message = self._decoder.decode(await self._from_engine.recv())
+            if not isinstance(message, EngineStep):
+                continue
+            for output in message.outputs:
+                self._deliver(output)
+            for request_id, reason in message.rejected:
+                sink = self._sinks.pop(request_id, None)
+                if sink is not None:
+                    sink.put_nowait(EngineRejectedError(reason))
+            self.stats = message.stats
+            self.on_stats(message.stats)
+
+    def _deliver(self, output: EngineCoreOutput) -> None:
+        sink = self._sinks.get(output.request_id)
+        if sink is None:
+            return  # aborted by the frontend while the step ran
+        sink.put_nowait(output)
+        if output.finish_reason is not None:
+            del self._sinks[output.request_id]
+
+    def _engine_died(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._process.sentinel)
+        self.dead = True
+        error = EngineDeadError(f"the engine process died (exit code {self._process.exitcode})")
+        for sink in self._sinks.values():
+            sink.put_nowait(error)
+        self._sinks.clear()
+        self.on_dead()
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._process.is_alive():
+            asyncio.get_running_loop().remove_reader(self._process.sentinel)
+            self._send(Shutdown())
+            await asyncio.to_thread(self._process.join, timeout)
+            if self._process.is_alive():
+                self._process.terminate()
+        self._context.destroy(linger=0)
+        self._socket_dir.cleanup()

@@ -1,0 +1,104 @@
+"""The EngineCore's own process: read requests from ZMQ, step, send outputs back.
+
+The loop blocks on the socket only while the engine has nothing to do; while
+requests run it drains whatever arrived between steps and goes on stepping, so
+a new request joins the very next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import msgspec
+import zmq
+
+from strata.config import EngineConfig
+from strata.engine.core import EngineCore
+from strata.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    EngineReady,
+    EngineStep,
+    Shutdown,
+    ToEngine,
+)
+
+logger = logging.getLogger("strata.engine")
+IDLE_POLL_MS = 1000  # how often an idle engine checks that its frontend is still alive
+
+
+def run_engine_core(config: EngineConfig, input_address: str, output_address: str) -> None:
+    """Entry point of the engine process (started with multiprocessing's spawn)."""
+    # Ctrl-C reaches the whole process group; the frontend decides when the engine
+    # stops (after draining), so the engine ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parent = os.getppid()
+    context = zmq.Context()
+    inputs = context.socket(zmq.PULL)
+    inputs.connect(input_address)
+    outputs = context.socket(zmq.PUSH)
+    outputs.connect(output_address)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        core = EngineCore(config)
+        core.warm_up()
+    except Exception as exc:  # reported to the frontend, which prints it and exits
+        outputs.send(encoder.encode(EngineReady(error=f"{type(exc).__name__}: {exc}")))
+        return
+    outputs.send(encoder.encode(EngineReady(
+        max_model_len=core.max_model_len, vocab_size=core.runner.vocab_size,
+        num_blocks=core.kv_cache.num_blocks, block_size=core.kv_cache.block_size,
+        max_num_seqs=config.scheduler.max_num_seqs)))
+    EngineLoop(core, inputs, outputs, parent).run()
+
+
+class EngineLoop:
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket,
+                 parent_pid: int) -> None:
+        self.core = core
+        self.inputs = inputs
+        self.outputs = outputs
+        self.parent_pid = parent_pid
+        self.decoder = msgspec.msgpack.Decoder(ToEngine)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.rejected: list[tuple[str, str]] = []
+
+    def run(self) -> None:
+        while True:
+            idle = not self.core.has_unfinished_requests
+            if idle and not self.inputs.poll(IDLE_POLL_MS):
+                if os.getppid() != self.parent_pid:
+                    return  # the frontend died without telling us: do not linger
+                continue
+            if not self.handle_inputs():
+                return
+            outputs = self.core.step() if self.core.has_unfinished_requests else []
+            self.outputs.send(self.encoder.encode(
+                EngineStep(outputs, self.rejected, self.core.stats())))
+            self.rejected = []
+
+    def handle_inputs(self) -> bool:
+        """Apply every message waiting on the socket; False on Shutdown."""
+        while True:
+            try:
+                frame = self.inputs.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            try:
+                message = self.decoder.decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                logger.error("dropped an undecodable message: %s", exc)
+                continue
+            if isinstance(message, Shutdown):
+                return False
+            if isinstance(message, AbortRequests):
+                self.core.abort_requests(message.request_ids)
+            elif isinstance(message, AddRequest):
+                try:
+                    self.core.add_request(message.request_id, message.prompt_token_ids,
+                                          message.params)
+                except ValueError as exc:
+                    self.rejected.append((message.request_id, str(exc)))

@@ -1,0 +1,100 @@
+"""`strata serve`: start the engine process, then the HTTP server in front of it.
+
+Uvicorn drains on SIGTERM and Ctrl-C: it stops accepting, lets in-flight requests
+(streams included) finish, then the engine is told to shut down. If the engine
+process dies, in-flight requests get 503, /health says 503, and the server exits
+with a non-zero code shortly after, so a supervisor restarts it instead of it hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import uvicorn
+import uvloop
+
+from strata.config import EngineConfig
+from strata.engine.client import AsyncEngineClient
+from strata.model.loader import resolve_model_path
+from strata.server.app import build_app
+from strata.server.metrics import ServerMetrics
+from strata.server.serving import FALLBACK_CHAT_TEMPLATE, OpenAIServing, ServerLimits
+from strata.tokenizer import Tokenizer
+
+logger = logging.getLogger("strata.server")
+DEAD_ENGINE_GRACE_SECONDS = 2.0  # long enough for in-flight clients and probes to see the 503
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn's server, minus re-raising SIGTERM after the drain: that would kill this process
+    before it stops the engine, and turn a clean drain into exit code 143."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+def serve(config: EngineConfig, *, host: str, port: int, served_model_names: list[str],
+          api_key: str | None, limits: ServerLimits, chat_template: str | None = None,
+          access_log: bool = True) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model_path = resolve_model_path(config.model)
+    tokenizer = Tokenizer(resolve_model_path(config.tokenizer or config.model))
+    template = _read_template(chat_template) or tokenizer.hf.chat_template
+    if template is None:
+        logger.warning("the tokenizer has no chat template: chat requests use a plain one that "
+                       "joins the messages' contents (pass --chat-template to set one)")
+    tokenizer.hf.chat_template = template or FALLBACK_CHAT_TEMPLATE
+    return uvloop.run(_serve(config, str(model_path), tokenizer, host=host, port=port,
+                             served_model_names=served_model_names, api_key=api_key,
+                             limits=limits, access_log=access_log))
+
+
+async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *, host: str,
+                 port: int, served_model_names: list[str], api_key: str | None,
+                 limits: ServerLimits, access_log: bool) -> int:
+    client = AsyncEngineClient(config)
+    info = await client.start()
+    logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d (pid %d)",
+                info.num_blocks, info.block_size, info.max_model_len, client.pid)
+    metrics = ServerMetrics(served_model_names[0], info.block_size, info.num_blocks)
+    client.on_stats = metrics.update_engine
+    serving = OpenAIServing(client, tokenizer, served_model_names, model_path, metrics, limits)
+    app = build_app(serving, api_key=api_key)
+    server = _Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
+                                           timeout_keep_alive=30, log_level="info"))
+    exit_code = 0
+
+    def engine_died() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        logger.error("the engine process died; shutting down in %.0f s", DEAD_ENGINE_GRACE_SECONDS)
+        asyncio.get_running_loop().call_later(DEAD_ENGINE_GRACE_SECONDS,
+                                              setattr, server, "should_exit", True)
+
+    client.on_dead = engine_died
+    try:
+        await server.serve()
+    finally:
+        await client.shutdown()
+    if server.started is False and exit_code == 0:
+        exit_code = 1  # could not bind the port
+    return exit_code
+
+
+def _read_template(value: str | None) -> str | None:
+    """--chat-template takes a file path or the template itself, as vLLM's does."""
+    if value is None:
+        return None
+    return open(value).read() if os.path.isfile(value) else value

@@ -1,0 +1,81 @@
+"""Prometheus metrics under vLLM's names, so existing dashboards and endpoint pickers read
+Strata unchanged. Gauges follow the engine's per-step stats; latencies are measured here,
+in the frontend, where the client sees them."""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from strata.engine.core import EngineStats
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+               0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
+                   30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+FINISH_REASONS = ("stop", "length", "abort")
+prometheus_client.disable_created_metrics()  # `_created` series only double the scrape
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, block_size: int, num_blocks: int) -> None:
+        self.registry = registry = CollectorRegistry()
+        label = ["model_name"]
+
+        def gauge(name: str, doc: str):
+            return Gauge(name, doc, label, registry=registry).labels(model_name)
+
+        def counter(name: str, doc: str):
+            return Counter(name, doc, label, registry=registry).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]):
+            return Histogram(name, doc, label, buckets=buckets, registry=registry).labels(
+                model_name)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc",
+                              "Fraction of KV blocks held by live requests (0..1).")
+        self.preemptions = counter("vllm:num_preemptions_total", "Preemptions (recomputed).")
+        self.prefix_queries = counter("vllm:prefix_cache_queries_total",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits_total",
+                                   "Prompt tokens found in the prefix cache.")
+        self.prompt_tokens = counter("vllm:prompt_tokens_total", "Prompt tokens received.")
+        self.generation_tokens = counter("vllm:generation_tokens_total", "Tokens generated.")
+        self.ttft = histogram("vllm:time_to_first_token_seconds",
+                              "Time from arrival to the first token.", TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds",
+                             "Time between two tokens of one sample.", ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds",
+                             "Time from arrival to the last token.", REQUEST_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds",
+                                    "Time a request waited before it was first scheduled.",
+                                    REQUEST_BUCKETS)
+        success = Counter("vllm:request_success_total", "Finished samples, by finish reason.",
+                          ["model_name", "finished_reason"], registry=registry)
+        self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
+        # An info gauge: the picker reads the labels to size its prefix index.
+        Gauge("vllm:cache_config_info", "The KV cache's configuration.",
+              ["model_name", "block_size", "num_gpu_blocks"], registry=registry).labels(
+            model_name, str(block_size), str(num_blocks)).set(1)
+        self._last = EngineStats(0, 0, 0.0, 0, 0, 0)
+
+    def update_engine(self, stats: EngineStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        last = self._last
+        self.preemptions.inc(stats.num_preemptions - last.num_preemptions)
+        self.prefix_queries.inc(stats.prefix_cache_queries - last.prefix_cache_queries)
+        self.prefix_hits.inc(stats.prefix_cache_hits - last.prefix_cache_hits)
+        self._last = stats
+
+    def finished(self, reason: str, e2e: float) -> None:
+        self.success[reason].inc()
+        self.e2e.observe(e2e)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,65 @@
+"""ASGI middleware that answers before the app runs: body size limit, API key."""
+
+from __future__ import annotations
+
+import hmac
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from strata.server.errors import error_body
+
+
+async def _send_error(send: Send, status: int, message: str,
+                      headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = orjson.dumps(error_body(status, message))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodySizeLimit:
+    """413 for a body over `max_bytes`: at once by Content-Length, or while a chunked body is
+    read (the HTTPException reaches the app's error handlers, which answer in OpenAI's shape)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is over the limit of {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _send_error(send, 413, message)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            item = await receive()
+            if item["type"] == "http.request":
+                received += len(item.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)
+            return item
+
+        await self.app(scope, counting_receive, send)
+
+
+class APIKeyCheck:
+    """401 on /v1/ routes without `Authorization: Bearer <key>` (health and metrics stay open,
+    as in vLLM, so probes and scrapers need no secret)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") \
+                and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return await _send_error(send, 401, "invalid or missing API key",
+                                         [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)

@@ -1,0 +1,87 @@
+"""/v1/chat/completions: messages through the chat template, then generation as usual."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from strata.outputs import Logprob
+from strata.server.errors import APIError
+from strata.server.generation import Generation
+from strata.server.protocol import ChatCompletionRequest
+from strata.server.serving import OpenAIServing
+from strata.server.sse import cancel_on_disconnect, event_stream, json_response
+
+
+async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionRequest,
+                                 request: Request) -> Response:
+    model = serving.check_model(body.model)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    try:
+        params = body.sampling_params(body.max_completion_tokens or body.max_tokens, logprobs)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+    prompt = serving.chat_prompt(body.messages, body.add_generation_prompt,
+                                 body.chat_template_kwargs)
+    generation = serving.new_generation("chatcmpl", [prompt], params)
+    header = {"id": generation.request_id, "object": "chat.completion",
+              "created": int(time.time()), "model": model}
+    if body.stream:
+        return event_stream(_stream(generation, body, header | {
+            "object": "chat.completion.chunk"}))
+    return await cancel_on_disconnect(request, _complete(generation, header))
+
+
+async def _complete(generation: Generation, header: dict) -> Response:
+    choices = []
+    for sample in await generation.run_to_end():
+        state = sample.state
+        choices.append({
+            "index": sample.choice_index,
+            "message": {"role": "assistant", "content": state.text},
+            "logprobs": _logprobs(state.logprobs, state.token_ids, state.params.logprobs)
+            if state.logprobs is not None else None,
+            "finish_reason": state.finish_reason, "stop_reason": state.stop_reason})
+    return json_response(header | {"choices": choices, "usage": generation.usage()})
+
+
+async def _stream(generation: Generation, body: ChatCompletionRequest,
+                  header: dict) -> AsyncIterator[dict]:
+    # The first chunk of each choice names the role, as OpenAI's stream does.
+    for index in range(len(generation.samples)):
+        yield header | {"choices": [{"index": index, "delta": {"role": "assistant",
+                                                               "content": ""},
+                                     "logprobs": None, "finish_reason": None}]}
+    async for delta in generation.deltas():
+        if not delta.text and delta.finish_reason is None and delta.logprobs is None:
+            continue
+        sample = delta.sample
+        yield header | {"choices": [{
+            "index": sample.choice_index,
+            "delta": {"content": delta.text} if delta.text else {},
+            "logprobs": _logprobs(delta.logprobs, delta.token_ids,
+                                 sample.state.params.logprobs)
+            if delta.logprobs is not None else None,
+            "finish_reason": delta.finish_reason,
+            "stop_reason": sample.state.stop_reason if delta.finish_reason else None}]}
+    if body.include_usage:
+        yield header | {"choices": [], "usage": generation.usage()}
+
+
+def _logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], top_n: int) -> dict:
+    """Chat's logprobs object: per token, the sampled one and the top-N (ranks 1..N)."""
+    def item(lp: Logprob) -> dict:
+        token = lp.decoded_token or ""
+        return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode())}
+
+    content = []
+    for entry, token_id in zip(entries, token_ids, strict=True):
+        # The entry holds the top-N plus the sampled token, which may rank below them.
+        top = sorted((lp for lp in entry.values() if lp.rank <= top_n), key=lambda lp: lp.rank)
+        content.append(item(entry[token_id]) | {"top_logprobs": [item(lp) for lp in top]})
+    return {"content": content}

@@ -1,0 +1,107 @@
+"""/v1/completions: prompts as text or token ids, n samples each, streamed or not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from strata.outputs import Logprob
+from strata.server.errors import APIError
+from strata.server.generation import Generation, Prompt, Sample
+from strata.server.protocol import CompletionRequest
+from strata.server.serving import OpenAIServing
+from strata.server.sse import cancel_on_disconnect, event_stream, json_response
+
+
+async def create_completion(serving: OpenAIServing, body: CompletionRequest,
+                            request: Request) -> Response:
+    model = serving.check_model(body.model)
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", "echo")
+    try:
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+    prompts = _prompts(serving, body.prompt)
+    generation = serving.new_generation("cmpl", prompts, params)
+    created = int(time.time())
+    header = {"id": generation.request_id, "object": "text_completion", "created": created,
+              "model": model}
+    if body.stream:
+        return event_stream(_stream(serving, generation, body, header))
+    return await cancel_on_disconnect(request, _complete(serving, generation, body, header))
+
+
+def _prompts(serving: OpenAIServing, prompt) -> list[Prompt]:
+    if isinstance(prompt, str):
+        return [serving.text_prompt(prompt)]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [Prompt(list(prompt))]
+    if isinstance(prompt[0], str):
+        return [serving.text_prompt(text) for text in prompt]
+    return [Prompt(list(ids)) for ids in prompt]
+
+
+def _echo(serving: OpenAIServing, sample: Sample, body: CompletionRequest) -> str:
+    if not body.echo:
+        return ""
+    prompt = sample.prompt
+    return prompt.text if prompt.text is not None else serving.tokenizer.decode(prompt.token_ids)
+
+
+async def _complete(serving: OpenAIServing, generation: Generation, body: CompletionRequest,
+                    header: dict) -> Response:
+    choices = []
+    for sample in await generation.run_to_end():
+        state = sample.state
+        choices.append({
+            "index": sample.choice_index, "text": _echo(serving, sample, body) + state.text,
+            "logprobs": _logprobs(state.logprobs, state.token_ids, 0)
+            if state.logprobs is not None else None,
+            "finish_reason": state.finish_reason, "stop_reason": state.stop_reason})
+    return json_response(header | {"choices": choices, "usage": generation.usage()})
+
+
+async def _stream(serving: OpenAIServing, generation: Generation, body: CompletionRequest,
+                  header: dict) -> AsyncIterator[dict]:
+    echoed: set[int] = set()
+    offsets: dict[int, int] = {}
+    async for delta in generation.deltas():
+        sample = delta.sample
+        text = delta.text
+        if sample.choice_index not in echoed:
+            echoed.add(sample.choice_index)
+            text = _echo(serving, sample, body) + text
+        if not text and delta.finish_reason is None and delta.logprobs is None:
+            continue  # held back (a possible stop string) or half a character
+        logprobs = None
+        if delta.logprobs is not None:
+            start = offsets.get(sample.choice_index, 0)
+            logprobs = _logprobs(delta.logprobs, delta.token_ids, start)
+            offsets[sample.choice_index] = start + sum(
+                len(t) for t in logprobs["tokens"])
+        yield header | {"choices": [{
+            "index": sample.choice_index, "text": text, "logprobs": logprobs,
+            "finish_reason": delta.finish_reason,
+            "stop_reason": sample.state.stop_reason if delta.finish_reason else None}]}
+    if body.include_usage:
+        yield header | {"choices": [], "usage": generation.usage()}
+
+
+def _logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], text_offset: int) -> dict:
+    """The legacy completions logprobs object."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for entry, token_id in zip(entries, token_ids, strict=True):
+        sampled = entry[token_id]
+        tokens.append(sampled.decoded_token or "")
+        token_logprobs.append(sampled.logprob)
+        top.append({lp.decoded_token or "": lp.logprob for lp in entry.values()})
+        offsets.append(text_offset)
+        text_offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
+            "text_offset": offsets}

@@ -1,0 +1,57 @@
+"""Server-sent events for streamed responses, and cancellation when a client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from strata.server.errors import APIError, error_body
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def json_response(payload: dict) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """SSE of each chunk, then [DONE]. An error after the headers went out can no longer be a
+    status code: it is sent as an error event. A client that disconnects closes the iterator,
+    which aborts its engine requests."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield event(chunk)
+        except APIError as exc:
+            yield event(error_body(exc.status, exc.message, exc.param))
+        yield DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def cancel_on_disconnect(request: Request, handler: Awaitable[Response]) -> Response:
+    """Run a non-streaming handler, cancelling it (and so aborting its generation) if the client
+    disconnects first: the body has been read, so the next ASGI message is the disconnect."""
+    work = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if work in done:
+        watcher.cancel()
+        return work.result()
+    work.cancel()
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
