@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from strata.bench.cli import add_bench_parser
 from strata.config import DEFAULT_MODEL
 
 
@@ -57,6 +58,7 @@ def serve(args: argparse.Namespace) -> int:
                       served_model_names=args.served_model_name or [model],
                       api_key=args.api_key, chat_template=args.chat_template,
                       limits=ServerLimits(max_waiting_requests=args.max_waiting_requests),
+                      max_body_bytes=args.max_request_body_bytes,
                       access_log=not args.disable_uvicorn_access_log)
 
 
@@ -73,6 +75,8 @@ def add_serve_parser(commands) -> None:
                         help="require `Authorization: Bearer KEY` on /v1 (env STRATA_API_KEY)")
     parser.add_argument("--max-waiting-requests", type=int, default=1024,
                         help="answer 429 while this many requests wait to be scheduled")
+    parser.add_argument("--max-request-body-bytes", type=int, default=32 * 2**20,
+                        help="answer 413 to a larger request body")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template, or a file holding one")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(handler=generate)
     add_serve_parser(commands)
+    add_bench_parser(commands)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

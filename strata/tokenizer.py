@@ -70,15 +70,21 @@ class IncrementalDetokenizer:
     text: str = ""
     stop_string: str | None = None  # set once a stop string has matched
     _emitted: int = 0
+    _decoded: int = 0  # characters the stream has produced, before any stop-string cut
 
     def __post_init__(self) -> None:
         # The prompt is context: a first output token "▁Once" decodes to " Once".
-        self._stream = DecodeStream(ids=self.prompt_token_ids,
-                                    skip_special_tokens=self.skip_special_tokens)
+        self._ids = list(self.prompt_token_ids)
+        self._stream = DecodeStream(ids=self._ids, skip_special_tokens=self.skip_special_tokens)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     def add_token(self, token_id: int) -> None:
-        piece = self._stream.step(self.tokenizer.backend, token_id)
+        self._ids.append(token_id)
+        try:
+            piece = self._stream.step(self.tokenizer.backend, token_id)
+        except Exception:  # tokenizers raises a bare Exception ("Invalid prefix ...")
+            piece = self._resync()
+        self._decoded += len(piece or "")
         if not piece or self.stop_string is not None:
             return
         search_from = max(0, len(self.text) - self._hold)
@@ -88,6 +94,17 @@ class IncrementalDetokenizer:
             at, self.stop_string = min(found)
             end = at + len(self.stop_string) if self.include_stop_str_in_output else at
             self.text = self.text[:end]
+
+    def _resync(self) -> str:
+        """The stream refuses a token that changes how the text before it decodes (byte tokens
+        left dangling, then a token that makes them replacement characters). Take the new text
+        from a decode of the whole sequence instead, and start a fresh stream after it."""
+        decode = self.tokenizer.backend.decode
+        skip = self.skip_special_tokens
+        full, prompt = decode(self._ids, skip_special_tokens=skip), decode(
+            self._ids[:len(self.prompt_token_ids)], skip_special_tokens=skip)
+        self._stream = DecodeStream(ids=self._ids, skip_special_tokens=skip)
+        return full[len(prompt) + self._decoded:] if full.startswith(prompt) else ""
 
     def delta(self, final: bool) -> str:
         """Text not yet emitted that can no longer be cut by a stop string."""

@@ -73,3 +73,13 @@ def record_logits(llm) -> list[torch.Tensor]:
     original = model.compute_logits
     model.compute_logits = lambda hidden: logits.append(original(hidden)) or logits[-1]
     return logits
+
+
+@pytest.fixture(scope="session")
+def strata_server(tmp_path_factory):
+    """One live `strata serve` of stories260K, shared by the server tests."""
+    from tests.server_process import ServerProcess
+
+    server = ServerProcess(tmp_path_factory.mktemp("server"))
+    yield server
+    assert server.stop() == 0, server.log_text()

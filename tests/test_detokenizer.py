@@ -63,3 +63,17 @@ def test_first_token_keeps_its_leading_space(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, prompt)
     detok.add_token(tokenizer.encode("Once upon a time")[-1])
     assert detok.text == " time"
+
+
+def test_a_token_that_changes_how_the_prompt_decodes_is_not_an_error(tokenizer):
+    # Byte-fallback characters ending the prompt, then byte tokens the next token turns into
+    # replacement characters: the stream's prefix check raises (found by fuzzing the server).
+    # Here the output's bytes even change how the prompt decodes, so no text is exact: what
+    # matters is no error, and that decoding goes on after the refused token.
+    prompt = tokenizer.encode("\U0008aaf4óJnÅ\U0010c08fî\U0003503aD\U0001a5f2\r¢\U00092b0f")
+    outputs = [143, 97, 256, 150, 317, 300]
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    for token in outputs:
+        detokenizer.add_token(token)
+    assert detokenizer.text.endswith(" ha")
+    assert tokenizer.decode(prompt + outputs).endswith(detokenizer.text)

@@ -66,10 +66,16 @@ class AsyncEngineClient:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromEngine)
         self._tasks: list[asyncio.Task] = []
+        self._added_since_stats = 0
 
     @property
     def num_in_flight(self) -> int:
         return len(self._sinks)
+
+    @property
+    def num_waiting(self) -> int:
+        """The engine's waiting queue as of its last step, plus what was sent since."""
+        return self.stats.num_waiting + self._added_since_stats
 
     @property
     def pid(self) -> int | None:
@@ -114,6 +120,7 @@ class AsyncEngineClient:
         if self.dead:
             raise EngineDeadError("the engine process is not running")
         self._sinks[request_id] = sink
+        self._added_since_stats += 1
         self._send(AddRequest(request_id, prompt_token_ids, params))
 
     def abort(self, request_ids: list[str]) -> None:
@@ -137,6 +144,7 @@ class AsyncEngineClient:
                 if sink is not None:
                     sink.put_nowait(EngineRejectedError(reason))
             self.stats = message.stats
+            self._added_since_stats = 0
             self.on_stats(message.stats)
 
     def _deliver(self, output: EngineCoreOutput) -> None:

@@ -46,8 +46,8 @@ class _Server(uvicorn.Server):
 
 
 def serve(config: EngineConfig, *, host: str, port: int, served_model_names: list[str],
-          api_key: str | None, limits: ServerLimits, chat_template: str | None = None,
-          access_log: bool = True) -> int:
+          api_key: str | None, limits: ServerLimits, max_body_bytes: int,
+          chat_template: str | None = None, access_log: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_path = resolve_model_path(config.model)
     tokenizer = Tokenizer(resolve_model_path(config.tokenizer or config.model))
@@ -58,12 +58,13 @@ def serve(config: EngineConfig, *, host: str, port: int, served_model_names: lis
     tokenizer.hf.chat_template = template or FALLBACK_CHAT_TEMPLATE
     return uvloop.run(_serve(config, str(model_path), tokenizer, host=host, port=port,
                              served_model_names=served_model_names, api_key=api_key,
-                             limits=limits, access_log=access_log))
+                             limits=limits, max_body_bytes=max_body_bytes,
+                             access_log=access_log))
 
 
 async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *, host: str,
                  port: int, served_model_names: list[str], api_key: str | None,
-                 limits: ServerLimits, access_log: bool) -> int:
+                 limits: ServerLimits, max_body_bytes: int, access_log: bool) -> int:
     client = AsyncEngineClient(config)
     info = await client.start()
     logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d (pid %d)",
@@ -71,7 +72,7 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
     metrics = ServerMetrics(served_model_names[0], info.block_size, info.num_blocks)
     client.on_stats = metrics.update_engine
     serving = OpenAIServing(client, tokenizer, served_model_names, model_path, metrics, limits)
-    app = build_app(serving, api_key=api_key)
+    app = build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes)
     server = _Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
                                            timeout_keep_alive=30, log_level="info"))
     exit_code = 0

@@ -51,6 +51,10 @@ class OpenAIServing:
             raise APIError(503, "the engine process is not running")
 
     def text_prompt(self, text: str, add_special_tokens: bool = True) -> Prompt:
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:  # JSON can carry lone surrogates; tokenizers cannot
+            raise APIError(400, f"the prompt is not valid Unicode: {exc.reason}", "prompt") from exc
         return Prompt(self.tokenizer.encode(text, add_special_tokens) if text else [], text)
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
@@ -91,7 +95,7 @@ class OpenAIServing:
 
     def check_capacity(self, num_new: int) -> None:
         """429 when the requests not yet running would pass --max-waiting-requests."""
-        waiting = self.client.num_in_flight - self.client.stats.num_running
+        waiting = self.client.num_waiting
         if waiting > 0 and waiting + num_new > self.limits.max_waiting_requests:
             raise APIError(429, f"the server is at capacity ({waiting} requests waiting); "
                            "retry later", headers={"Retry-After":

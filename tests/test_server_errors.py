@@ -1,0 +1,171 @@
+"""Errors in OpenAI's shape, for every status the server promises; drain and engine death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+
+from tests.metrics_scrape import wait_idle
+from tests.server_process import SERVED_NAME, ServerProcess
+
+SECRET = "s3cret"
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status and error["message"]
+    return error
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory):
+    """An API key, a short waiting queue, two sequences at a time, a small body limit."""
+    server = ServerProcess(tmp_path_factory.mktemp("guarded"), "--api-key", SECRET,
+                           "--max-waiting-requests", "2", "--max-num-seqs", "2",
+                           "--max-request-body-bytes", "4096")
+    yield server
+    server.stop()
+
+
+def test_400_for_invalid_fields(strata_server):
+    url = f"{strata_server.url}/v1/completions"
+    for body, param in [({"prompt": "Hi", "temperature": -1}, "temperature"),
+                        ({"prompt": "Hi", "top_p": 0}, "top_p"),
+                        ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+                        ({"prompt": "Hi", "n": 0}, "n"),
+                        ({"prompt": [], "max_tokens": 3}, "prompt"),
+                        ({"prompt": [1, 99999]}, "prompt"),
+                        ({"max_tokens": 3}, "prompt")]:
+        assert assert_openai_error(httpx.post(url, json=body), 400)["param"] == param, body
+    assert_openai_error(httpx.post(url, content=b"{not json", headers={
+        "content-type": "application/json"}), 400)
+    chat = f"{strata_server.url}/v1/chat/completions"
+    assert_openai_error(httpx.post(chat, json={"messages": []}), 400)
+    assert_openai_error(httpx.post(chat, json={"messages": [{"role": "user", "content": "a"}],
+                                               "top_logprobs": 2}), 400)
+
+
+def test_400_for_a_prompt_that_cannot_fit(strata_server):
+    url = f"{strata_server.url}/v1/completions"
+    error = assert_openai_error(httpx.post(url, json={"prompt": "Once " * 600}), 400)
+    assert "512" in error["message"]
+    error = assert_openai_error(httpx.post(url, json={"prompt": "Once", "max_tokens": 600}), 400)
+    assert "maximum context length is 512" in error["message"]
+
+
+def test_404_for_an_unknown_model_or_route(strata_server):
+    error = assert_openai_error(httpx.post(f"{strata_server.url}/v1/completions",
+                                           json={"prompt": "Hi", "model": "gpt-4"}), 404)
+    assert error["param"] == "model" and "gpt-4" in error["message"]
+    assert_openai_error(httpx.get(f"{strata_server.url}/v1/nothing-here"), 404)
+
+
+def test_401_without_the_api_key(guarded_server):
+    url = f"{guarded_server.url}/v1/completions"
+    body = {"prompt": "Hi", "max_tokens": 2}
+    assert_openai_error(httpx.post(url, json=body), 401)
+    assert_openai_error(httpx.post(url, json=body, headers={"Authorization": "Bearer no"}), 401)
+    ok = httpx.post(url, json=body, headers={"Authorization": f"Bearer {SECRET}"})
+    assert ok.status_code == 200
+    assert httpx.get(f"{guarded_server.url}/health").status_code == 200  # probes need no key
+
+
+def test_413_for_a_body_over_the_limit(guarded_server):
+    url = f"{guarded_server.url}/v1/completions"
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    assert_openai_error(httpx.post(url, json={"prompt": "x" * 5000}, headers=headers), 413)
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    assert_openai_error(httpx.post(url, content=chunked(), headers=headers | {
+        "content-type": "application/json"}), 413)
+
+
+def test_429_with_retry_after_when_the_queue_is_full(guarded_server):
+    url = f"{guarded_server.url}/v1/completions"
+    headers = {"Authorization": f"Bearer {SECRET}"}
+    body = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
+    responses: list[httpx.Response] = []
+
+    def send():
+        responses.append(httpx.post(url, json=body, headers=headers, timeout=120))
+
+    threads = [threading.Thread(target=send) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 4 and 429 in statuses, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert_openai_error(rejected, 429)
+    assert int(rejected.headers["Retry-After"]) >= 1
+    assert wait_idle(guarded_server.url)["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path):
+    server = ServerProcess(tmp_path)
+    result: dict = {}
+
+    def long_request():
+        result["response"] = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+            "prompt": "Once", "max_tokens": 300, "ignore_eos": True})
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.3)
+    server.process.send_signal(signal.SIGTERM)
+    thread.join()
+    assert result["response"].status_code == 200
+    assert result["response"].json()["usage"]["completion_tokens"] == 300
+    assert server.process.wait(30) == 0, server.log_text()
+
+
+def test_503_and_exit_when_the_engine_dies(tmp_path):
+    server = ServerProcess(tmp_path)
+    url = server.url
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+            "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        os.kill(server.engine_pid(), signal.SIGKILL)
+        tail = [line for line in lines if line.startswith("data:")]
+    assert '"code":503' in tail[-2] and tail[-1] == "data: [DONE]"  # the stream ends, no hang
+    assert_openai_error(httpx.post(f"{url}/v1/completions", json={"prompt": "Hi"}), 503)
+    assert_openai_error(httpx.get(f"{url}/health"), 503)
+    assert server.process.wait(30) != 0
+
+
+def test_fuzz_openapi_spec_gives_no_server_error(strata_server):
+    """Bounded fuzz of every operation in the server's own OpenAPI spec: never a 5xx."""
+    schema = schemathesis.openapi.from_url(f"{strata_server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 8
+
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None)
+        def fuzz(case):
+            if isinstance(case.body, dict) and "model" in case.body:
+                case.body["model"] = SERVED_NAME  # otherwise nearly every case is a 404
+            case.call_and_validate(base_url=strata_server.url, checks=[not_a_server_error],
+                                   timeout=60)
+
+        fuzz()
+    assert wait_idle(strata_server.url)["vllm:kv_cache_usage_perc"] == 0
