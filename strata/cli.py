@@ -83,6 +83,25 @@ def add_serve_parser(commands) -> None:
     parser.set_defaults(handler=serve)
 
 
+def up(args: argparse.Namespace) -> int:
+    from strata.up import up as run_up
+
+    return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args)
+
+
+def add_up_parser(commands) -> None:
+    parser = commands.add_parser(
+        "up", help="start several `strata serve` replicas on this machine",
+        description="Start N replicas on consecutive ports; any flag not listed here is "
+                    "passed to each `strata serve` (e.g. --max-num-seqs 64).")
+    parser.add_argument("model_tag", nargs="?", default=None,
+                        help="checkpoint folder or hub id (default: strata serve's)")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="the first replica's port")
+    parser.set_defaults(handler=up)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="strata", description="Strata LLM inference stack")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(handler=generate)
     add_serve_parser(commands)
     add_bench_parser(commands)
-    args = parser.parse_args(argv)
+    add_up_parser(commands)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "up":
+        args.serve_args = extra  # the rest goes to each replica's `strata serve`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -18,10 +18,23 @@ SERVED_NAME = "stories"
 STARTUP_TIMEOUT = 300  # the first start on a fresh machine builds the C++ kernel
 
 
-def free_port() -> int:
+def free_port(consecutive: int = 1) -> int:
+    """A free loopback port, followed by consecutive - 1 more free ones."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if all(_bindable(port + i) for i in range(1, consecutive)):
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 class ServerProcess:

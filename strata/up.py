@@ -1,0 +1,103 @@
+"""`strata up`: several `strata serve` replicas on this machine, as child processes.
+
+Each replica gets the next port; the command prints where they listen once all are
+healthy, and stops them all (each drains first) on Ctrl-C or SIGTERM. If a replica
+dies on its own, the others are stopped too and the command exits non-zero, so a
+broken set never half-runs unnoticed.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+STARTUP_TIMEOUT = 600.0
+STOP_TIMEOUT = 60.0
+
+
+@dataclass
+class Replica:
+    index: int
+    url: str
+    process: subprocess.Popen
+
+
+def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[str]) -> int:
+    if replicas < 1:
+        raise ValueError("--replicas must be at least 1")
+    stop_requested = False
+
+    def request_stop(signum, frame) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    started = [_start(i, model, host, port + i, serve_args) for i in range(replicas)]
+    try:
+        if not _wait_healthy(started, lambda: stop_requested):
+            return 1
+        print(f"strata up: {replicas} replica(s) ready (Ctrl-C stops them all)", flush=True)
+        for replica in started:
+            print(f"  replica {replica.index}: {replica.url}  (pid {replica.process.pid})",
+                  flush=True)
+        while not stop_requested:
+            dead = [r for r in started if r.process.poll() is not None]
+            if dead:
+                print(f"strata up: replica {dead[0].index} exited with code "
+                      f"{dead[0].process.returncode}; stopping the others", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop(started)
+
+
+def _start(index: int, model: str | None, host: str, port: int,
+           serve_args: list[str]) -> Replica:
+    command = [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []),
+               "--host", host, "--port", str(port), *serve_args]
+    # Own process group: a Ctrl-C reaches only `strata up`, which then stops each replica once.
+    process = subprocess.Popen(command, start_new_session=True)
+    return Replica(index, f"http://{host}:{port}", process)
+
+
+def _wait_healthy(replicas: list[Replica], stopping) -> bool:
+    pending = list(replicas)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while pending:
+        if stopping():
+            return False
+        for replica in list(pending):
+            if replica.process.poll() is not None:
+                print(f"strata up: replica {replica.index} failed to start (exit code "
+                      f"{replica.process.returncode})", file=sys.stderr)
+                return False
+            try:
+                if httpx.get(f"{replica.url}/health", timeout=1).status_code == 200:
+                    pending.remove(replica)
+            except httpx.HTTPError:
+                pass
+        if time.monotonic() > deadline:
+            print("strata up: replicas did not become healthy in time", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _stop(replicas: list[Replica]) -> None:
+    for replica in replicas:
+        if replica.process.poll() is None:
+            replica.process.send_signal(signal.SIGTERM)  # drains in-flight requests
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for replica in replicas:
+        try:
+            replica.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            replica.process.kill()
+            replica.process.wait()
