@@ -8,12 +8,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Decode batches are a few rows. For those, MKL runs x @ W.T poorly on CPU; W @ x.T (the
+# weight as the left operand) made decode steps of the 19.5M benchmark model 1.2-3x faster
+# for 2-128 rows (interleaved A/B on a 2-core EPYC; the 32000x256 vocab projection most).
+# One row goes as two: MKL's matrix-vector path was 4x slower than a two-column product.
+SMALL_BATCH_ROWS = 128
+
 
 class Linear(nn.Linear):
-    """nn.Linear without random initialisation: the checkpoint overwrites every weight."""
+    """nn.Linear without random initialisation (the checkpoint overwrites every weight),
+    and with the small-batch CPU product above."""
 
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0] if x.dim() == 2 else 0
+        if 0 < rows <= SMALL_BATCH_ROWS and x.device.type == "cpu":
+            columns = x.t() if rows > 1 else x.repeat(2, 1).t()
+            out = torch.mm(self.weight, columns).t()[:rows]
+            return (out if self.bias is None else out + self.bias).contiguous()
+        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Embedding):

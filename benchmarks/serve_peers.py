@@ -1,0 +1,173 @@
+"""Strata vs llama.cpp's llama-server vs `transformers serve`, through `strata bench serve`.
+
+    python benchmarks/serve_peers.py --peers-dir WORKDIR [--rounds 2] [--save out.json]
+
+WORKDIR is what ../shared/peers/reproduce_peers.sh built: tiny-llama/ (the 19.5M
+model), gguf/tiny-llama-f32.gguf, llama-build/bin/llama-server and venv-hf/. Every
+server serves the same weights; each runs alone (the others stopped) and rounds
+interleave the servers, so load that comes and goes on a shared machine hits all of
+them. The table gives each figure's median over rounds, and Strata's throughput as
+a ratio to each peer's.
+Workload: 32-token prompts (text, built with the model's tokenizer), 128 output
+tokens with EOS ignored, greedy, at each --concurrency; 4 x concurrency requests
+(at least 8) per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from strata.bench import BenchConfig, plot_cdfs, run_benchmark
+
+PORT = 8300
+INPUT_LEN, OUTPUT_LEN = 32, 128
+COLUMNS = (("output tok/s", "output_throughput", "{:.0f}"),
+           ("TTFT p50 ms", "median_ttft_ms", "{:.1f}"), ("TTFT p99 ms", "p99_ttft_ms", "{:.1f}"),
+           ("ITL p50 ms", "median_itl_ms", "{:.2f}"), ("ITL p99 ms", "p99_itl_ms", "{:.2f}"))
+
+
+@dataclass
+class Peer:
+    name: str
+    model_name: str  # what the server expects in "model"
+    extra_body: dict
+
+    def command(self, peers: Path, concurrency: int, threads: int) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
+
+class Strata(Peer):
+    def command(self, peers, concurrency, threads):
+        return ([sys.executable, "-m", "strata.cli", "serve", str(peers / "tiny-llama"),
+                 "--port", str(PORT), "--served-model-name", self.model_name,
+                 "--max-num-seqs", "64", "--disable-uvicorn-access-log"],
+                {"OMP_NUM_THREADS": str(threads)})
+
+
+class LlamaCpp(Peer):
+    def command(self, peers, concurrency, threads):
+        return ([str(peers / "llama-build/bin/llama-server"), "-m",
+                 str(peers / "gguf/tiny-llama-f32.gguf"), "--host", "127.0.0.1", "--port",
+                 str(PORT), "--parallel", str(concurrency), "-cb", "-c",
+                 str(256 * concurrency), "-t", str(threads), "--no-webui"], {})
+
+
+class TransformersServe(Peer):
+    def command(self, peers, concurrency, threads):
+        return ([str(peers / "venv-hf/bin/transformers"), "serve", self.model_name,
+                 "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1", "--port",
+                 str(PORT)], {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
+
+
+def peers_of(peers_dir: Path) -> list[Peer]:
+    hf_eos = json.dumps({"min_new_tokens": OUTPUT_LEN, "eos_token_id": -1})
+    return [Strata("strata", "tiny-llama", {}),
+            LlamaCpp("llama.cpp", "tiny-llama", {"cache_prompt": False}),
+            TransformersServe("transformers", str(peers_dir / "tiny-llama"),
+                              {"generation_config": hf_eos})]
+
+
+def start(peer: Peer, peers_dir: Path, concurrency: int, threads: int,
+          log_dir: Path) -> subprocess.Popen:
+    command, env = peer.command(peers_dir, concurrency, threads)
+    log = open(log_dir / f"{peer.name}-{concurrency}.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, **env}, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{peer.name} exited; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{peer.name} did not come up; see {log.name}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers-dir", type=Path, required=True)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="compute threads per server")
+    parser.add_argument("--only", nargs="+", default=None, help="a subset of the servers")
+    parser.add_argument("--save", type=Path, default=None, help="JSON of every run")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of latency CDFs")
+    args = parser.parse_args()
+    peers = [p for p in peers_of(args.peers_dir) if not args.only or p.name in args.only]
+    log_dir = Path(args.save.parent if args.save else ".")
+    summaries: dict[tuple[str, int], list[dict]] = {}
+    results = {}
+    for round_index in range(args.rounds):
+        for concurrency in args.concurrency:
+            for peer in peers:
+                process = start(peer, args.peers_dir, concurrency, args.threads, log_dir)
+                try:
+                    run = run_benchmark(BenchConfig(
+                        base_url=f"http://127.0.0.1:{PORT}", model=peer.model_name,
+                        tokenizer=str(args.peers_dir / "tiny-llama"),
+                        num_prompts=max(8, 4 * concurrency), max_concurrency=concurrency,
+                        random_input_len=INPUT_LEN, random_output_len=OUTPUT_LEN,
+                        ignore_eos=True, extra_body=peer.extra_body, disable_tqdm=True,
+                        seed=round_index))
+                finally:
+                    stop(process)
+                summary = run["summary"]
+                summaries.setdefault((peer.name, concurrency), []).append(summary)
+                results[f"{peer.name} c={concurrency}"] = run["results"]
+                print(f"round {round_index} c={concurrency} {peer.name}: "
+                      f"{summary['output_throughput']:.0f} tok/s, "
+                      f"{summary['failed']} failed", file=sys.stderr, flush=True)
+    print(table(summaries, peers, args.concurrency))
+    if args.save:
+        args.save.write_text(json.dumps(
+            {f"{name} c={c}": runs for (name, c), runs in summaries.items()}, indent=1))
+    if args.plot:
+        plot_cdfs(args.plot, results)
+    return 0
+
+
+def table(summaries: dict, peers: list[Peer], concurrencies: list[int]) -> str:
+    def median(name: str, c: int, key: str) -> float | None:
+        values = [s[key] for s in summaries[(name, c)] if s.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    header = ["concurrency", "server", *(title for title, _, _ in COLUMNS), "Strata / this"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in concurrencies:
+        strata = median("strata", c, "output_throughput") if ("strata", c) in summaries else None
+        for peer in peers:
+            cells = [str(c), peer.name]
+            for _, key, fmt in COLUMNS:
+                value = median(peer.name, c, key)
+                cells.append("–" if value is None else fmt.format(value))
+            theirs = median(peer.name, c, "output_throughput")
+            cells.append(f"{strata / theirs:.2f}×" if strata and theirs else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
