@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   install, then generate with the default model (../shared/models/stories260K)
+#   make demo   install, then serve the default model (../shared/models/stories260K) and
+#               answer requests through the OpenAI API
 #   make test   install, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/strata generate --prompt "Once upon a time" --max-tokens 64
+	BIN=$(BIN) scripts/demo.sh
 
 test: install
 	$(BIN)/pytest -q

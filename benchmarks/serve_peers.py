@@ -42,6 +42,7 @@ class Peer:
     name: str
     model_name: str  # what the server expects in "model"
     extra_body: dict
+    takes_ignore_eos: bool = True  # else EOS is switched off through extra_body
 
     def command(self, peers: Path, concurrency: int, threads: int) -> tuple[list[str], dict]:
         raise NotImplementedError
@@ -75,7 +76,7 @@ def peers_of(peers_dir: Path) -> list[Peer]:
     return [Strata("strata", "tiny-llama", {}),
             LlamaCpp("llama.cpp", "tiny-llama", {"cache_prompt": False}),
             TransformersServe("transformers", str(peers_dir / "tiny-llama"),
-                              {"generation_config": hf_eos})]
+                              {"generation_config": hf_eos}, takes_ignore_eos=False)]
 
 
 def start(peer: Peer, peers_dir: Path, concurrency: int, threads: int,
@@ -130,7 +131,8 @@ def main() -> int:
                         tokenizer=str(args.peers_dir / "tiny-llama"),
                         num_prompts=max(8, 4 * concurrency), max_concurrency=concurrency,
                         random_input_len=INPUT_LEN, random_output_len=OUTPUT_LEN,
-                        ignore_eos=True, extra_body=peer.extra_body, disable_tqdm=True,
+                        ignore_eos=peer.takes_ignore_eos, extra_body=peer.extra_body,
+                        disable_tqdm=True,
                         seed=round_index))
                 finally:
                     stop(process)

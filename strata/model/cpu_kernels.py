@@ -12,21 +12,32 @@ from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+SOURCES = Path(__file__).parent / "csrc"
 
 
 @functools.cache
 def paged_decode_kernel() -> ModuleType | None:
     if os.environ.get("STRATA_ATTENTION", "auto") == "torch":
         return None
+    return _build("strata_paged_decode", "paged_decode.cpp")
+
+
+@functools.cache
+def skinny_linear_kernel() -> ModuleType | None:
+    if os.environ.get("STRATA_LINEAR", "auto") == "torch":
+        return None
+    return _build("strata_skinny_linear", "skinny_linear.cpp")
+
+
+def _build(name: str, source: str) -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
         # Built into torch's extension cache (keyed by source and flags), once per machine.
-        return load("strata_paged_decode", [str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return load(name, [str(SOURCES / source)], extra_cflags=["-O3", "-march=native",
+                                                                  "-fopenmp"],
                     extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # no compiler, no ninja: the reference path still works
-        logger.warning("C++ paged attention unavailable (%s); using the PyTorch path",
+    except Exception as exc:  # no compiler, no ninja: the PyTorch path still works
+        logger.warning("C++ kernel %s unavailable (%s); using the PyTorch path", name,
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None

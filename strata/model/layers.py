@@ -8,27 +8,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Decode batches are a few rows. For those, MKL runs x @ W.T poorly on CPU; W @ x.T (the
-# weight as the left operand) made decode steps of the 19.5M benchmark model 1.2-3x faster
-# for 2-128 rows (interleaved A/B on a 2-core EPYC; the 32000x256 vocab projection most).
-# One row goes as two: MKL's matrix-vector path was 4x slower than a two-column product.
+from strata.model.cpu_kernels import skinny_linear_kernel
+
+# Decode batches are a few rows, and for those MKL runs x @ W.T poorly on CPU: it packs the
+# weight on every call, and its one-row (matrix-vector) path is slower still. Up to
+# KERNEL_ROWS rows a small C++ kernel streams each weight row once (decode steps of the
+# 19.5M benchmark model 1.25-1.4x faster than the product below for 1-32 rows, even at 64;
+# interleaved A/B on a 2-core EPYC). Up to SMALL_BATCH_ROWS, or without the kernel, W @ x.T
+# (the weight as the left operand) still beat x @ W.T by 1.2-3x, a single row sent as two.
+KERNEL_ROWS = 64
 SMALL_BATCH_ROWS = 128
 
 
 class Linear(nn.Linear):
     """nn.Linear without random initialisation (the checkpoint overwrites every weight),
-    and with the small-batch CPU product above."""
+    and with the small-batch CPU products above."""
 
     def reset_parameters(self) -> None:
         pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0] if x.dim() == 2 else 0
-        if 0 < rows <= SMALL_BATCH_ROWS and x.device.type == "cpu":
-            columns = x.t() if rows > 1 else x.repeat(2, 1).t()
-            out = torch.mm(self.weight, columns).t()[:rows]
-            return (out if self.bias is None else out + self.bias).contiguous()
-        return F.linear(x, self.weight, self.bias)
+        if not 0 < rows <= SMALL_BATCH_ROWS or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        if rows <= KERNEL_ROWS and x.dtype == torch.float32 \
+                and (kernel := skinny_linear_kernel()) is not None:
+            return kernel.skinny_linear(x, self.weight, self.bias)
+        columns = x.t() if rows > 1 else x.repeat(2, 1).t()
+        out = torch.mm(self.weight, columns).t()[:rows]
+        return (out if self.bias is None else out + self.bias).contiguous()
 
 
 class Embedding(nn.Embedding):
