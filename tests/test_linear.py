@@ -1,12 +1,15 @@
-"""The small-batch products of Linear (C++ kernel, weight-on-the-left mm) equal F.linear."""
+"""The small-batch CPU kernel of Linear (weight stored transposed) equals F.linear."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from strata.model import layers
 from strata.model.cpu_kernels import skinny_linear_kernel
-from strata.model.layers import Linear
+from strata.model.layers import KERNEL_ROWS, Embedding, Linear, use_cpu_linear_kernel
+
+kernel_required = pytest.mark.skipif(skinny_linear_kernel() is None,
+                                     reason="the C++ kernel could not be built here")
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> Linear:
@@ -18,28 +21,35 @@ def _linear(in_features: int, out_features: int, bias: bool) -> Linear:
     return layer
 
 
-@pytest.mark.skipif(skinny_linear_kernel() is None, reason="the C++ kernel could not be built")
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 64])
+@kernel_required
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, KERNEL_ROWS, KERNEL_ROWS + 1, 300])
 @pytest.mark.parametrize("in_features, out_features", [(256, 700), (37, 5), (688, 256)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernel_matches_f_linear(rows, in_features, out_features, bias):
+def test_transposed_linear_matches_f_linear(rows, in_features, out_features, bias):
     torch.manual_seed(rows)
     layer = _linear(in_features, out_features, bias)
     x = torch.randn(rows, in_features)
-    got = skinny_linear_kernel().skinny_linear(x, layer.weight, layer.bias)
-    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("rows", [1, 2, 65, 128, 129])
-@pytest.mark.parametrize("bias", [False, True])
-def test_every_path_of_linear_matches_f_linear(monkeypatch, rows, bias):
-    monkeypatch.setattr(layers, "KERNEL_ROWS", 0)  # 1-128 rows: the weight-on-the-left mm
-    torch.manual_seed(rows)
-    layer = _linear(96, 300, bias)
-    x = torch.randn(rows, 96)
     expected = F.linear(x, layer.weight, layer.bias)
+    layer.store_transposed()
+    assert layer.weight.shape == (out_features, in_features) and layer.weight.stride(0) == 1
     got = layer(x)
     assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-    # A 3-d input (tokens not flattened) keeps the plain path.
-    torch.testing.assert_close(layer(x.unsqueeze(0)), expected.unsqueeze(0))
+    torch.testing.assert_close(layer(x.unsqueeze(0)), expected.unsqueeze(0), rtol=1e-5,
+                               atol=1e-4)  # 3-d: F.linear on the transposed weight
+
+
+@kernel_required
+def test_weights_shared_with_an_embedding_keep_their_layout():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = Embedding(50, 32)
+            self.head = Linear(32, 50, bias=False)
+            self.head.weight = self.embed.weight
+            self.proj = Linear(32, 32, bias=False)
+
+    model = Tied()
+    use_cpu_linear_kernel(model)
+    assert model.head.weight.is_contiguous() and model.head.weight is model.embed.weight
+    assert model.proj.weight.stride(0) == 1

@@ -12,31 +12,41 @@ from strata.model.cpu_kernels import skinny_linear_kernel
 
 # Decode batches are a few rows, and for those MKL runs x @ W.T poorly on CPU: it packs the
 # weight on every call, and its one-row (matrix-vector) path is slower still. Up to
-# KERNEL_ROWS rows a small C++ kernel streams each weight row once (decode steps of the
-# 19.5M benchmark model 1.25-1.4x faster than the product below for 1-32 rows, even at 64;
-# interleaved A/B on a 2-core EPYC). Up to SMALL_BATCH_ROWS, or without the kernel, W @ x.T
-# (the weight as the left operand) still beat x @ W.T by 1.2-3x, a single row sent as two.
+# KERNEL_ROWS rows a small C++ kernel does the product from the weight stored transposed.
 KERNEL_ROWS = 64
-SMALL_BATCH_ROWS = 128
 
 
 class Linear(nn.Linear):
-    """nn.Linear without random initialisation (the checkpoint overwrites every weight),
-    and with the small-batch CPU products above."""
+    """nn.Linear without random initialisation (the checkpoint overwrites every weight), and
+    with the small-batch CPU kernel once its weight is stored transposed."""
 
     def reset_parameters(self) -> None:
         pass
 
+    def store_transposed(self) -> None:
+        """Lay the weight's memory out as [in, out] (its shape stays [out, in]): the kernel
+        reads 16 neighbouring outputs as one vector, and F.linear becomes a plain x @ wt."""
+        self.weight.data = self.weight.data.t().contiguous().t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0] if x.dim() == 2 else 0
-        if not 0 < rows <= SMALL_BATCH_ROWS or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        if rows <= KERNEL_ROWS and x.dtype == torch.float32 \
+        if 0 < rows <= KERNEL_ROWS and self.weight.stride(0) == 1 \
                 and (kernel := skinny_linear_kernel()) is not None:
-            return kernel.skinny_linear(x, self.weight, self.bias)
-        columns = x.t() if rows > 1 else x.repeat(2, 1).t()
-        out = torch.mm(self.weight, columns).t()[:rows]
-        return (out if self.bias is None else out + self.bias).contiguous()
+            return kernel.skinny_linear(x, self.weight.t(), self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_cpu_linear_kernel(model: nn.Module) -> None:
+    """Store every Linear transposed for the kernel, where it can run (CPU, float32, built).
+    A weight shared with an embedding stays as it is: lookups read its [out, in] rows."""
+    weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+    if not weights or weights[0].device.type != "cpu" or weights[0].dtype != torch.float32 \
+            or skinny_linear_kernel() is None:
+        return
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, Linear) and id(module.weight) not in shared:
+            module.store_transposed()
 
 
 class Embedding(nn.Embedding):

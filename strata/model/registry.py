@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from strata.model.layers import use_cpu_linear_kernel
 from strata.model.llama import LlamaForCausalLM, ModelArgs
 from strata.model.loader import iterate_weights, load_json
 
@@ -61,4 +62,5 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Modul
         torch.set_default_dtype(previous)
     with torch.no_grad():
         model.load_weights(iterate_weights(path))
+    use_cpu_linear_kernel(model)
     return model.eval().requires_grad_(False)
