@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,18 @@ class Tokenizer:
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        """How one token reads on its own (for logprobs)."""
+        """How one token reads after other text (for logprobs): decoded alone, SentencePiece
+        would drop the leading space of "▁upon", so it is decoded after an anchor token."""
+        anchor, anchor_text = self._anchor
+        text = self.backend.decode([anchor, token_id], skip_special_tokens=False)
+        if text.startswith(anchor_text):
+            return text[len(anchor_text):]
         return self.backend.decode([token_id], skip_special_tokens=False)
+
+    @functools.cached_property
+    def _anchor(self) -> tuple[int, str]:
+        token = self.encode("a", add_special_tokens=False)[-1]
+        return token, self.backend.decode([token], skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> str:

@@ -77,3 +77,10 @@ def test_a_token_that_changes_how_the_prompt_decodes_is_not_an_error(tokenizer):
         detokenizer.add_token(token)
     assert detokenizer.text.endswith(" ha")
     assert tokenizer.decode(prompt + outputs).endswith(detokenizer.text)
+
+
+def test_token_text_keeps_the_leading_space(tokenizer):
+    ids = tokenizer.encode("Once upon a time", add_special_tokens=False)
+    pieces = [tokenizer.token_text(t) for t in ids]
+    assert pieces[1:] == [" upon", " a", " time"]
+    assert "".join(pieces).strip() == "Once upon a time"
