@@ -22,13 +22,11 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from strata.bench import BenchConfig, plot_cdfs, run_benchmark
+from strata.health import wait_healthy
 
 PORT = 8300
 INPUT_LEN, OUTPUT_LEN = 32, 128
@@ -85,17 +83,8 @@ def start(peer: Peer, peers_dir: Path, concurrency: int, threads: int,
     log = open(log_dir / f"{peer.name}-{concurrency}.log", "w")  # noqa: SIM115
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **env}, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{peer.name} exited; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{peer.name} did not come up; see {log.name}")
+    wait_healthy(f"http://127.0.0.1:{PORT}", process, 600)
+    return process
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-import httpx
+from strata.health import ServerExited, wait_healthy
 
 STARTUP_TIMEOUT = 600.0
 STOP_TIMEOUT = 60.0
@@ -68,26 +68,11 @@ def _start(index: int, model: str | None, host: str, port: int,
 
 
 def _wait_healthy(replicas: list[Replica], stopping) -> bool:
-    pending = list(replicas)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while pending:
-        if stopping():
-            return False
-        for replica in list(pending):
-            if replica.process.poll() is not None:
-                print(f"strata up: replica {replica.index} failed to start (exit code "
-                      f"{replica.process.returncode})", file=sys.stderr)
-                return False
-            try:
-                if httpx.get(f"{replica.url}/health", timeout=1).status_code == 200:
-                    pending.remove(replica)
-            except httpx.HTTPError:
-                pass
-        if time.monotonic() > deadline:
-            print("strata up: replicas did not become healthy in time", file=sys.stderr)
-            return False
-        time.sleep(0.2)
-    return True
+    try:
+        return all(wait_healthy(r.url, r.process, STARTUP_TIMEOUT, stopping) for r in replicas)
+    except (ServerExited, TimeoutError) as exc:
+        print(f"strata up: {exc}", file=sys.stderr)
+        return False
 
 
 def _stop(replicas: list[Replica]) -> None:

@@ -7,11 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
+from strata.health import ServerExited, wait_healthy
 from tests.conftest import STORIES
 
 SERVED_NAME = "stories"
@@ -51,17 +49,10 @@ class ServerProcess:
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"strata serve exited early:\n{self.log_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"strata serve did not become healthy:\n{self.log_text()}")
+        try:
+            wait_healthy(self.url, self.process, STARTUP_TIMEOUT)
+        except (ServerExited, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_text()}") from exc
 
     def log_text(self) -> str:
         self.log.flush()
