@@ -1,4 +1,4 @@
-"""The small-batch CPU kernel of Linear (weight stored transposed) equals F.linear."""
+"""Linear's packed CPU kernel equals F.linear, for decode-sized and prompt-sized inputs."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.model.cpu_kernels import skinny_linear_kernel
-from strata.model.layers import KERNEL_ROWS, Embedding, Linear, use_cpu_linear_kernel
+from strata.model.layers import Embedding, Linear, use_cpu_linear_kernel
 
 kernel_required = pytest.mark.skipif(skinny_linear_kernel() is None,
                                      reason="the C++ kernel could not be built here")
@@ -22,25 +22,26 @@ def _linear(in_features: int, out_features: int, bias: bool) -> Linear:
 
 
 @kernel_required
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, KERNEL_ROWS, KERNEL_ROWS + 1, 300])
-@pytest.mark.parametrize("in_features, out_features", [(256, 700), (37, 5), (688, 256)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 64, 300])
+@pytest.mark.parametrize("in_features, out_features", [(256, 704), (37, 5), (688, 250)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_transposed_linear_matches_f_linear(rows, in_features, out_features, bias):
+def test_packed_linear_matches_f_linear(rows, in_features, out_features, bias):
     torch.manual_seed(rows)
     layer = _linear(in_features, out_features, bias)
     x = torch.randn(rows, in_features)
     expected = F.linear(x, layer.weight, layer.bias)
-    layer.store_transposed()
-    assert layer.weight.shape == (out_features, in_features) and layer.weight.stride(0) == 1
+    layer.pack(skinny_linear_kernel())
+    assert layer.weight is None and layer.packed.shape == (-(-out_features // 16),
+                                                           in_features, 16)
     got = layer(x)
     assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(layer(x.unsqueeze(0)), expected.unsqueeze(0), rtol=1e-5,
-                               atol=1e-4)  # 3-d: F.linear on the transposed weight
+    torch.testing.assert_close(layer(x.view(1, rows, in_features)), expected.unsqueeze(0),
+                               rtol=1e-5, atol=1e-4)
 
 
 @kernel_required
-def test_weights_shared_with_an_embedding_keep_their_layout():
+def test_weights_shared_with_an_embedding_are_not_packed():
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -51,5 +52,5 @@ def test_weights_shared_with_an_embedding_keep_their_layout():
 
     model = Tied()
     use_cpu_linear_kernel(model)
-    assert model.head.weight.is_contiguous() and model.head.weight is model.embed.weight
-    assert model.proj.weight.stride(0) == 1
+    assert model.head.packed is None and model.head.weight is model.embed.weight
+    assert model.proj.packed is not None and model.proj.weight is None

@@ -10,43 +10,46 @@ from torch import nn
 
 from strata.model.cpu_kernels import skinny_linear_kernel
 
-# Decode batches are a few rows, and for those MKL runs x @ W.T poorly on CPU: it packs the
-# weight on every call, and its one-row (matrix-vector) path is slower still. Up to
-# KERNEL_ROWS rows a small C++ kernel does the product from the weight stored transposed.
-KERNEL_ROWS = 64
-
 
 class Linear(nn.Linear):
-    """nn.Linear without random initialisation (the checkpoint overwrites every weight), and
-    with the small-batch CPU kernel once its weight is stored transposed."""
+    """nn.Linear without random initialisation (the checkpoint overwrites every weight).
+
+    On CPU in float32 the weight is then packed for the C++ kernel (see
+    csrc/skinny_linear.cpp): MKL's GEMM re-packs the weight on every call, which for the few
+    rows of a decode step costs more than the product. Once packed, the kernel does every
+    product, decode steps and prompt chunks alike.
+    """
+
+    packed: torch.Tensor | None = None
 
     def reset_parameters(self) -> None:
         pass
 
-    def store_transposed(self) -> None:
-        """Lay the weight's memory out as [in, out] (its shape stays [out, in]): the kernel
-        reads 16 neighbouring outputs as one vector, and F.linear becomes a plain x @ wt."""
-        self.weight.data = self.weight.data.t().contiguous().t()
+    def pack(self, kernel) -> None:
+        """Swap the weight for its packed copy (the [out, in] weight is freed)."""
+        self.packed = kernel.pack_weight(self.weight.detach())  # CPU only: no buffer to move
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0] if x.dim() == 2 else 0
-        if 0 < rows <= KERNEL_ROWS and self.weight.stride(0) == 1 \
-                and (kernel := skinny_linear_kernel()) is not None:
-            return kernel.skinny_linear(x, self.weight.t(), self.bias)
-        return F.linear(x, self.weight, self.bias)
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = skinny_linear_kernel().packed_linear(rows, self.packed, self.bias, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def use_cpu_linear_kernel(model: nn.Module) -> None:
-    """Store every Linear transposed for the kernel, where it can run (CPU, float32, built).
-    A weight shared with an embedding stays as it is: lookups read its [out, in] rows."""
-    weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
-    if not weights or weights[0].device.type != "cpu" or weights[0].dtype != torch.float32 \
-            or skinny_linear_kernel() is None:
+    """Pack every Linear for the kernel, where it can run (CPU, float32, built). A weight
+    shared with an embedding stays as it is: lookups read its [out, in] rows."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    kernel = skinny_linear_kernel()
+    if not linears or linears[0].weight.device.type != "cpu" \
+            or linears[0].weight.dtype != torch.float32 or kernel is None:
         return
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for module in model.modules():
-        if isinstance(module, Linear) and id(module.weight) not in shared:
-            module.store_transposed()
+    for module in linears:
+        if id(module.weight) not in shared:
+            module.pack(kernel)
 
 
 class Embedding(nn.Embedding):
