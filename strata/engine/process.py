@@ -7,6 +7,7 @@ a new request joins the very next batch.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -45,6 +46,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     try:
         core = EngineCore(config)
         core.warm_up()
+        gc.freeze()  # what loading made lives forever: keep it out of every later collection
     except Exception as exc:  # reported to the frontend, which prints it and exits
         outputs.send(encoder.encode(EngineReady(error=f"{type(exc).__name__}: {exc}")))
         return

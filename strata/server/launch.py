@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -67,6 +68,7 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
                  limits: ServerLimits, max_body_bytes: int, access_log: bool) -> int:
     client = AsyncEngineClient(config)
     info = await client.start()
+    gc.freeze()  # the tokenizer and the app live forever: keep them out of later collections
     logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d (pid %d)",
                 info.num_blocks, info.block_size, info.max_model_len, client.pid)
     metrics = ServerMetrics(served_model_names[0], info.block_size, info.num_blocks)
