@@ -98,14 +98,19 @@ def stop(process: subprocess.Popen) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peers-dir", type=Path, required=True)
+    parser.add_argument("--peers-dir", type=Path)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="compute threads per server")
     parser.add_argument("--only", nargs="+", default=None, help="a subset of the servers")
     parser.add_argument("--save", type=Path, default=None, help="JSON of every run")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of latency CDFs")
+    parser.add_argument("--table-from", type=Path, default=None,
+                        help="print the table of an earlier --save file and exit")
     args = parser.parse_args()
+    if args.table_from:
+        print(table_from_json(args.table_from))
+        return 0
     peers = [p for p in peers_of(args.peers_dir) if not args.only or p.name in args.only]
     log_dir = Path(args.save.parent if args.save else ".")
     summaries: dict[tuple[str, int], list[dict]] = {}
@@ -141,6 +146,8 @@ def main() -> int:
 
 
 def table(summaries: dict, peers: list[Peer], concurrencies: list[int]) -> str:
+    """Each figure is its median over rounds; the ratio is the median of the per-round ratios
+    (rounds interleave the servers, so a ratio within one round cancels the machine's drift)."""
     def median(name: str, c: int, key: str) -> float | None:
         values = [s[key] for s in summaries[(name, c)] if s.get(key) is not None]
         return statistics.median(values) if values else None
@@ -148,16 +155,27 @@ def table(summaries: dict, peers: list[Peer], concurrencies: list[int]) -> str:
     header = ["concurrency", "server", *(title for title, _, _ in COLUMNS), "Strata / this"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in concurrencies:
-        strata = median("strata", c, "output_throughput") if ("strata", c) in summaries else None
+        ours = [s["output_throughput"] for s in summaries.get(("strata", c), [])]
         for peer in peers:
             cells = [str(c), peer.name]
             for _, key, fmt in COLUMNS:
                 value = median(peer.name, c, key)
                 cells.append("–" if value is None else fmt.format(value))
-            theirs = median(peer.name, c, "output_throughput")
-            cells.append(f"{strata / theirs:.2f}×" if strata and theirs else "–")
+            theirs = [s["output_throughput"] for s in summaries[(peer.name, c)]]
+            ratios = [a / b for a, b in zip(ours, theirs) if b]
+            cells.append(f"{statistics.median(ratios):.2f}×" if ratios else "–")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_from_json(path: Path) -> str:
+    """The table again from a --save file."""
+    runs = json.loads(path.read_text())
+    summaries = {(key.rsplit(" c=", 1)[0], int(key.rsplit(" c=", 1)[1])): value
+                 for key, value in runs.items()}
+    names = list(dict.fromkeys(name for name, _ in summaries))
+    concurrencies = sorted({c for _, c in summaries})
+    return table(summaries, [Peer(name, "", {}) for name in names], concurrencies)
 
 
 if __name__ == "__main__":
