@@ -58,7 +58,7 @@ class AsyncEngineClient:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.info: EngineInfo | None = None
-        self.stats = EngineStats(0, 0, 0.0, 0, 0, 0)
+        self.stats = EngineStats()
         self.on_stats: Callable[[EngineStats], None] = lambda stats: None
         self.on_dead: Callable[[], None] = lambda: None
         self.dead = False
@@ -69,17 +69,13 @@ class AsyncEngineClient:
         self._added_since_stats = 0
 
     @property
-    def num_in_flight(self) -> int:
-        return len(self._sinks)
-
-    @property
     def num_waiting(self) -> int:
         """The engine's waiting queue as of its last step, plus what was sent since."""
         return self.stats.num_waiting + self._added_since_stats
 
     @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+    def pid(self) -> int:
+        return self._process.pid
 
     async def start(self) -> EngineInfo:
         """Start the engine process and wait until its model is loaded."""

@@ -39,12 +39,12 @@ class EngineCoreOutput:
 class EngineStats:
     """The engine's state after a step, for the frontend's metrics."""
 
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int  # cumulative
-    prefix_cache_queries: int  # cumulative, in tokens
-    prefix_cache_hits: int
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0  # cumulative
+    prefix_cache_queries: int = 0  # cumulative, in tokens
+    prefix_cache_hits: int = 0
 
 
 class EngineCore:

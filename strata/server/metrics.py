@@ -61,7 +61,7 @@ class ServerMetrics:
         Gauge("vllm:cache_config_info", "The KV cache's configuration.",
               ["model_name", "block_size", "num_gpu_blocks"], registry=registry).labels(
             model_name, str(block_size), str(num_blocks)).set(1)
-        self._last = EngineStats(0, 0, 0.0, 0, 0, 0)
+        self._last = EngineStats()
 
     def update_engine(self, stats: EngineStats) -> None:
         self.running.set(stats.num_running)
