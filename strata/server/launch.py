@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import signal
+from pathlib import Path
 
 import uvicorn
 import uvloop
@@ -100,4 +101,4 @@ def _read_template(value: str | None) -> str | None:
     """--chat-template takes a file path or the template itself, as vLLM's does."""
     if value is None:
         return None
-    return open(value).read() if os.path.isfile(value) else value
+    return Path(value).read_text() if os.path.isfile(value) else value
