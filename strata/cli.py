@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -20,15 +21,26 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", default=None,
                         help="KV pool size, e.g. 512MiB (default: 20%% of free RAM, 80%% on CUDA)")
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                        help="exact number of KV blocks, overriding --kv-cache-memory")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True, help="share the KV blocks of common prefixes (default on)")
+    parser.add_argument("--prefix-caching-hash-seed", type=int, default=0,
+                        help="seed of the block hashes in KV events (same in every process)")
+    parser.add_argument("--schedule-policy", choices=("lpm", "fcfs"), default="lpm",
+                        help="lpm: longest cached prefix first; fcfs: arrival order")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, seed=args.seed,
                 max_model_len=args.max_model_len, block_size=args.block_size,
-                kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens)
+                kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_gpu_blocks_override,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_prefix_caching=args.enable_prefix_caching,
+                prefix_caching_hash_seed=args.prefix_caching_hash_seed,
+                schedule_policy=args.schedule_policy)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -53,13 +65,27 @@ def serve(args: argparse.Namespace) -> int:
     from strata.server.serving import ServerLimits
 
     model = args.model_tag or args.model
-    config = EngineConfig.create(model, **engine_kwargs(args))
+    config = EngineConfig.create(model, **engine_kwargs(args), **kv_events_kwargs(args))
     return run_server(config, host=args.host, port=args.port,
                       served_model_names=args.served_model_name or [model],
                       api_key=args.api_key, chat_template=args.chat_template,
                       limits=ServerLimits(max_waiting_requests=args.max_waiting_requests),
                       max_body_bytes=args.max_request_body_bytes,
                       access_log=not args.disable_uvicorn_access_log)
+
+
+def kv_events_kwargs(args: argparse.Namespace) -> dict:
+    """--kv-events-endpoint/--kv-events-topic, or vLLM's --kv-events-config JSON."""
+    endpoint, topic = args.kv_events_endpoint, args.kv_events_topic
+    if args.kv_events_config:
+        try:
+            vllm_config = json.loads(args.kv_events_config)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--kv-events-config is not JSON: {exc}") from None
+        if vllm_config.get("enable_kv_cache_events", True):
+            endpoint = vllm_config.get("endpoint", "tcp://*:5557")
+        topic = vllm_config.get("topic", topic)
+    return dict(kv_events_endpoint=endpoint, kv_events_topic=topic)
 
 
 def add_serve_parser(commands) -> None:
@@ -80,6 +106,13 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template, or a file holding one")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    parser.add_argument("--kv-events-endpoint", default=None,
+                        help="publish KV cache events (vLLM's format) on a ZMQ PUB socket "
+                             "bound here, e.g. tcp://*:5557")
+    parser.add_argument("--kv-events-topic", default="kv-events")
+    parser.add_argument("--kv-events-config", default=None,
+                        help='vLLM\'s form: \'{"enable_kv_cache_events": true, '
+                             '"endpoint": "tcp://*:5557", "topic": "kv-events"}\'')
     parser.set_defaults(handler=serve)
 
 
@@ -102,7 +135,7 @@ def add_up_parser(commands) -> None:
     parser.set_defaults(handler=up)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Strata LLM inference stack")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text offline for one or more prompts")
@@ -121,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(commands)
     add_bench_parser(commands)
     add_up_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = main_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "up":
         args.serve_args = extra  # the rest goes to each replica's `strata serve`

@@ -32,6 +32,10 @@ class CacheConfig:
     kv_cache_memory: int | str | None = None
     # Exact number of blocks, overriding the memory budget (tests, benchmarks).
     num_kv_blocks: int | None = None
+    # Share the KV blocks of common prefixes between requests (a radix tree of blocks).
+    enable_prefix_caching: bool = True
+    # Seeds the chained block hashes, so that every process given it names blocks alike.
+    prefix_caching_hash_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -57,10 +61,19 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.3
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay_steps: int = 600
+    # "lpm": waiting requests with the longest cached prefix go first (SGLang's policy);
+    # "fcfs": arrival order. LPM turns to FCFS beyond lpm_max_waiting requests, and a
+    # request passed over max_passed_over times goes first, so none starves.
+    schedule_policy: str = "lpm"
+    lpm_max_waiting: int = 128
+    max_passed_over: int = 16
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError(f"schedule_policy must be 'lpm' or 'fcfs', not "
+                             f"{self.schedule_policy!r}")
         if not 0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1:
             raise ValueError("need 0 <= min_new_token_ratio <= init_new_token_ratio <= 1")
 
@@ -74,6 +87,9 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None
     skip_tokenizer_init: bool = False
+    # Publish the prefix cache's block events (vLLM's format) on a ZMQ PUB socket here.
+    kv_events_endpoint: str | None = None
+    kv_events_topic: str = "kv-events"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

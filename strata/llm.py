@@ -77,8 +77,10 @@ class LLM:
             progress.close()
 
         for sample_id, sample in samples.items():
-            request_id = sample_id.rsplit("-", 1)[0]
-            outputs[request_id].outputs.append(CompletionOutput(
+            output = outputs[sample_id.rsplit("-", 1)[0]]
+            output.num_cached_tokens = sample.num_cached_tokens if not output.outputs else min(
+                output.num_cached_tokens, sample.num_cached_tokens)
+            output.outputs.append(CompletionOutput(
                 sample.index, sample.text, sample.token_ids, sample.logprobs,
                 sample.finish_reason, sample.stop_reason))
         return list(outputs.values())

@@ -35,6 +35,8 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    # Prompt tokens found in the prefix cache (the fewest any sample found).
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

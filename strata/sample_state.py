@@ -24,6 +24,7 @@ class SampleState:
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache
 
     @classmethod
     def create(cls, index: int, params: SamplingParams, tokenizer: Tokenizer | None,
@@ -47,6 +48,8 @@ class SampleState:
 
     def absorb(self, out: EngineCoreOutput) -> None:
         self.token_ids.append(out.new_token_id)
+        if out.num_cached_tokens is not None:
+            self.num_cached_tokens = out.num_cached_tokens
         if out.logprobs is not None and self.logprobs is not None:
             self.logprobs.append(self._logprob_dict(out))
         self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason

@@ -60,10 +60,14 @@ def stories_llm():
 
 
 def assert_all_blocks_free(llm) -> None:
+    """No request left and no block held: every block is free or only cached."""
+    from tests.kv_invariants import check_kv_books
+
     engine = llm.engine
     assert not engine.has_unfinished_requests
-    assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.num_blocks
-    assert all(count == 0 for count in engine.kv_cache.pool.ref_counts)
+    check_kv_books(engine.kv_cache, [])
+    assert engine.kv_cache.usage == 0
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
 
 
 def record_logits(llm) -> list[torch.Tensor]:

@@ -59,7 +59,7 @@ def test_finished_requests_free_their_blocks_in_the_same_step():
             if out.request_id == "short" and out.finish_reason:
                 finished_at = step
                 assert [r.request_id for r in engine.scheduler.running] == ["long"]
-                assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.num_blocks - 1
+                assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks - 1
     assert finished_at == 1
     engine.abort_requests(["long"])
     assert_all_blocks_free(llm)

@@ -9,8 +9,8 @@ class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        # Freed blocks go to the back and are taken from the front (LRU order),
-        # which the prefix cache relies on to evict the coldest block first.
+        # Blocks no one holds. Cached blocks no request holds are not here: the prefix
+        # cache keeps them until the pool runs dry (see RadixCache.evict).
         self.free_queue: deque[int] = deque(range(num_blocks))
 
     @property
@@ -24,6 +24,13 @@ class BlockPool:
         for block in blocks:
             self.ref_counts[block] = 1
         return blocks
+
+    def ref(self, blocks: list[int]) -> None:
+        """One more holder of blocks that are already held (a cached block being shared)."""
+        for block in blocks:
+            if self.ref_counts[block] <= 0:
+                raise RuntimeError(f"KV block {block} is free: it cannot be shared")
+            self.ref_counts[block] += 1
 
     def free(self, blocks: list[int]) -> None:
         for block in blocks:

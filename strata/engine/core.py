@@ -11,6 +11,7 @@ from strata.engine.kv_cache import KVCacheManager
 from strata.engine.request import Request, RequestStatus, validate_request
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
+from strata.kv_events import KVEvent
 from strata.model.loader import load_json, resolve_model_path
 from strata.sampling_params import SamplingParams
 
@@ -33,6 +34,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     queue_time: float | None = None  # seconds it waited to be scheduled; on its first token
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache; likewise
 
 
 @dataclass
@@ -53,7 +55,13 @@ class EngineCore:
         self.model_path = resolve_model_path(config.model)
         self.runner = ModelRunner(config, self.model_path)
         self.max_model_len = self.runner.max_model_len
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.kv_events: list[KVEvent] = []  # taken by the publisher after each step
+        self.kv_cache = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+            hash_seed=config.cache.prefix_caching_hash_seed,
+            on_event=self.kv_events.append if config.kv_events_endpoint else None,
+            medium="GPU" if self.runner.device.type == "cuda" else "CPU")
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         if (not config.scheduler.enable_chunked_prefill
                 and config.scheduler.max_num_batched_tokens < self.max_model_len):
@@ -65,15 +73,17 @@ class EngineCore:
         validate_request(prompt_token_ids, params, self.max_model_len, self.runner.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, cache_salt: str | None = None) -> None:
         """Validate and queue; a bad request raises before anything is scheduled."""
         self.validate(prompt_token_ids, params)
+        if cache_salt is not None and not cache_salt:
+            raise ValueError("cache_salt must be a non-empty string")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(params.seed)
         self.scheduler.add_request(Request(
             request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
-            max_total_tokens=self.max_model_len, generator=generator))
+            max_total_tokens=self.max_model_len, generator=generator, cache_salt=cache_salt))
 
     def warm_up(self) -> None:
         """Run one short request end to end, so that the first real one pays for no kernel
@@ -83,6 +93,18 @@ class EngineCore:
         while self.has_unfinished_requests:
             self.step()
         self.scheduler.num_prompt_tokens_admitted = 0
+        self.scheduler.num_cached_tokens_admitted = 0
+        self.kv_cache.reset_prefix_cache()
+        self.kv_events.clear()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's reset_prefix_cache); False while one is in use."""
+        return self.kv_cache.reset_prefix_cache()
+
+    def take_kv_events(self) -> list[KVEvent]:
+        events = self.kv_events[:]
+        self.kv_events.clear()
+        return events
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
@@ -105,22 +127,26 @@ class EngineCore:
         by_id = {r.request_id: t for r, t in zip(sampling_requests, token_ids, strict=True)}
         updates = self.scheduler.update_from_output(scheduled, by_id)
         row_of = {r.request_id: row for row, r in enumerate(sampling_requests)}
-        return [EngineCoreOutput(
-            request.request_id, request.output_token_ids[-1],
-            logprobs[row_of[request.request_id]],
-            finish_reason=status.value if status else None,
-            stop_reason=request.stop_reason if status == RequestStatus.FINISHED_STOPPED else None,
-            queue_time=request.first_scheduled_time - request.arrival_time
-            if len(request.output_token_ids) == 1 else None,
-        ) for request, status in updates]
+        outputs = []
+        for request, status in updates:
+            first = len(request.output_token_ids) == 1
+            outputs.append(EngineCoreOutput(
+                request.request_id, request.output_token_ids[-1],
+                logprobs[row_of[request.request_id]],
+                finish_reason=status.value if status else None,
+                stop_reason=request.stop_reason if status == RequestStatus.FINISHED_STOPPED
+                else None,
+                queue_time=request.first_scheduled_time - request.arrival_time if first else None,
+                num_cached_tokens=request.num_cached_tokens if first else None))
+        return outputs
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             kv_cache_usage=self.kv_cache.usage, num_preemptions=scheduler.num_preemptions,
-            # No prefix cache yet: every prompt token is a query that misses.
-            prefix_cache_queries=scheduler.num_prompt_tokens_admitted, prefix_cache_hits=0)
+            prefix_cache_queries=scheduler.num_prompt_tokens_admitted,
+            prefix_cache_hits=scheduler.num_cached_tokens_admitted)
 
 
 def _logprobs_per_row(sampled, requests: list[Request]) -> list[TokenLogprobs | None]:

@@ -16,6 +16,7 @@ class AddRequest(msgspec.Struct, tag=True):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_salt: str | None = None
 
 
 class AbortRequests(msgspec.Struct, tag=True):

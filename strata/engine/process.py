@@ -17,6 +17,7 @@ import zmq
 
 from strata.config import EngineConfig
 from strata.engine.core import EngineCore
+from strata.engine.kv_event_publisher import KVEventPublisher
 from strata.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -43,8 +44,12 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     outputs = context.socket(zmq.PUSH)
     outputs.connect(output_address)
     encoder = msgspec.msgpack.Encoder()
+    publisher = None
     try:
         core = EngineCore(config)
+        if config.kv_events_endpoint:
+            publisher = KVEventPublisher(context, config.kv_events_endpoint,
+                                         config.kv_events_topic)
         core.warm_up()
         gc.freeze()  # what loading made lives forever: keep it out of every later collection
     except Exception as exc:  # reported to the frontend, which prints it and exits
@@ -54,13 +59,14 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         max_model_len=core.max_model_len, vocab_size=core.runner.vocab_size,
         num_blocks=core.kv_cache.num_blocks, block_size=core.kv_cache.block_size,
         max_num_seqs=config.scheduler.max_num_seqs)))
-    EngineLoop(core, inputs, outputs, parent).run()
+    EngineLoop(core, inputs, outputs, parent, publisher).run()
 
 
 class EngineLoop:
     def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket,
-                 parent_pid: int) -> None:
+                 parent_pid: int, publisher: KVEventPublisher | None = None) -> None:
         self.core = core
+        self.publisher = publisher
         self.inputs = inputs
         self.outputs = outputs
         self.parent_pid = parent_pid
@@ -81,6 +87,8 @@ class EngineLoop:
             self.outputs.send(self.encoder.encode(
                 EngineStep(outputs, self.rejected, self.core.stats())))
             self.rejected = []
+            if self.publisher is not None:
+                self.publisher.publish(self.core.take_kv_events())
 
     def handle_inputs(self) -> bool:
         """Apply every message waiting on the socket; False on Shutdown."""
@@ -101,6 +109,6 @@ class EngineLoop:
             elif isinstance(message, AddRequest):
                 try:
                     self.core.add_request(message.request_id, message.prompt_token_ids,
-                                          message.params)
+                                          message.params, message.cache_salt)
                 except ValueError as exc:
                     self.rejected.append((message.request_id, str(exc)))

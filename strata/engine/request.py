@@ -5,10 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from strata.block_hash import BlockHashChain
 from strata.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from strata.engine.radix_cache import RadixNode
 
 
 class RequestStatus(enum.Enum):
@@ -42,6 +47,13 @@ class Request:
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
     first_scheduled_time: float | None = None  # when it first left the waiting queue
+    # Prefix cache: requests with different salts share no block.
+    cache_salt: str | None = None
+    block_hashes: BlockHashChain | None = None  # ids of its full blocks, hashed once
+    cache_node: RadixNode | None = None  # deepest cached node it holds (locked)
+    num_cached_blocks: int = 0  # block_ids[:this] are in the cache
+    num_cached_tokens: int = 0  # prompt tokens found cached when first scheduled
+    num_passed_over: int = 0  # times a later request was scheduled first (bounds LPM)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -44,6 +44,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_prompt_tokens_admitted = 0
+        self.num_cached_tokens_admitted = 0  # of those, found in the prefix cache
         self.new_token_ratio = config.init_new_token_ratio
         self._ratio_decay = (config.init_new_token_ratio - config.min_new_token_ratio) / max(
             1, config.new_token_ratio_decay_steps)
@@ -89,34 +90,107 @@ class Scheduler:
             index += 1
 
         # After a preemption the pool is short: admitting now would only thrash.
-        admit = self.num_preemptions == preemptions_before
+        if self.num_preemptions == preemptions_before:
+            budget = self._admit(out, budget)
+        self.new_token_ratio = max(self.config.min_new_token_ratio,
+                                   self.new_token_ratio - self._ratio_decay)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        """Move waiting requests into the batch while budget, sequences and blocks last."""
+        kv_cache, config = self.kv_cache, self.config
+        if not self.waiting or budget <= 0 or len(self.running) >= config.max_num_seqs:
+            return budget
+        if kv_cache.cache is not None:
+            self._order_waiting()
+        in_flight = self._blocks_in_flight()
         reserved = sum(self._blocks_to_come(r) for r in self.running)
-        max_seqs = self.config.max_num_seqs
-        while admit and self.waiting and budget > 0 and len(self.running) < max_seqs:
-            request = self.waiting[0]
-            num_new = request.num_tokens - request.num_computed_tokens
-            if self.config.enable_chunked_prefill:
+        admitted: list[Request] = []
+        for request in list(self.waiting):
+            if budget <= 0 or len(self.running) >= config.max_num_seqs:
+                break
+            if self._computed_elsewhere(request, in_flight):
+                continue  # another request is computing its next block: reuse it next step
+            match = kv_cache.get_computed_blocks(request)
+            num_new = request.num_tokens - match.num_blocks * kv_cache.block_size
+            if config.enable_chunked_prefill:
                 num_new = min(num_new, budget)
             elif num_new > budget:
                 break
             # Waiting requests never preempt running ones; the first always gets in.
-            free = self.kv_cache.pool.num_free_blocks
-            if self.running and self._blocks_to_come(request) + reserved > free:
+            to_come = self._blocks_to_come(request) - match.num_blocks
+            free = kv_cache.num_free_blocks - match.num_evictable_blocks
+            if self.running and to_come + reserved > free:
                 break
-            if not self.kv_cache.allocate_slots(request, num_new):
+            if not kv_cache.allocate_slots(request, num_new, match):
                 break
             reserved += self._blocks_to_come(request)
-            self.waiting.popleft()
+            self.waiting.remove(request)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = request.num_computed_tokens
                 self.num_prompt_tokens_admitted += request.num_prompt_tokens
+                self.num_cached_tokens_admitted += request.num_cached_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            admitted.append(request)
             out.add(request, num_new)
             budget -= num_new
-        self.new_token_ratio = max(self.config.min_new_token_ratio,
-                                   self.new_token_ratio - self._ratio_decay)
-        return out
+            in_flight.update(self._uncomputed_blocks(request))
+        if admitted:
+            newest = max(r.arrival_time for r in admitted)
+            for request in self.waiting:
+                if request.arrival_time < newest:
+                    request.num_passed_over += 1
+        return budget
+
+    def _order_waiting(self) -> None:
+        """Longest cached prefix first (SGLang's LPM), so that what is cached is used before
+        it is evicted. Preempted requests, and any passed over max_passed_over times, go
+        first; a long queue stays FCFS, where matching every request would cost too much."""
+        config = self.config
+        if config.schedule_policy != "lpm" or not 1 < len(self.waiting) <= config.lpm_max_waiting:
+            return
+        cache, size = self.kv_cache.cache, self.kv_cache.block_size
+
+        def priority(request: Request) -> tuple:
+            urgent = (request.status == RequestStatus.PREEMPTED
+                      or request.num_passed_over >= config.max_passed_over)
+            if urgent:
+                return (0, 0, request.arrival_time)
+            cached = cache.match_length(request.all_token_ids, request.cache_salt,
+                                        (request.num_tokens - 1) // size)
+            return (1, -cached, request.arrival_time)
+
+        self.waiting = deque(sorted(self.waiting, key=priority))
+
+    def _uncomputed_blocks(self, request: Request) -> list[int]:
+        """Hashes of the full blocks of its prompt the request has still to compute."""
+        if self.kv_cache.cache is None:
+            return []
+        size = self.kv_cache.block_size
+        end = request.num_tokens // size
+        start = request.num_computed_tokens // size
+        return self.kv_cache.block_hashes(request, end)[start:end] if start < end else []
+
+    def _blocks_in_flight(self) -> set[int]:
+        """Prompt blocks that running requests are computing right now."""
+        in_flight: set[int] = set()
+        for request in self.running:
+            if request.num_computed_tokens < request.num_tokens - 1:
+                in_flight.update(self._uncomputed_blocks(request))
+        return in_flight
+
+    def _computed_elsewhere(self, request: Request, in_flight: set[int]) -> bool:
+        """Whether the first block this request would compute is being computed by another
+        (several requests with one uncached prefix: one computes it, the others reuse it)."""
+        if not in_flight:
+            return False
+        size = self.kv_cache.block_size
+        cached = self.kv_cache.cache.match_length(request.all_token_ids, request.cache_salt,
+                                                  (request.num_tokens - 1) // size)
+        hashes = self.kv_cache.block_hashes(request, (request.num_tokens - 1) // size)
+        return cached < len(hashes) and hashes[cached] in in_flight
 
     def _blocks_to_come(self, request: Request) -> float:
         """Blocks the request is expected to add: its uncomputed tokens, plus its remaining
@@ -151,6 +225,7 @@ class Scheduler:
         updates = []
         for request, num_new in zip(out.requests, out.num_new_tokens, strict=True):
             request.num_computed_tokens += num_new
+            self.kv_cache.cache_blocks(request)
             if request.request_id not in sampled:
                 continue  # a prompt chunk that is not the last: nothing sampled yet
             request.append_token(sampled[request.request_id])

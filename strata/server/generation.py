@@ -51,13 +51,15 @@ class SampleDelta:
 class Generation:
     def __init__(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
                  client: AsyncEngineClient, tokenizer: Tokenizer,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, cache_salt: str | None = None) -> None:
         self.request_id = request_id
         self.prompts = prompts
+        self.cache_salt = cache_salt
         self.client, self.metrics = client, metrics
         self.arrival = time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.samples: dict[str, Sample] = {}
+        self.params_n = params.n
         for p_index, prompt in enumerate(prompts):
             for s_index in range(params.n):
                 sample_params = params.for_sample(s_index)
@@ -69,7 +71,7 @@ class Generation:
     def start(self) -> None:
         for sample in self.samples.values():
             self.client.add_request(sample.engine_id, sample.prompt.token_ids,
-                                    sample.state.params, self.queue)
+                                    sample.state.params, self.queue, self.cache_salt)
         self.metrics.prompt_tokens.inc(self.num_prompt_tokens)
 
     @property
@@ -80,10 +82,21 @@ class Generation:
     def num_completion_tokens(self) -> int:
         return sum(len(s.state.token_ids) for s in self.samples.values())
 
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache: per prompt, the fewest any of its
+        samples found (the samples of one prompt share it, and one of them computed it)."""
+        cached: dict[int, int] = {}
+        for sample in self.samples.values():
+            index, tokens = sample.choice_index // self.params_n, sample.state.num_cached_tokens
+            cached[index] = min(cached.get(index, tokens), tokens)
+        return sum(cached.values())
+
     def usage(self) -> dict:
         prompt, completion = self.num_prompt_tokens, self.num_completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens}}
 
     async def deltas(self) -> AsyncIterator[SampleDelta]:
         """Each sample's new tokens and text as the engine produces them, until all finish."""

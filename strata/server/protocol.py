@@ -46,6 +46,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Requests share cached prefixes only with requests of the same salt (vLLM's field).
+    cache_salt: str | None = Field(None, min_length=1)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams for these fields; raises ValueError for combinations it refuses."""

@@ -69,8 +69,8 @@ class OpenAIServing:
         bos = self.tokenizer.hf.bos_token
         return self.text_prompt(text, add_special_tokens=not (bos and text.startswith(bos)))
 
-    def new_generation(self, prefix: str, prompts: list[Prompt],
-                       params: SamplingParams) -> Generation:
+    def new_generation(self, prefix: str, prompts: list[Prompt], params: SamplingParams,
+                       cache_salt: str | None = None) -> Generation:
         """Check every prompt and the server's capacity, then queue the samples."""
         self.check_engine()
         info = self.info
@@ -89,7 +89,7 @@ class OpenAIServing:
                 raise APIError(400, str(exc), param) from exc
         self.check_capacity(len(prompts) * params.n)
         generation = Generation(f"{prefix}-{uuid.uuid4().hex}", prompts, params, self.client,
-                                self.tokenizer, self.metrics)
+                                self.tokenizer, self.metrics, cache_salt)
         generation.start()
         return generation
 

@@ -28,7 +28,7 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
         raise APIError(400, str(exc)) from exc
     prompt = serving.chat_prompt(body.messages, body.add_generation_prompt,
                                  body.chat_template_kwargs)
-    generation = serving.new_generation("chatcmpl", [prompt], params)
+    generation = serving.new_generation("chatcmpl", [prompt], params, body.cache_salt)
     header = {"id": generation.request_id, "object": "chat.completion",
               "created": int(time.time()), "model": model}
     if body.stream:

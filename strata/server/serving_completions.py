@@ -26,7 +26,7 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest,
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
     prompts = _prompts(serving, body.prompt)
-    generation = serving.new_generation("cmpl", prompts, params)
+    generation = serving.new_generation("cmpl", prompts, params, body.cache_salt)
     created = int(time.time())
     header = {"id": generation.request_id, "object": "text_completion", "created": created,
               "model": model}
