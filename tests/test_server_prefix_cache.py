@@ -3,6 +3,7 @@ cache_salt, and KV events over ZMQ that rebuild what the engine holds."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -58,6 +59,28 @@ def test_cache_salt_keeps_tenants_apart(strata_server):
     assert cached == [0, 0, 96, 0]
     response = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "cache_salt": ""})
     assert response.status_code == 400 and response.json()["error"]["param"] == "cache_salt"
+
+
+def test_an_agent_resending_its_history_as_token_ids_hits_all_but_the_last_block(
+        strata_server):
+    """Turn 2 = turn 1's prompt + the answer's own ids (return_token_ids) + new text: all of
+    it was computed except the answer's last token, so every full block before it hits."""
+    url, history = strata_server.url, random_prompt(4, 40)
+    body = {"max_tokens": 30, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    answer = httpx.post(f"{url}/v1/completions", timeout=60,
+                        json={"prompt": history, **body}).json()["choices"][0]
+    assert answer["prompt_token_ids"] == history and len(answer["token_ids"]) == 30
+    chunks = []
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                      json={"prompt": history, "stream": True, **body}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"][0])
+    assert chunks[0]["prompt_token_ids"] == history
+    assert [t for c in chunks for t in c["token_ids"]] == answer["token_ids"]
+    turn_two = history + answer["token_ids"] + random_prompt(5, 20)
+    usage = complete(url, turn_two)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == (40 + 30 - 1) // 16 * 16
 
 
 def test_no_enable_prefix_caching_flag_reaches_the_engine():

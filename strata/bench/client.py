@@ -33,6 +33,9 @@ class RequestResult:
     e2e: float = 0.0
     start: float = 0.0  # seconds from the start of the run to sending the request
     generated_text: str = ""
+    # Output token ids, when the server sends them (vLLM's and Strata's `return_token_ids`).
+    output_token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if sent
     conversation: int | None = None
     turn: int | None = None
 
@@ -120,6 +123,8 @@ async def send_request(client: httpx.AsyncClient, config: BenchConfig,
                         result.error = f"error event: {message}"
                         break
                     usage = event.get("usage") or usage
+                    for choice in event.get("choices") or []:
+                        result.output_token_ids.extend(choice.get("token_ids") or [])
                     if piece := chunk_text(event, config.chat):
                         now = time.perf_counter()
                         if result.ttft is None:
@@ -134,6 +139,7 @@ async def send_request(client: httpx.AsyncClient, config: BenchConfig,
     result.success = not result.error
     result.generated_text = "".join(pieces)
     result.prompt_tokens = usage.get("prompt_tokens") or result.prompt_tokens
+    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     result.output_tokens = usage.get("completion_tokens") or (
         len(tokens.encode_continuation(result.generated_text)) if isinstance(tokens, HFTokens)
         else len(pieces))
@@ -204,8 +210,9 @@ async def run_load(client: httpx.AsyncClient, config: BenchConfig, specs: list[R
             if history is None:
                 payload = as_messages(spec.prompt) if config.chat else spec.prompt
             else:
-                payload = follow_up(history, results[indices[k - 1]].generated_text,
-                                    spec.prompt, tokens)
+                previous = results[indices[k - 1]]
+                payload = follow_up(history, previous.generated_text, spec.prompt, tokens,
+                                    previous.output_token_ids)
             async with limit:
                 sent = time.perf_counter() - run_start
                 results[i] = await send_request(client, config, payload, spec.output_len, tokens)

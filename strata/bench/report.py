@@ -59,9 +59,27 @@ def summarize(results: Sequence[RequestResult], duration: float) -> dict:
         for stat, fn in (("mean", np.mean), ("median", np.median),
                          ("p99", lambda a: np.percentile(a, 99))):
             summary[f"{stat}_{name}_ms"] = float(fn(ms)) if len(ms) else None
+    summary |= prefix_cache_summary(ok)
     summary["errors"] = dict(Counter(r.error for r in results if not r.success).most_common())
     if any(r.turn is not None for r in results):
         summary["turns"] = per_turn(ok)
+    return summary
+
+
+def prefix_cache_summary(ok: Sequence[RequestResult]) -> dict:
+    """Prompt tokens the server said it found cached, and for multi-turn runs the most it
+    could have: each turn resends the previous turn's prompt and answer."""
+    reported = [r for r in ok if r.cached_tokens is not None]
+    if not reported:
+        return {}
+    prompt_tokens = sum(r.prompt_tokens for r in reported)
+    summary = {"prefix_cache_hit_rate": sum(r.cached_tokens for r in reported) / prompt_tokens}
+    if any(r.turn is not None for r in reported):
+        by_turn = {(r.conversation, r.turn): r for r in reported}
+        resent = sum(min(prev.prompt_tokens + prev.output_tokens, r.prompt_tokens)
+                     for r in reported
+                     if (prev := by_turn.get((r.conversation, (r.turn or 0) - 1))) is not None)
+        summary["max_prefix_cache_hit_rate"] = resent / prompt_tokens
     return summary
 
 
@@ -100,6 +118,12 @@ def format_table(columns: Mapping[str, dict]) -> str:
 
     for label, key, fmt in COUNTS:
         row(label + ":", [s.get(key) for s in columns.values()], fmt)
+    if any("prefix_cache_hit_rate" in s for s in columns.values()):
+        row("Prefix cache hit rate (%):",
+            [percent(s.get("prefix_cache_hit_rate")) for s in columns.values()], "{:.1f}")
+    if any("max_prefix_cache_hit_rate" in s for s in columns.values()):
+        row("Most possible: resent history (%):",
+            [percent(s.get("max_prefix_cache_hit_rate")) for s in columns.values()], "{:.1f}")
     for name, title in LATENCIES:
         lines.append(f" {title} ".center(width, "-"))
         for stat in ("mean", "median", "p99"):
@@ -118,6 +142,10 @@ def format_table(columns: Mapping[str, dict]) -> str:
         for error, count in list(summary.get("errors", {}).items())[:5]:
             lines.append(f"[{name}] {count} failed: {error}")
     return "\n".join(lines)
+
+
+def percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
 
 
 def save_json(path: str | Path, run: dict) -> None:

@@ -74,12 +74,14 @@ def as_messages(prompt: str) -> Messages:
 
 
 def follow_up(history: Prompt | Messages, answer: str, user: Prompt,
-              tokens: WordTokens | HFTokens) -> Prompt | Messages:
-    """The next turn: the previous prompt, the server's answer to it, then the new user text."""
+              tokens: WordTokens | HFTokens, answer_ids: list[int] | None = None
+              ) -> Prompt | Messages:
+    """The next turn: the previous prompt, the server's answer to it, then the new user text.
+    With token-id prompts, the answer's own ids when the server sent them (exact history,
+    as an agent keeps it), else the answer re-encoded (which may split differently)."""
     if isinstance(history, str):
         return history + answer + TURN_SEPARATOR + user
     if history and isinstance(history[0], dict):
         return [*history, {"role": "assistant", "content": answer},
                 {"role": "user", "content": user}]
-    # Token ids: the answer re-encoded, which matches the ids the server sampled in most cases.
-    return [*history, *tokens.encode_continuation(answer), *user]
+    return [*history, *(answer_ids or tokens.encode_continuation(answer)), *user]

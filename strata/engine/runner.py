@@ -18,7 +18,7 @@ from strata.config import EngineConfig
 from strata.engine.kv_cache import cdiv
 from strata.engine.request import Request
 from strata.engine.scheduler import SchedulerOutput
-from strata.model.attention import AttentionGroup, AttentionMetadata
+from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
 from strata.model.loader import load_json
 from strata.model.registry import load_model, resolve_device, resolve_dtype
 from strata.model.sampler import Sampler, SamplerOutput, SamplingMetadata
@@ -116,8 +116,7 @@ class ModelRunner:
             dtype=np.int64, count=total)
         sampling = ends == np.array([r.num_tokens for r in requests])
         groups = [self._group(rows, starts, counts, first_token, block_tables)
-                  for rows in (np.flatnonzero(counts == 1), np.flatnonzero(counts > 1))
-                  if len(rows)]
+                  for rows in _by_query_length(counts)]
         device = self.device
         last_tokens = first_token[sampling] + counts[sampling] - 1
         return StepInputs(
@@ -138,15 +137,22 @@ class ModelRunner:
         context_lens = starts[rows] + counts
         context = int(context_lens.max())
         device = self.device
+        tables = np.ascontiguousarray(block_tables[rows, :cdiv(context, self.block_size)])
+        shared, context_starts = [], np.zeros(len(rows), dtype=np.int64)
+        if max_q == 1:
+            for members, num_blocks in _shared_prefixes(tables, context_lens, self.block_size):
+                shared.append(SharedPrefix(torch.from_numpy(members).to(device),
+                                           torch.from_numpy(tables[members[0], :num_blocks])
+                                           .to(device)))
+                context_starts[members] = num_blocks * self.block_size
         return AttentionGroup(
             token_index=torch.from_numpy(first_token[rows][:, None] + offsets).to(device),
             query_positions=torch.from_numpy(starts[rows][:, None] + offsets).to(device),
-            block_tables=torch.from_numpy(
-                np.ascontiguousarray(block_tables[rows, :cdiv(context, self.block_size)])
-            ).to(device),
+            block_tables=torch.from_numpy(tables).to(device),
             context_lens=torch.from_numpy(context_lens).to(device),
             padded_rows=torch.from_numpy(np.flatnonzero(real)).to(device),
             flat_tokens=torch.from_numpy((first_token[rows][:, None] + offsets)[real]).to(device),
+            shared_prefixes=shared, context_starts=torch.from_numpy(context_starts).to(device),
         )
 
     def sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
@@ -203,3 +209,36 @@ class ModelRunner:
         counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=self.device)
         counts.scatter_add_(1, padded, torch.ones(padded.shape, device=self.device))
         return counts[:, :self.vocab_size]  # the last column counted the padding
+
+
+def _by_query_length(counts: np.ndarray) -> list[np.ndarray]:
+    """Rows grouped for attention: decodes (one query each) together, and prompt chunks by
+    length within a factor of two. A group pads every query to its longest, so a 64-token
+    suffix beside a 1,024-token prompt would otherwise cost as much as the prompt."""
+    decodes = np.flatnonzero(counts == 1)
+    chunks = np.flatnonzero(counts > 1)
+    buckets = np.ceil(np.log2(counts[chunks])).astype(np.int64)
+    return ([decodes] if len(decodes) else []) + [chunks[buckets == b] for b in np.unique(buckets)]
+
+
+# A shared prefix is attended apart only when that spares reading this many K/V tokens:
+# below it, the extra products and the merge cost more than they save.
+MIN_SHARED_TOKENS_SAVED = 2048
+
+
+def _shared_prefixes(tables: np.ndarray, context_lens: np.ndarray, block_size: int
+                     ) -> list[tuple[np.ndarray, int]]:
+    """Sets of decodes whose block tables start with the same blocks (the prefix cache gave
+    them one prefix), with the number of blocks all of them share. Each keeps at least its
+    own last token outside the shared part."""
+    found = []
+    first_blocks, inverse, sizes = np.unique(tables[:, 0], return_inverse=True,
+                                             return_counts=True)
+    for group in np.flatnonzero(sizes > 1):
+        members = np.flatnonzero(inverse == group)
+        limit = int(context_lens[members].min() - 1) // block_size
+        same = (tables[members, :limit] == tables[members[0], :limit]).all(axis=0)
+        num_blocks = limit if same.all() else int(np.argmin(same))
+        if (len(members) - 1) * num_blocks * block_size >= MIN_SHARED_TOKENS_SAVED:
+            found.append((members, num_blocks))
+    return found

@@ -7,6 +7,12 @@ Sequences are attended in two groups, each padded to its own longest query, so
 that a 512-token chunk does not pad 64 single-token decodes to 512 rows. On CPU
 the single-token group runs in a C++ kernel that reads the blocks in place
 (`csrc/paged_decode.cpp`); this file stays the reference it is tested against.
+
+Decodes whose contexts begin with the same cached blocks (the prefix cache shares
+them) attend to that prefix once, together: their queries are stacked against the
+shared K/V in one matrix product, the kernel reads only each sequence's own tail,
+and the two softmax parts are merged by their log-sum-exp (cascade attention). The
+shared prefix is then read once per step instead of once per sequence.
 """
 
 from __future__ import annotations
@@ -20,6 +26,14 @@ from strata.model.cpu_kernels import paged_decode_kernel
 
 
 @dataclass
+class SharedPrefix:
+    """Decodes (rows of their group) whose contexts start with the same blocks."""
+
+    rows: torch.Tensor  # [G] rows of the decode group
+    block_ids: torch.Tensor  # [P] the shared blocks, in order
+
+
+@dataclass
 class AttentionGroup:
     """Sequences attended together: queries padded to [B, max_q]."""
 
@@ -29,6 +43,10 @@ class AttentionGroup:
     context_lens: torch.Tensor  # [B] tokens each sequence attends to (its last query's + 1)
     padded_rows: torch.Tensor  # [n] rows of the [B * max_q] output that are real tokens
     flat_tokens: torch.Tensor  # [n] their flat-token index
+    # Decodes only: prefixes attended once for several rows, and where each row's own
+    # part of the context starts (0 for rows that share nothing).
+    shared_prefixes: list[SharedPrefix] = field(default_factory=list)
+    context_starts: torch.Tensor | None = None
     # Masks depend only on the step, not the layer: built once per (window, heads per KV).
     masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
 
@@ -66,8 +84,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if group.token_index.shape[1] == 1 and (kernel := _decode_kernel(q)) is not None:
             queries = q.index_select(0, group.flat_tokens)
             attended = torch.empty_like(queries)
-            kernel.paged_decode_attention(attended, queries, k_cache, v_cache, group.block_tables,
-                                          group.context_lens, scale, sliding_window or 0)
+            lse = torch.empty(queries.shape[:2], dtype=torch.float32)
+            # A sliding window cuts the context differently per layer: no shared prefixes.
+            cascade = group.shared_prefixes and sliding_window is None
+            starts = group.context_starts if cascade else torch.zeros_like(group.context_lens)
+            kernel.paged_decode_attention(attended, lse, queries, k_cache, v_cache,
+                                          group.block_tables, starts, group.context_lens, scale,
+                                          sliding_window or 0)
+            for prefix in group.shared_prefixes if cascade else []:
+                _add_shared_prefix(attended, lse, queries, k_cache, v_cache, prefix, scale)
             out.index_copy_(0, group.flat_tokens, attended)
             continue
         attended = _attend_group(q, k_cache, v_cache, group, scale, sliding_window)
@@ -80,6 +105,36 @@ def _decode_kernel(q: torch.Tensor):
     if q.device.type != "cpu" or q.dtype != torch.float32:
         return None
     return paged_decode_kernel()
+
+
+def _add_shared_prefix(attended: torch.Tensor, lse: torch.Tensor, queries: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, prefix: SharedPrefix,
+                       scale: float) -> None:
+    """Attend the rows' queries to their shared prefix at once, and merge the result into
+    what they got from their own tails (attended, lse: updated in place)."""
+    rows = prefix.rows
+    q = queries.index_select(0, rows)  # [G, H, D]
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    per_kv = num_heads // num_kv_heads
+    k = k_cache.index_select(0, prefix.block_ids).view(-1, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, prefix.block_ids).view(-1, num_kv_heads, head_dim)
+    # Every query head that reads a KV head, of every row, is one row of the product.
+    q = q.view(num_rows, num_kv_heads, per_kv, head_dim).permute(1, 0, 2, 3).reshape(
+        num_kv_heads, num_rows * per_kv, head_dim)
+    scores = torch.bmm(q, k.permute(1, 2, 0)).mul_(scale)  # [H_kv, G * per_kv, P * bs]
+    shared_lse = torch.logsumexp(scores, dim=-1)
+    shared = torch.bmm(scores.sub_(shared_lse.unsqueeze(-1)).exp_(), v.transpose(0, 1))
+    shared = shared.view(num_kv_heads, num_rows, per_kv, head_dim).permute(1, 0, 2, 3).reshape(
+        num_rows, num_heads, head_dim)
+    shared_lse = shared_lse.view(num_kv_heads, num_rows, per_kv).permute(1, 0, 2).reshape(
+        num_rows, num_heads)
+    own_lse = lse.index_select(0, rows)
+    total = torch.logaddexp(own_lse, shared_lse)
+    merged = attended.index_select(0, rows).mul_((own_lse - total).exp_().unsqueeze(-1))
+    merged.add_(shared.mul_((shared_lse - total).exp_().unsqueeze(-1)))
+    attended.index_copy_(0, rows, merged)
+    lse.index_copy_(0, rows, total)
 
 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

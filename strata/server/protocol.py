@@ -72,6 +72,9 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    # vLLM's: the prompt's and the output's token ids in the choices (agents that keep
+    # their history as ids resend exactly what was generated).
+    return_token_ids: bool = False
 
 
 class TextPart(BaseModel):

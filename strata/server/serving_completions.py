@@ -63,7 +63,9 @@ async def _complete(serving: OpenAIServing, generation: Generation, body: Comple
             "index": sample.choice_index, "text": _echo(serving, sample, body) + state.text,
             "logprobs": _logprobs(state.logprobs, state.token_ids, 0)
             if state.logprobs is not None else None,
-            "finish_reason": state.finish_reason, "stop_reason": state.stop_reason})
+            "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
+            | ({"prompt_token_ids": sample.prompt.token_ids, "token_ids": state.token_ids}
+               if body.return_token_ids else {}))
     return json_response(header | {"choices": choices, "usage": generation.usage()})
 
 
@@ -71,24 +73,34 @@ async def _stream(serving: OpenAIServing, generation: Generation, body: Completi
                   header: dict) -> AsyncIterator[dict]:
     echoed: set[int] = set()
     offsets: dict[int, int] = {}
+    unsent_ids: dict[int, list[int]] = {}  # token ids of deltas whose text was held back
+    started: set[int] = set()  # choices that have sent a chunk
     async for delta in generation.deltas():
         sample = delta.sample
         text = delta.text
         if sample.choice_index not in echoed:
             echoed.add(sample.choice_index)
             text = _echo(serving, sample, body) + text
+        token_ids = unsent_ids.setdefault(sample.choice_index, [])
+        token_ids.extend(delta.token_ids)
         if not text and delta.finish_reason is None and delta.logprobs is None:
             continue  # held back (a possible stop string) or half a character
+        unsent_ids[sample.choice_index] = []
         logprobs = None
         if delta.logprobs is not None:
             start = offsets.get(sample.choice_index, 0)
             logprobs = _logprobs(delta.logprobs, delta.token_ids, start)
             offsets[sample.choice_index] = start + sum(
                 len(t) for t in logprobs["tokens"])
-        yield header | {"choices": [{
-            "index": sample.choice_index, "text": text, "logprobs": logprobs,
-            "finish_reason": delta.finish_reason,
-            "stop_reason": sample.state.stop_reason if delta.finish_reason else None}]}
+        choice = {"index": sample.choice_index, "text": text, "logprobs": logprobs,
+                  "finish_reason": delta.finish_reason,
+                  "stop_reason": sample.state.stop_reason if delta.finish_reason else None}
+        if body.return_token_ids:  # vLLM's: the prompt's ids once, then each chunk's new ids
+            if sample.choice_index not in started:
+                choice["prompt_token_ids"] = sample.prompt.token_ids
+            choice["token_ids"] = token_ids
+        started.add(sample.choice_index)
+        yield header | {"choices": [choice]}
     if body.include_usage:
         yield header | {"choices": [], "usage": generation.usage()}
 

@@ -6,6 +6,11 @@
 // A work item is one sequence (or, when the batch is smaller than the thread
 // count, a slice of its KV heads): it walks the context token by token, reading
 // each K/V row once for every query head that uses it.
+//
+// A sequence may start reading at `context_starts[seq]`: the tokens before are a
+// prefix shared with other sequences, attended once for all of them elsewhere
+// (cascade attention). `lse` gets each head's log-sum-exp of scores, so that the
+// two parts can be merged.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -13,14 +18,16 @@
 #include <cmath>
 #include <vector>
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
-                            torch::Tensor v_cache, torch::Tensor block_tables,
+void paged_decode_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q,
+                            torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor context_starts,
                             torch::Tensor context_lens, double scale, int64_t window) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
               "paged_decode_attention: float32 only");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && block_tables.is_contiguous() &&
-                  context_lens.is_contiguous(),
+                  context_lens.is_contiguous() && context_starts.is_contiguous() &&
+                  lse.is_contiguous(),
               "paged_decode_attention: contiguous tensors only");
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
@@ -31,7 +38,9 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const float* v_ptr = v_cache.data_ptr<float>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* starts = context_starts.data_ptr<int64_t>();
   float* out_ptr = out.data_ptr<float>();
+  float* lse_ptr = lse.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
 
   // Enough work items to keep every thread busy even for a batch of one.
@@ -51,7 +60,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
         const int64_t head_begin = (item % splits) * kv_per_split * per_kv;
         const int64_t head_end = std::min(kv_heads, (item % splits + 1) * kv_per_split) * per_kv;
         const int64_t len = lens[seq];
-        const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+        const int64_t first = std::max<int64_t>(starts[seq], window > 0 ? len - window : 0);
         const int64_t n = len - first;
         const int64_t* table = tables + seq * max_blocks;
         const float* queries = q_ptr + seq * heads * dim;
@@ -76,6 +85,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
           for (int64_t j = 0; j < n; ++j) total += (row[j] = std::exp(row[j] - top));
           const float inverse = 1.f / total;
           for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
+          lse_ptr[seq * heads + h] = top + std::log(total);
           std::fill(outputs + h * dim, outputs + (h + 1) * dim, 0.f);
         }
         for (int64_t j = first; j < len; ++j) {

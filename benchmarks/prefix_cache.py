@@ -1,0 +1,131 @@
+"""The prefix cache on vs off, through `strata bench serve`, on three workloads.
+
+    python benchmarks/prefix_cache.py --model DIR [--rounds 3] [--save out.json]
+
+DIR is a random-weight benchmark checkpoint with a tokenizer, e.g. the 19.5M model
+`python ../shared/peers/make_tiny_model.py DIR` builds. Two `strata serve` processes
+run side by side, one with `--no-enable-prefix-caching`; only one is under load at a
+time, and each round runs every workload against both, so machine drift hits both.
+Prompts are token ids, greedy, EOS ignored.
+
+- shared-prefix: 8 groups x 16 requests, a 1,024-token system prompt per group and a
+  64-token unique suffix, 64 output tokens; at most 16 requests in flight.
+- multi-turn: 8 conversations x 6 turns of 128 new tokens and 64 output tokens, each
+  turn resending the whole history with the answer's own token ids
+  (`return_token_ids`), 8 conversations in flight. The most a cache can hit is what
+  each turn resends: the previous prompt and answer.
+- no-sharing: 128 random 512-token prompts, 64 output tokens, 16 in flight.
+
+Figures are medians over rounds; "on / off" is the median of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from strata.bench import BenchConfig, run_benchmark
+from strata.health import wait_healthy
+
+WORKLOADS = {
+    "shared-prefix": dict(workload="shared-prefix", num_groups=8, num_prompts=128,
+                          prefix_len=1024, suffix_len=64, output_len=64, max_concurrency=16),
+    "multi-turn": dict(workload="multi-turn", num_conversations=8, num_turns=6, turn_len=128,
+                       output_len=64, max_concurrency=8,
+                       extra_body={"return_token_ids": True}),
+    "no-sharing": dict(workload="random", num_prompts=128, random_input_len=512,
+                       random_output_len=64, max_concurrency=16),
+}
+MODES = {"on": [], "off": ["--no-enable-prefix-caching"]}
+COLUMNS = (("output tok/s", "output_throughput", "{:.0f}"),
+           ("total tok/s", "total_token_throughput", "{:.0f}"),
+           ("TTFT p50 ms", "median_ttft_ms", "{:.1f}"), ("TTFT p99 ms", "p99_ttft_ms", "{:.1f}"),
+           ("hit rate %", "prefix_cache_hit_rate", "{:.1%}"),
+           ("max hit rate %", "max_prefix_cache_hit_rate", "{:.1%}"))
+
+
+@contextlib.contextmanager
+def strata_serve(model: Path, port: int, extra: list[str], log: Path):
+    command = [sys.executable, "-m", "strata.cli", "serve", str(model), "--port", str(port),
+               "--served-model-name", "bench", "--disable-uvicorn-access-log", *extra]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, process, 600)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(60)
+
+
+def run_round(urls: dict[str, str], model: Path, seed: int) -> dict:
+    results = {}
+    for workload, settings in WORKLOADS.items():
+        for mode, url in urls.items():
+            config = BenchConfig(base_url=url, model="bench", tokenizer=str(model),
+                                 prompt_format="ids", ignore_eos=True, seed=seed,
+                                 disable_tqdm=True, num_warmups=0, **settings)
+            summary = run_benchmark(config)["summary"]
+            if summary["failed"]:
+                raise RuntimeError(f"{workload}/{mode}: {summary['errors']}")
+            results[f"{workload}/{mode}"] = summary
+            print(f"  {workload:>13} cache {mode:>3}: {summary['output_throughput']:.0f} tok/s, "
+                  f"TTFT p50 {summary['median_ttft_ms']:.1f} ms", flush=True)
+    return results
+
+
+def table(rounds: list[dict]) -> str:
+    header = ["workload", "cache", *(name for name, _, _ in COLUMNS), "on / off tok/s",
+              "off / on TTFT p50"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for workload in WORKLOADS:
+        for mode in MODES:
+            cells = [workload, mode]
+            for _, key, fmt in COLUMNS:
+                values = [r[f"{workload}/{mode}"].get(key) for r in rounds]
+                values = [v for v in values if v is not None]
+                cells.append(fmt.format(statistics.median(values)) if values else "-")
+            if mode == "on":
+                cells.append("{:.2f}x".format(statistics.median(
+                    r[f"{workload}/on"]["total_token_throughput"]
+                    / r[f"{workload}/off"]["total_token_throughput"] for r in rounds)))
+                cells.append("{:.2f}x".format(statistics.median(
+                    r[f"{workload}/off"]["median_ttft_ms"] / r[f"{workload}/on"]["median_ttft_ms"]
+                    for r in rounds)))
+            else:
+                cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8400)
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--save", type=Path, default=None, help="every round's summaries")
+    args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        urls = {mode: stack.enter_context(strata_serve(
+            args.model, args.port + i, extra, args.log_dir / f"prefix-cache-{mode}.log"))
+            for i, (mode, extra) in enumerate(MODES.items())}
+        rounds = []
+        for index in range(args.rounds):
+            print(f"round {index + 1}/{args.rounds}", flush=True)
+            # A new seed each round: new prompts, so no round finds the last one's cache.
+            rounds.append(run_round(urls, args.model, seed=index))
+    if args.save:
+        args.save.write_text(json.dumps(rounds, indent=1))
+    print(table(rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
