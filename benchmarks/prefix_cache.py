@@ -9,7 +9,8 @@ time, and each round runs every workload against both, so machine drift hits bot
 Prompts are token ids, greedy, EOS ignored.
 
 - shared-prefix: 8 groups x 16 requests, a 1,024-token system prompt per group and a
-  64-token unique suffix, 64 output tokens; at most 16 requests in flight.
+  64-token unique suffix, 64 output tokens, all sent at once (vLLM's bench default);
+  shared-prefix-16: the same with at most 16 requests in flight.
 - multi-turn: 8 conversations x 6 turns of 128 new tokens and 64 output tokens, each
   turn resending the whole history with the answer's own token ids
   (`return_token_ids`), 8 conversations in flight. The most a cache can hit is what
@@ -32,9 +33,11 @@ from pathlib import Path
 from strata.bench import BenchConfig, run_benchmark
 from strata.health import wait_healthy
 
+SHARED_PREFIX = dict(workload="shared-prefix", num_groups=8, num_prompts=128, prefix_len=1024,
+                     suffix_len=64, output_len=64)
 WORKLOADS = {
-    "shared-prefix": dict(workload="shared-prefix", num_groups=8, num_prompts=128,
-                          prefix_len=1024, suffix_len=64, output_len=64, max_concurrency=16),
+    "shared-prefix": SHARED_PREFIX,
+    "shared-prefix-16": SHARED_PREFIX | {"max_concurrency": 16},
     "multi-turn": dict(workload="multi-turn", num_conversations=8, num_turns=6, turn_len=128,
                        output_len=64, max_concurrency=8,
                        extra_body={"return_token_ids": True}),
@@ -64,9 +67,11 @@ def strata_serve(model: Path, port: int, extra: list[str], log: Path):
             process.wait(60)
 
 
-def run_round(urls: dict[str, str], model: Path, seed: int) -> dict:
+def run_round(urls: dict[str, str], model: Path, round_index: int) -> dict:
     results = {}
-    for workload, settings in WORKLOADS.items():
+    for index, (workload, settings) in enumerate(WORKLOADS.items()):
+        # Prompts new to the server in every workload and round, the same for on and off.
+        seed = 100 * round_index + index
         for mode, url in urls.items():
             config = BenchConfig(base_url=url, model="bench", tokenizer=str(model),
                                  prompt_format="ids", ignore_eos=True, seed=seed,
@@ -119,8 +124,7 @@ def main() -> int:
         rounds = []
         for index in range(args.rounds):
             print(f"round {index + 1}/{args.rounds}", flush=True)
-            # A new seed each round: new prompts, so no round finds the last one's cache.
-            rounds.append(run_round(urls, args.model, seed=index))
+            rounds.append(run_round(urls, args.model, index))
     if args.save:
         args.save.write_text(json.dumps(rounds, indent=1))
     print(table(rounds))

@@ -123,8 +123,11 @@ def _add_shared_prefix(attended: torch.Tensor, lse: torch.Tensor, queries: torch
     q = q.view(num_rows, num_kv_heads, per_kv, head_dim).permute(1, 0, 2, 3).reshape(
         num_kv_heads, num_rows * per_kv, head_dim)
     scores = torch.bmm(q, k.permute(1, 2, 0)).mul_(scale)  # [H_kv, G * per_kv, P * bs]
-    shared_lse = torch.logsumexp(scores, dim=-1)
-    shared = torch.bmm(scores.sub_(shared_lse.unsqueeze(-1)).exp_(), v.transpose(0, 1))
+    top = scores.amax(dim=-1, keepdim=True)
+    probs = scores.sub_(top).exp_()  # one exp; normalized below, with the merge
+    total = probs.sum(dim=-1, keepdim=True)
+    shared = torch.bmm(probs, v.transpose(0, 1)).div_(total)
+    shared_lse = (top + total.log()).squeeze(-1)
     shared = shared.view(num_kv_heads, num_rows, per_kv, head_dim).permute(1, 0, 2, 3).reshape(
         num_rows, num_heads, head_dim)
     shared_lse = shared_lse.view(num_kv_heads, num_rows, per_kv).permute(1, 0, 2).reshape(
