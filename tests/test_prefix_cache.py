@@ -153,15 +153,18 @@ def cache_prompt(scheduler: Scheduler, tokens: list[int]) -> None:
         fake_step(scheduler)
 
 
-@pytest.mark.parametrize("policy", ["lpm", "fcfs"])
-def test_waiting_requests_go_longest_cached_prefix_first(policy):
+@pytest.mark.parametrize("settings, expected", [
+    (dict(schedule_policy="lpm"), ["most", "some", "none"]),
+    (dict(schedule_policy="fcfs"), ["none", "some", "most"]),
+    # Over lpm_max_waiting the queue is FCFS; back under it, LPM again.
+    (dict(schedule_policy="lpm", lpm_max_waiting=2), ["none", "most", "some"])])
+def test_waiting_requests_go_longest_cached_prefix_first(settings, expected):
     kv = KVCacheManager(64, 4, enable_prefix_caching=True)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, schedule_policy=policy), kv)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, **settings), kv)
     cache_prompt(scheduler, list(range(20)))
     for request_id, shared in (("none", 0), ("some", 8), ("most", 16)):
         scheduler.add_request(make_request(request_id, list(range(shared)) + [99] * 5))
-    order = [fake_step(scheduler)[0] for _ in range(3)]
-    assert order == (["most", "some", "none"] if policy == "lpm" else ["none", "some", "most"])
+    assert [fake_step(scheduler)[0] for _ in range(3)] == expected
 
 
 def test_a_request_is_passed_over_at_most_max_passed_over_times():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ from strata.engine.scheduler import Scheduler
 from strata.kv_events import KVEvent
 from strata.model.loader import load_json, resolve_model_path
 from strata.sampling_params import SamplingParams
+
+logger = logging.getLogger("strata.engine")
 
 
 @dataclass
@@ -55,6 +58,8 @@ class EngineCore:
         self.model_path = resolve_model_path(config.model)
         self.runner = ModelRunner(config, self.model_path)
         self.max_model_len = self.runner.max_model_len
+        if config.kv_events_endpoint and not config.cache.enable_prefix_caching:
+            logger.warning("KV events need the prefix cache: none will be published")
         self.kv_events: list[KVEvent] = []  # taken by the publisher after each step
         self.kv_cache = KVCacheManager(
             self.runner.num_blocks, config.cache.block_size,

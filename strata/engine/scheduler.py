@@ -12,6 +12,7 @@ the recompute it costs) stays rare.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens_admitted = 0
         self.num_cached_tokens_admitted = 0  # of those, found in the prefix cache
+        self._lpm_ordered = False  # the waiting queue is in LPM order, not arrival order
         self.new_token_ratio = config.init_new_token_ratio
         self._ratio_decay = (config.init_new_token_ratio - config.min_new_token_ratio) / max(
             1, config.new_token_ratio_decay_steps)
@@ -106,7 +108,8 @@ class Scheduler:
         in_flight = self._blocks_in_flight()
         reserved = sum(self._blocks_to_come(r) for r in self.running)
         admitted: list[Request] = []
-        for request in list(self.waiting):
+        # Candidates a deferral may skip past are bounded: a long queue is not rescanned.
+        for request in itertools.islice(self.waiting.copy(), config.lpm_max_waiting):
             if budget <= 0 or len(self.running) >= config.max_num_seqs:
                 break
             if self._computed_elsewhere(request, in_flight):
@@ -149,7 +152,13 @@ class Scheduler:
         it is evicted. Preempted requests, and any passed over max_passed_over times, go
         first; a long queue stays FCFS, where matching every request would cost too much."""
         config = self.config
-        if config.schedule_policy != "lpm" or not 1 < len(self.waiting) <= config.lpm_max_waiting:
+        if config.schedule_policy != "lpm" or len(self.waiting) < 2:
+            return
+        if len(self.waiting) > config.lpm_max_waiting:
+            if self._lpm_ordered:  # back to arrival order (preempted requests first)
+                self.waiting = deque(sorted(self.waiting, key=lambda r: (
+                    r.status != RequestStatus.PREEMPTED, r.arrival_time)))
+                self._lpm_ordered = False
             return
         cache, size = self.kv_cache.cache, self.kv_cache.block_size
 
@@ -163,6 +172,7 @@ class Scheduler:
             return (1, -cached, request.arrival_time)
 
         self.waiting = deque(sorted(self.waiting, key=priority))
+        self._lpm_ordered = True
 
     def _uncomputed_blocks(self, request: Request) -> list[int]:
         """Hashes of the full blocks of its prompt the request has still to compute."""
