@@ -1,0 +1,105 @@
+"""The ZMQ/TCP KV connector between two pools: blocks arrive intact, and every failure
+(layout mismatch, unpublished blocks, a dead peer) ends the read with a clear error."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from strata.disagg.connector import KVLayout, RemoteBlocks, TransferResult, model_fingerprint
+from strata.disagg.tcp import TcpKVConnector
+from tests.conftest import build_checkpoint
+
+SHAPE = (2, 2, 16, 4, 2, 8)  # layers, K/V, blocks, block size, KV heads, head dim
+
+
+def layout(**changes) -> KVLayout:
+    fields = dict(model_fingerprint="m", num_layers=2, num_kv_heads=2, head_dim=8,
+                  block_size=4, dtype="float32") | changes
+    return KVLayout(**fields)
+
+
+@pytest.fixture
+def pair():
+    prefill, decode = TcpKVConnector("prefill", timeout=2), TcpKVConnector("decode", timeout=2)
+    prefill.register(torch.randn(SHAPE), layout())
+    decode.register(torch.zeros(SHAPE), layout())
+    yield prefill, decode
+    prefill.close()
+    decode.close()
+
+
+def wait_for(connector: TcpKVConnector, timeout: float = 10) -> TransferResult:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results, _ = connector.poll()
+        if results:
+            return results[0]
+        time.sleep(0.01)
+    raise AssertionError("the read never ended")
+
+
+def remote(connector: TcpKVConnector, block_ids: list[int]) -> RemoteBlocks:
+    host, port = connector.address
+    return RemoteBlocks(connector.engine_id, host, port, block_ids)
+
+
+def test_published_blocks_arrive_intact_and_the_prefiller_hears_of_it(pair):
+    prefill, decode = pair
+    prefill.publish("r1", [3, 5, 7, 8])
+    decode.start_read("r1", remote(prefill, [3, 5, 7]), [0, 9, 2])
+    result = wait_for(decode)
+    assert result.error is None and result.num_bytes == 3 * 2 * 2 * 4 * 2 * 8 * 4
+    assert torch.equal(decode.kv_cache[:, :, [0, 9, 2]], prefill.kv_cache[:, :, [3, 5, 7]])
+    assert decode.kv_cache[:, :, 1].abs().sum() == 0  # nothing else was touched
+    deadline = time.monotonic() + 5
+    done: list[str] = []
+    while not done and time.monotonic() < deadline:
+        done = prefill.poll()[1]
+    assert done == ["r1"]
+    decode.start_read("r1", remote(prefill, [3]), [4])  # read once, then gone
+    assert "no blocks are published" in wait_for(decode).error
+
+
+def test_mismatched_layouts_are_refused_at_handshake():
+    prefill, decode = TcpKVConnector("prefill", timeout=2), TcpKVConnector("decode", timeout=2)
+    prefill.register(torch.randn(SHAPE), layout())
+    decode.register(torch.zeros(SHAPE), layout(block_size=16))
+    try:
+        prefill.publish("r", [1])
+        decode.start_read("r", remote(prefill, [1]), [1])
+        error = wait_for(decode).error
+        assert "refused" in error and "block_size" in error
+        assert decode.kv_cache.abs().sum() == 0
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_unpublished_and_released_blocks_are_refused(pair):
+    prefill, decode = pair
+    prefill.publish("r", [1, 2])
+    decode.start_read("r", remote(prefill, [1, 3]), [0, 1])
+    assert "[3]" in wait_for(decode).error
+    prefill.release("r")
+    decode.start_read("r", remote(prefill, [1]), [0])
+    assert "no blocks are published" in wait_for(decode).error
+
+
+def test_a_dead_peer_times_out_instead_of_hanging(pair):
+    prefill, decode = pair
+    host, port = prefill.address
+    prefill.close()
+    start = time.monotonic()
+    decode.start_read("r", RemoteBlocks("prefill", host, port, [1]), [1])
+    assert "did not answer within 2 s" in wait_for(decode).error
+    assert time.monotonic() - start < 5
+
+
+def test_the_fingerprint_tells_checkpoints_of_one_shape_apart(tmp_path):
+    one = build_checkpoint(tmp_path / "a", "llama3", seed=0)
+    other = build_checkpoint(tmp_path / "b", "llama3", seed=1)
+    assert model_fingerprint(one) == model_fingerprint(one)
+    assert model_fingerprint(one) != model_fingerprint(other)
