@@ -90,6 +90,11 @@ class EngineConfig:
     # Publish the prefix cache's block events (vLLM's format) on a ZMQ PUB socket here.
     kv_events_endpoint: str | None = None
     kv_events_topic: str = "kv-events"
+    # Prefill/decode disaggregation: "tcp" serves and reads KV blocks over ZMQ/TCP.
+    kv_connector: str | None = None
+    kv_connector_host: str = "127.0.0.1"
+    kv_connector_port: int = 0  # 0: any free port
+    kv_lease_seconds: float = 30.0  # a finished prefill's blocks wait this long to be read
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -41,15 +41,16 @@ def wait_for(connector: TcpKVConnector, timeout: float = 10) -> TransferResult:
     raise AssertionError("the read never ended")
 
 
-def remote(connector: TcpKVConnector, block_ids: list[int]) -> RemoteBlocks:
+def remote(connector: TcpKVConnector, block_ids: list[int], request_id: str = "r"
+           ) -> RemoteBlocks:
     host, port = connector.address
-    return RemoteBlocks(connector.engine_id, host, port, block_ids)
+    return RemoteBlocks(connector.engine_id, host, port, request_id, block_ids)
 
 
 def test_published_blocks_arrive_intact_and_the_prefiller_hears_of_it(pair):
     prefill, decode = pair
     prefill.publish("r1", [3, 5, 7, 8])
-    decode.start_read("r1", remote(prefill, [3, 5, 7]), [0, 9, 2])
+    decode.start_read("d1", remote(prefill, [3, 5, 7], "r1"), [0, 9, 2])
     result = wait_for(decode)
     assert result.error is None and result.num_bytes == 3 * 2 * 2 * 4 * 2 * 8 * 4
     assert torch.equal(decode.kv_cache[:, :, [0, 9, 2]], prefill.kv_cache[:, :, [3, 5, 7]])
@@ -59,7 +60,7 @@ def test_published_blocks_arrive_intact_and_the_prefiller_hears_of_it(pair):
     while not done and time.monotonic() < deadline:
         done = prefill.poll()[1]
     assert done == ["r1"]
-    decode.start_read("r1", remote(prefill, [3]), [4])  # read once, then gone
+    decode.start_read("d1", remote(prefill, [3], "r1"), [4])  # read once, then gone
     assert "no blocks are published" in wait_for(decode).error
 
 
@@ -93,7 +94,7 @@ def test_a_dead_peer_times_out_instead_of_hanging(pair):
     host, port = prefill.address
     prefill.close()
     start = time.monotonic()
-    decode.start_read("r", RemoteBlocks("prefill", host, port, [1]), [1])
+    decode.start_read("r", RemoteBlocks("prefill", host, port, "r", [1]), [1])
     assert "did not answer within 2 s" in wait_for(decode).error
     assert time.monotonic() - start < 5
 

@@ -55,11 +55,13 @@ def model_fingerprint(model_path: Path, sample_bytes: int = 1 << 20) -> str:
 
 @dataclass
 class RemoteBlocks:
-    """Where a prompt's blocks live: the prefiller's engine, its transfer address, ids."""
+    """Where a prompt's blocks live: the prefiller's engine, its transfer address, the
+    request they were published under there, and their ids."""
 
     engine_id: str
     host: str
     port: int
+    request_id: str
     block_ids: list[int]
 
 
@@ -99,7 +101,8 @@ class KVConnector(ABC):
     @abstractmethod
     def start_read(self, request_id: str, remote: RemoteBlocks,
                    local_block_ids: list[int]) -> None:
-        """Decode side: copy the remote blocks into ours, in the background."""
+        """Decode side: copy the remote blocks into ours, in the background; the result is
+        reported under our request_id."""
 
     @abstractmethod
     def poll(self) -> tuple[list[TransferResult], list[str]]:

@@ -142,15 +142,16 @@ class TcpKVConnector(KVConnector):
             self._read_done.put(message.request_id)
 
     def _blocks(self, read: Read) -> tuple[memoryview | None, str | None]:
+        # Copied under the lock: once release() returns, the engine may reuse the blocks.
         with self._lock:
             published = self._published.get(read.request_id)
-        if published is None:
-            return None, f"no blocks are published for request {read.request_id!r} " \
-                         f"(never, released, or their lease ran out)"
-        if not set(read.block_ids) <= published:
-            return None, f"blocks {sorted(set(read.block_ids) - published)} of request " \
-                         f"{read.request_id!r} are not published"
-        blocks = self.kv_cache[:, :, torch.tensor(read.block_ids)].contiguous()
+            if published is None:
+                return None, f"no blocks are published for request {read.request_id!r} " \
+                             f"(never, released, or their lease ran out)"
+            if not set(read.block_ids) <= published:
+                return None, f"blocks {sorted(set(read.block_ids) - published)} of request " \
+                             f"{read.request_id!r} are not published"
+            blocks = self.kv_cache[:, :, torch.tensor(read.block_ids, dtype=torch.int64)]
         return memoryview(blocks.numpy()).cast("B"), None
 
     # -- decode side: read from peers ------------------------------------------------------
@@ -166,7 +167,7 @@ class TcpKVConnector(KVConnector):
                     continue
                 start = time.perf_counter()
                 try:
-                    num_bytes = self._read(peers, ids, remote, local_ids, request_id)
+                    num_bytes = self._read(peers, ids, remote, local_ids)
                     self._results.put(TransferResult(request_id, None, num_bytes,
                                                      time.perf_counter() - start))
                 except (KVTransferError, zmq.ZMQError) as exc:
@@ -179,8 +180,7 @@ class TcpKVConnector(KVConnector):
             for socket in peers.values():
                 socket.close()
 
-    def _read(self, peers: dict, ids, remote: RemoteBlocks, local_ids: list[int],
-              request_id: str) -> int:
+    def _read(self, peers: dict, ids, remote: RemoteBlocks, local_ids: list[int]) -> int:
         key = (remote.host, remote.port)
         if key not in peers:
             socket = self.context.socket(zmq.DEALER)
@@ -188,8 +188,8 @@ class TcpKVConnector(KVConnector):
             socket.connect(f"tcp://{remote.host}:{remote.port}")
             peers[key] = socket
             self._exchange(socket, Handshake(next(ids), self.layout), remote)
-        frames = self._exchange(peers[key], Read(next(ids), request_id, remote.block_ids),
-                                remote)
+        frames = self._exchange(peers[key], Read(next(ids), remote.request_id,
+                                                 remote.block_ids), remote)
         if len(frames) != 2:
             raise KVTransferError(f"{remote.engine_id} sent no block bytes")
         expected = self.kv_cache[:, :, :len(local_ids)].numel() * self.kv_cache.element_size()
@@ -198,7 +198,7 @@ class TcpKVConnector(KVConnector):
                                   f"{expected} expected")
         shape = (*self.kv_cache.shape[:2], len(local_ids), *self.kv_cache.shape[3:])
         blocks = torch.frombuffer(bytearray(frames[1].buffer), dtype=self.kv_cache.dtype)
-        self.kv_cache[:, :, torch.tensor(local_ids)] = blocks.view(shape)
+        self.kv_cache[:, :, torch.tensor(local_ids, dtype=torch.int64)] = blocks.view(shape)
         return expected
 
     def _exchange(self, socket: zmq.Socket, message: Handshake | Read,

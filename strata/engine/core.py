@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 
 import torch
 
 from strata.config import EngineConfig
+from strata.disagg.connector import KVLayout
+from strata.disagg.tcp import TcpKVConnector
 from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_transfer import KVTransfer
 from strata.engine.request import Request, RequestStatus, validate_request
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
@@ -38,6 +42,7 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     queue_time: float | None = None  # seconds it waited to be scheduled; on its first token
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache; likewise
+    kv_transfer_params: dict | None = None  # a finished prefill: where its blocks can be read
 
 
 @dataclass
@@ -68,27 +73,47 @@ class EngineCore:
             on_event=self.kv_events.append if config.kv_events_endpoint else None,
             medium="GPU" if self.runner.device.type == "cuda" else "CPU")
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.kv_transfer = self._kv_transfer(config)
         if (not config.scheduler.enable_chunked_prefill
                 and config.scheduler.max_num_batched_tokens < self.max_model_len):
             raise ValueError("without chunked prefill, max_num_batched_tokens must be at least "
                              f"max_model_len ({self.max_model_len})")
         self.eos_token_ids = _eos_token_ids(self.model_path)
 
+    def _kv_transfer(self, config: EngineConfig) -> KVTransfer | None:
+        if config.kv_connector is None:
+            return None
+        if config.kv_connector != "tcp":
+            raise ValueError(f"unknown KV connector {config.kv_connector!r} (try 'tcp')")
+        connector = TcpKVConnector(f"strata-{uuid.uuid4().hex[:12]}", config.kv_connector_host,
+                                   config.kv_connector_port)
+        connector.register(self.runner.kv_cache,
+                           KVLayout.of(self.runner.kv_cache, self.model_path))
+        return KVTransfer(connector, self.scheduler, config.cache.block_size,
+                          config.kv_lease_seconds)
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_token_ids, params, self.max_model_len, self.runner.vocab_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, cache_salt: str | None = None) -> None:
+                    params: SamplingParams, cache_salt: str | None = None,
+                    kv_transfer_params: dict | None = None) -> None:
         """Validate and queue; a bad request raises before anything is scheduled."""
         self.validate(prompt_token_ids, params)
         if cache_salt is not None and not cache_salt:
             raise ValueError("cache_salt must be a non-empty string")
+        if kv_transfer_params and self.kv_transfer is None:
+            raise ValueError("kv_transfer_params need an engine with a KV connector "
+                             "(--kv-connector)")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        self.scheduler.add_request(Request(
+        request = Request(
             request_id, list(prompt_token_ids), params, eos_token_ids=self.eos_token_ids,
-            max_total_tokens=self.max_model_len, generator=generator, cache_salt=cache_salt))
+            max_total_tokens=self.max_model_len, generator=generator, cache_salt=cache_salt)
+        if kv_transfer_params:
+            self.kv_transfer.parse(request, kv_transfer_params)
+        self.scheduler.add_request(request)
 
     def warm_up(self) -> None:
         """Run one short request end to end, so that the first real one pays for no kernel
@@ -120,7 +145,10 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedule, run the model once, and report each request's new token."""
+        self.poll_transfers()
         scheduled = self.scheduler.schedule()
+        if scheduled.remote_reads:
+            self.kv_transfer.start_reads(scheduled.remote_reads)
         if not scheduled.requests:
             return []
         sampling_requests, sampled = self.runner.execute(scheduled)
@@ -142,8 +170,20 @@ class EngineCore:
                 stop_reason=request.stop_reason if status == RequestStatus.FINISHED_STOPPED
                 else None,
                 queue_time=request.first_scheduled_time - request.arrival_time if first else None,
-                num_cached_tokens=request.num_cached_tokens if first else None))
+                num_cached_tokens=request.num_cached_tokens if first else None,
+                kv_transfer_params=self.kv_transfer.handoff(request)
+                if status is not None and request.request_id in self.scheduler.held else None))
         return outputs
+
+    def poll_transfers(self) -> None:
+        """Apply finished KV reads and end finished or expired leases (also while idle)."""
+        if self.kv_transfer is not None:
+            self.kv_transfer.poll()
+
+    @property
+    def waiting_on_transfers(self) -> bool:
+        """Requests wait for K/V from a peer, and nothing else can run meanwhile."""
+        return bool(self.scheduler.transferring)
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler

@@ -17,6 +17,7 @@ class AddRequest(msgspec.Struct, tag=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None = None
+    kv_transfer_params: dict | None = None
 
 
 class AbortRequests(msgspec.Struct, tag=True):

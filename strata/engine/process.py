@@ -29,6 +29,7 @@ from strata.engine.messages import (
 
 logger = logging.getLogger("strata.engine")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its frontend is still alive
+TRANSFER_POLL_MS = 1  # how often an engine waiting only on KV reads looks at them
 
 
 def run_engine_core(config: EngineConfig, input_address: str, output_address: str) -> None:
@@ -75,20 +76,26 @@ class EngineLoop:
         self.rejected: list[tuple[str, str]] = []
 
     def run(self) -> None:
+        last_stats = None
         while True:
             idle = not self.core.has_unfinished_requests
             if idle and not self.inputs.poll(IDLE_POLL_MS):
                 if os.getppid() != self.parent_pid:
                     return  # the frontend died without telling us: do not linger
+                self.core.poll_transfers()  # leases run out while idle too
                 continue
             if not self.handle_inputs():
                 return
             outputs = self.core.step() if self.core.has_unfinished_requests else []
-            self.outputs.send(self.encoder.encode(
-                EngineStep(outputs, self.rejected, self.core.stats())))
-            self.rejected = []
+            stats = self.core.stats()
+            if outputs or self.rejected or stats != last_stats:
+                self.outputs.send(self.encoder.encode(EngineStep(outputs, self.rejected, stats)))
+                self.rejected, last_stats = [], stats
             if self.publisher is not None:
                 self.publisher.publish(self.core.take_kv_events())
+            if not outputs and self.core.waiting_on_transfers:
+                # Nothing can run until a read ends: nap, woken early by a new request.
+                self.inputs.poll(TRANSFER_POLL_MS)
 
     def handle_inputs(self) -> bool:
         """Apply every message waiting on the socket; False on Shutdown."""
@@ -109,6 +116,7 @@ class EngineLoop:
             elif isinstance(message, AddRequest):
                 try:
                     self.core.add_request(message.request_id, message.prompt_token_ids,
-                                          message.params, message.cache_salt)
+                                          message.params, message.cache_salt,
+                                          message.kv_transfer_params)
                 except ValueError as exc:
                     self.rejected.append((message.request_id, str(exc)))

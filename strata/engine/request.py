@@ -13,6 +13,7 @@ from strata.block_hash import BlockHashChain
 from strata.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from strata.disagg.connector import RemoteBlocks
     from strata.engine.radix_cache import RadixNode
 
 
@@ -20,6 +21,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # blocks taken back; waits to be recomputed
+    TRANSFERRING = "transferring"  # blocks allocated; its prompt's K/V being read from a peer
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -54,6 +56,10 @@ class Request:
     num_cached_blocks: int = 0  # block_ids[:this] are in the cache
     num_cached_tokens: int = 0  # prompt tokens found cached when first scheduled
     num_passed_over: int = 0  # times a later request was scheduled first (bounds LPM)
+    # Disaggregation: hand the prompt's blocks to a decode instance when finished, or take
+    # them from a prefill instance before decoding.
+    kv_transfer_out: bool = False
+    remote_prefill: RemoteBlocks | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -26,6 +26,8 @@ from strata.engine.request import Request, RequestStatus
 class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    # Admitted with blocks for their prompt, which a peer's KV is to be read into.
+    remote_reads: list[Request] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -43,6 +45,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.transferring: dict[str, Request] = {}  # reading their prompt's K/V from a peer
+        self.held: dict[str, Request] = {}  # finished prefills whose blocks a peer may read
         self.num_preemptions = 0
         self.num_prompt_tokens_admitted = 0
         self.num_cached_tokens_admitted = 0  # of those, found in the prefix cache
@@ -64,6 +68,11 @@ class Scheduler:
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
         aborted = [self.requests[i] for i in request_ids if i in self.requests]
         for request in aborted:
+            if request.status == RequestStatus.TRANSFERRING:
+                # A peer may be writing into its blocks: they are freed when the read ends.
+                request.status = RequestStatus.FINISHED_ABORTED
+                del self.requests[request.request_id]
+                continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
             else:
@@ -72,10 +81,34 @@ class Scheduler:
         return aborted
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """Mark finished and return its blocks at once; the caller drops it from `running`."""
+        """Mark finished and return its blocks at once (a prefill handing its blocks to a
+        decode instance keeps them, held); the caller drops it from `running`."""
         request.status = status
-        self.kv_cache.free(request)
         del self.requests[request.request_id]
+        if request.kv_transfer_out and status != RequestStatus.FINISHED_ABORTED:
+            self.held[request.request_id] = request
+        else:
+            self.kv_cache.free(request)
+
+    def release_held(self, request_id: str) -> None:
+        """A held prefill's blocks were read, or its lease ran out."""
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self.kv_cache.free(request)
+
+    def finish_transfer(self, request_id: str, ok: bool) -> None:
+        """A read of a request's prompt K/V ended: it decodes from there, or, if the read
+        failed, computes its prompt itself in the blocks it already holds."""
+        request = self.transferring.pop(request_id)
+        if request.status.finished:  # aborted during the read
+            self.kv_cache.free(request)
+            return
+        if ok:
+            request.num_computed_tokens = request.num_tokens - 1
+            self.kv_cache.cache_blocks(request)
+        request.remote_prefill = None
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -110,12 +143,21 @@ class Scheduler:
         admitted: list[Request] = []
         # Candidates a deferral may skip past are bounded: a long queue is not rescanned.
         for request in itertools.islice(self.waiting.copy(), config.lpm_max_waiting):
-            if budget <= 0 or len(self.running) >= config.max_num_seqs:
+            if budget <= 0 or len(self.running) + len(self.transferring) >= config.max_num_seqs:
                 break
             if self._computed_elsewhere(request, in_flight):
                 continue  # another request is computing its next block: reuse it next step
             match = kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - match.num_blocks * kv_cache.block_size
+            if request.remote_prefill is not None:
+                # Blocks for all of the prompt but its last token, read rather than computed.
+                if not kv_cache.allocate_slots(request, num_new - 1, match):
+                    break
+                self._mark_scheduled(request)
+                request.status = RequestStatus.TRANSFERRING
+                self.transferring[request.request_id] = request
+                out.remote_reads.append(request)
+                continue
             if config.enable_chunked_prefill:
                 num_new = min(num_new, budget)
             elif num_new > budget:
@@ -128,12 +170,7 @@ class Scheduler:
             if not kv_cache.allocate_slots(request, num_new, match):
                 break
             reserved += self._blocks_to_come(request)
-            self.waiting.remove(request)
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-                request.num_cached_tokens = request.num_computed_tokens
-                self.num_prompt_tokens_admitted += request.num_prompt_tokens
-                self.num_cached_tokens_admitted += request.num_cached_tokens
+            self._mark_scheduled(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             admitted.append(request)
@@ -146,6 +183,14 @@ class Scheduler:
                 if request.arrival_time < newest:
                     request.num_passed_over += 1
         return budget
+
+    def _mark_scheduled(self, request: Request) -> None:
+        self.waiting.remove(request)
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+            request.num_cached_tokens = request.num_computed_tokens
+            self.num_prompt_tokens_admitted += request.num_prompt_tokens
+            self.num_cached_tokens_admitted += request.num_cached_tokens
 
     def _order_waiting(self) -> None:
         """Longest cached prefix first (SGLang's LPM), so that what is cached is used before

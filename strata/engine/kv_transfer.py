@@ -1,0 +1,115 @@
+"""Prefill/decode disaggregation inside the engine: leases on the blocks a prefill hands
+over, and reads of the blocks a decode takes over.
+
+The fields of `kv_transfer_params` are vLLM's (NixlConnector), so llm-d's proxies and
+routers drive Strata as they drive vLLM:
+- prefill side: `{"do_remote_decode": true}`. The request computes its prompt and one
+  token; its blocks stay pinned for a lease, published to the connector, and its last
+  output carries the params a decode instance needs.
+- decode side: `{"do_remote_prefill": true, "remote_engine_id", "remote_block_ids",
+  "remote_host", "remote_port"}`, plus our `remote_request_id` (what the prefiller
+  published them under; vLLM's proxies give both sides one request id instead). The
+  request's blocks are allocated (its own prefix
+  cache hits first), the blocks it lacks are read from the prefiller, and it decodes from
+  there. If the read fails it computes the prompt itself: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from strata.disagg.connector import KVConnector, RemoteBlocks
+from strata.engine.kv_cache import cdiv
+from strata.engine.request import Request
+from strata.engine.scheduler import Scheduler
+
+
+@dataclass
+class TransferStats:
+    """Cumulative, for the frontend's metrics."""
+
+    num_reads: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+    num_fallbacks: int = 0  # reads that failed: the prompt was computed locally
+    read_seconds: list[float] = field(default_factory=list)  # since last taken, per read
+
+
+class KVTransfer:
+    def __init__(self, connector: KVConnector, scheduler: Scheduler, block_size: int,
+                 lease_seconds: float) -> None:
+        self.connector = connector
+        self.scheduler = scheduler
+        self.block_size = block_size
+        self.lease_seconds = lease_seconds
+        self.leases: dict[str, float] = {}  # prefill request id -> deadline
+        self.stats = TransferStats()
+
+    def parse(self, request: Request, params: dict) -> None:
+        """Mark the request for either side; ValueError for params it cannot act on."""
+        if params.get("do_remote_decode"):
+            request.kv_transfer_out = True
+        elif params.get("do_remote_prefill"):
+            try:
+                remote = RemoteBlocks(str(params["remote_engine_id"]),
+                                      str(params["remote_host"]), int(params["remote_port"]),
+                                      str(params.get("remote_request_id", request.request_id)),
+                                      [int(b) for b in params["remote_block_ids"]])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"kv_transfer_params for a remote prefill need "
+                                 f"remote_engine_id, remote_host, remote_port and "
+                                 f"remote_block_ids: {exc}") from None
+            request.remote_prefill = remote
+
+    def handoff(self, request: Request) -> dict:
+        """A finished prefill: publish its prompt's blocks for a lease, and say where."""
+        block_ids = request.block_ids[:cdiv(request.num_prompt_tokens, self.block_size)]
+        self.connector.publish(request.request_id, block_ids)
+        self.leases[request.request_id] = time.monotonic() + self.lease_seconds
+        host, port = self.connector.address
+        return {"do_remote_decode": False, "do_remote_prefill": True,
+                "remote_engine_id": self.connector.engine_id, "remote_host": host,
+                "remote_port": port, "remote_request_id": request.request_id,
+                "remote_block_ids": block_ids}
+
+    def start_reads(self, requests: list[Request]) -> None:
+        """Read what each request lacks: the blocks of its prompt but the last token, past
+        its own prefix-cache hit (a read of nothing still tells the prefiller it is done)."""
+        for request in requests:
+            remote = request.remote_prefill
+            start = request.num_computed_tokens // self.block_size
+            end = cdiv(request.num_tokens - 1, self.block_size)
+            if len(remote.block_ids) < end:
+                self.scheduler.finish_transfer(request.request_id, ok=False)
+                self.stats.num_fallbacks += 1
+                continue
+            self.connector.start_read(
+                request.request_id,
+                RemoteBlocks(remote.engine_id, remote.host, remote.port, remote.request_id,
+                             remote.block_ids[start:end]),
+                request.block_ids[start:end])
+
+    def poll(self) -> None:
+        """Apply what the connector finished, and end leases that ran out."""
+        results, read_done = self.connector.poll()
+        for result in results:
+            ok = result.error is None
+            self.scheduler.finish_transfer(result.request_id, ok)
+            if ok:
+                self.stats.num_reads += 1
+                self.stats.num_bytes += result.num_bytes
+                self.stats.seconds += result.seconds
+                self.stats.read_seconds.append(result.seconds)
+            else:
+                self.stats.num_fallbacks += 1
+        for request_id in read_done:
+            self._end_lease(request_id)
+        now = time.monotonic()
+        for request_id in [r for r, deadline in self.leases.items() if deadline <= now]:
+            self.connector.release(request_id)
+            self._end_lease(request_id)
+
+    def _end_lease(self, request_id: str) -> None:
+        if self.leases.pop(request_id, None) is not None:
+            self.scheduler.release_held(request_id)
