@@ -65,7 +65,8 @@ def serve(args: argparse.Namespace) -> int:
     from strata.server.serving import ServerLimits
 
     model = args.model_tag or args.model
-    config = EngineConfig.create(model, **engine_kwargs(args), **kv_events_kwargs(args))
+    config = EngineConfig.create(model, **engine_kwargs(args), **kv_events_kwargs(args),
+                                 **kv_transfer_kwargs(args))
     return run_server(config, host=args.host, port=args.port,
                       served_model_names=args.served_model_name or [model],
                       api_key=args.api_key, chat_template=args.chat_template,
@@ -86,6 +87,22 @@ def kv_events_kwargs(args: argparse.Namespace) -> dict:
             endpoint = vllm_config.get("endpoint", "tcp://*:5557")
         topic = vllm_config.get("topic", topic)
     return dict(kv_events_endpoint=endpoint, kv_events_topic=topic)
+
+
+def kv_transfer_kwargs(args: argparse.Namespace) -> dict:
+    """--kv-connector tcp, or vLLM's --kv-transfer-config JSON (any connector name maps to
+    ours: NIXL is not wired in yet, so TCP carries the blocks)."""
+    connector = args.kv_connector
+    if args.kv_transfer_config:
+        try:
+            vllm_config = json.loads(args.kv_transfer_config)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--kv-transfer-config is not JSON: {exc}") from None
+        if vllm_config.get("kv_connector"):
+            connector = connector or "tcp"
+    return dict(kv_connector=connector, kv_connector_host=args.kv_connector_host,
+                kv_connector_port=args.kv_connector_port,
+                kv_lease_seconds=args.kv_lease_seconds)
 
 
 def add_serve_parser(commands) -> None:
@@ -110,6 +127,16 @@ def add_serve_parser(commands) -> None:
                         help="publish KV cache events (vLLM's format) on a ZMQ PUB socket "
                              "bound here, e.g. tcp://*:5557")
     parser.add_argument("--kv-events-topic", default="kv-events")
+    parser.add_argument("--kv-connector", choices=("tcp",), default=None,
+                        help="serve and read KV blocks for prefill/decode disaggregation")
+    parser.add_argument("--kv-transfer-config", default=None,
+                        help='vLLM\'s form, e.g. \'{"kv_connector": "NixlConnector", '
+                             '"kv_role": "kv_both"}\'')
+    parser.add_argument("--kv-connector-host", default="127.0.0.1",
+                        help="address the KV connector serves blocks on")
+    parser.add_argument("--kv-connector-port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--kv-lease-seconds", type=float, default=30.0,
+                        help="how long a finished prefill's blocks wait to be read")
     parser.add_argument("--kv-events-config", default=None,
                         help='vLLM\'s form: \'{"enable_kv_cache_events": true, '
                              '"endpoint": "tcp://*:5557", "topic": "kv-events"}\'')

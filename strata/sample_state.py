@@ -25,6 +25,7 @@ class SampleState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache
+    kv_transfer_params: dict | None = None  # a prefill handed to a decode instance: where
 
     @classmethod
     def create(cls, index: int, params: SamplingParams, tokenizer: Tokenizer | None,
@@ -50,6 +51,8 @@ class SampleState:
         self.token_ids.append(out.new_token_id)
         if out.num_cached_tokens is not None:
             self.num_cached_tokens = out.num_cached_tokens
+        if out.kv_transfer_params is not None:
+            self.kv_transfer_params = out.kv_transfer_params
         if out.logprobs is not None and self.logprobs is not None:
             self.logprobs.append(self._logprob_dict(out))
         self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason

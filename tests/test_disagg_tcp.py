@@ -64,6 +64,20 @@ def test_published_blocks_arrive_intact_and_the_prefiller_hears_of_it(pair):
     assert "no blocks are published" in wait_for(decode).error
 
 
+def test_a_read_of_no_blocks_ends_the_lease(pair):
+    """A reader that had every block in its own cache still says it is done."""
+    prefill, decode = pair
+    prefill.publish("r", [1, 2])
+    decode.start_read("d", remote(prefill, []), [])
+    result = wait_for(decode)
+    assert result.error is None and result.num_bytes == 0
+    deadline = time.monotonic() + 5
+    done: list[str] = []
+    while not done and time.monotonic() < deadline:
+        done = prefill.poll()[1]
+    assert done == ["r"]
+
+
 def test_mismatched_layouts_are_refused_at_handshake():
     prefill, decode = TcpKVConnector("prefill", timeout=2), TcpKVConnector("decode", timeout=2)
     prefill.register(torch.randn(SHAPE), layout())

@@ -10,6 +10,7 @@ names published blocks and gets them back as one frame of
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -45,6 +46,7 @@ class Reply(msgspec.Struct, tag=True):
 
 
 Message = Handshake | Read
+logger = logging.getLogger("strata.disagg")
 POLL_MS = 100  # how often the threads look for work and for close()
 
 
@@ -119,7 +121,10 @@ class TcpKVConnector(KVConnector):
         while not self._closed.is_set():
             if not self.server.poll(POLL_MS):
                 continue
-            peer, frame = self.server.recv_multipart()
+            frames = self.server.recv_multipart()
+            if len(frames) != 2:
+                continue  # not a DEALER speaking this protocol
+            peer, frame = frames
             try:
                 message = decoder.decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -131,7 +136,11 @@ class TcpKVConnector(KVConnector):
                 self.server.send_multipart([peer, encoder.encode(Reply(
                     message.transfer_id, self.engine_id, error))])
                 continue
-            payload, error = self._blocks(message)
+            try:
+                payload, error = self._blocks(message)
+            except Exception as exc:  # a bad read must not stop the serving thread
+                logger.exception("serving KV blocks failed")
+                payload, error = None, f"{type(exc).__name__}: {exc}"
             reply = encoder.encode(Reply(message.transfer_id, self.engine_id, error))
             if error is not None:
                 self.server.send_multipart([peer, reply])
@@ -151,6 +160,8 @@ class TcpKVConnector(KVConnector):
             if not set(read.block_ids) <= published:
                 return None, f"blocks {sorted(set(read.block_ids) - published)} of request " \
                              f"{read.request_id!r} are not published"
+            if not read.block_ids:  # the reader had them all cached: it just says it is done
+                return b"", None
             blocks = self.kv_cache[:, :, torch.tensor(read.block_ids, dtype=torch.int64)]
         return memoryview(blocks.numpy()).cast("B"), None
 
@@ -170,7 +181,9 @@ class TcpKVConnector(KVConnector):
                     num_bytes = self._read(peers, ids, remote, local_ids)
                     self._results.put(TransferResult(request_id, None, num_bytes,
                                                      time.perf_counter() - start))
-                except (KVTransferError, zmq.ZMQError) as exc:
+                except Exception as exc:  # whatever it is, this read failed; the next may not
+                    if not isinstance(exc, KVTransferError | zmq.ZMQError):
+                        logger.exception("reading KV blocks failed")
                     socket = peers.pop((remote.host, remote.port), None)
                     if socket is not None:
                         socket.close()  # start afresh with this peer next time
@@ -196,6 +209,8 @@ class TcpKVConnector(KVConnector):
         if len(frames[1]) != expected:
             raise KVTransferError(f"{remote.engine_id} sent {len(frames[1])} bytes of blocks, "
                                   f"{expected} expected")
+        if not expected:
+            return 0
         shape = (*self.kv_cache.shape[:2], len(local_ids), *self.kv_cache.shape[3:])
         blocks = torch.frombuffer(bytearray(frames[1].buffer), dtype=self.kv_cache.dtype)
         self.kv_cache[:, :, torch.tensor(local_ids, dtype=torch.int64)] = blocks.view(shape)

@@ -112,12 +112,14 @@ class AsyncEngineClient:
         return message
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, sink: Sink, cache_salt: str | None = None) -> None:
+                    params: SamplingParams, sink: Sink, cache_salt: str | None = None,
+                    kv_transfer_params: dict | None = None) -> None:
         if self.dead:
             raise EngineDeadError("the engine process is not running")
         self._sinks[request_id] = sink
         self._added_since_stats += 1
-        self._send(AddRequest(request_id, prompt_token_ids, params, cache_salt))
+        self._send(AddRequest(request_id, prompt_token_ids, params, cache_salt,
+                              kv_transfer_params))
 
     def abort(self, request_ids: list[str]) -> None:
         live = [i for i in request_ids if self._sinks.pop(i, None) is not None]

@@ -55,6 +55,10 @@ class EngineStats:
     num_preemptions: int = 0  # cumulative
     prefix_cache_queries: int = 0  # cumulative, in tokens
     prefix_cache_hits: int = 0
+    kv_transfers: int = 0  # cumulative: KV reads from prefill instances that succeeded
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_transfer_fallbacks: int = 0  # reads that failed; the prompt was computed here
 
 
 class EngineCore:
@@ -191,7 +195,15 @@ class EngineCore:
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             kv_cache_usage=self.kv_cache.usage, num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=scheduler.num_prompt_tokens_admitted,
-            prefix_cache_hits=scheduler.num_cached_tokens_admitted)
+            prefix_cache_hits=scheduler.num_cached_tokens_admitted,
+            **self._transfer_stats())
+
+    def _transfer_stats(self) -> dict:
+        if self.kv_transfer is None:
+            return {}
+        stats = self.kv_transfer.stats
+        return dict(kv_transfers=stats.num_reads, kv_transfer_bytes=stats.num_bytes,
+                    kv_transfer_seconds=stats.seconds, kv_transfer_fallbacks=stats.num_fallbacks)
 
 
 def _logprobs_per_row(sampled, requests: list[Request]) -> list[TokenLogprobs | None]:

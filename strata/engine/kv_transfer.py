@@ -17,7 +17,7 @@ routers drive Strata as they drive vLLM:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from strata.disagg.connector import KVConnector, RemoteBlocks
 from strata.engine.kv_cache import cdiv
@@ -33,7 +33,6 @@ class TransferStats:
     num_bytes: int = 0
     seconds: float = 0.0
     num_fallbacks: int = 0  # reads that failed: the prompt was computed locally
-    read_seconds: list[float] = field(default_factory=list)  # since last taken, per read
 
 
 class KVTransfer:
@@ -100,7 +99,6 @@ class KVTransfer:
                 self.stats.num_reads += 1
                 self.stats.num_bytes += result.num_bytes
                 self.stats.seconds += result.seconds
-                self.stats.read_seconds.append(result.seconds)
             else:
                 self.stats.num_fallbacks += 1
         for request_id in read_done:

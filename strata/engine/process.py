@@ -74,28 +74,33 @@ class EngineLoop:
         self.decoder = msgspec.msgpack.Decoder(ToEngine)
         self.encoder = msgspec.msgpack.Encoder()
         self.rejected: list[tuple[str, str]] = []
+        self.last_stats = None
 
     def run(self) -> None:
-        last_stats = None
         while True:
             idle = not self.core.has_unfinished_requests
             if idle and not self.inputs.poll(IDLE_POLL_MS):
                 if os.getppid() != self.parent_pid:
                     return  # the frontend died without telling us: do not linger
-                self.core.poll_transfers()  # leases run out while idle too
+                self.core.poll_transfers()  # leases end while idle too: report the freed blocks
+                self.send([])
                 continue
             if not self.handle_inputs():
                 return
             outputs = self.core.step() if self.core.has_unfinished_requests else []
-            stats = self.core.stats()
-            if outputs or self.rejected or stats != last_stats:
-                self.outputs.send(self.encoder.encode(EngineStep(outputs, self.rejected, stats)))
-                self.rejected, last_stats = [], stats
+            self.send(outputs)
             if self.publisher is not None:
                 self.publisher.publish(self.core.take_kv_events())
             if not outputs and self.core.waiting_on_transfers:
                 # Nothing can run until a read ends: nap, woken early by a new request.
                 self.inputs.poll(TRANSFER_POLL_MS)
+
+    def send(self, outputs: list) -> None:
+        """The step's outputs and the engine's state, unless there is nothing new to say."""
+        stats = self.core.stats()
+        if outputs or self.rejected or stats != self.last_stats:
+            self.outputs.send(self.encoder.encode(EngineStep(outputs, self.rejected, stats)))
+            self.rejected, self.last_stats = [], stats
 
     def handle_inputs(self) -> bool:
         """Apply every message waiting on the socket; False on Shutdown."""

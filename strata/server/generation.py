@@ -51,10 +51,12 @@ class SampleDelta:
 class Generation:
     def __init__(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
                  client: AsyncEngineClient, tokenizer: Tokenizer,
-                 metrics: ServerMetrics, cache_salt: str | None = None) -> None:
+                 metrics: ServerMetrics, cache_salt: str | None = None,
+                 kv_transfer_params: dict | None = None) -> None:
         self.request_id = request_id
         self.prompts = prompts
         self.cache_salt = cache_salt
+        self.kv_transfer_params = kv_transfer_params
         self.client, self.metrics = client, metrics
         self.arrival = time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -71,7 +73,8 @@ class Generation:
     def start(self) -> None:
         for sample in self.samples.values():
             self.client.add_request(sample.engine_id, sample.prompt.token_ids,
-                                    sample.state.params, self.queue, self.cache_salt)
+                                    sample.state.params, self.queue, self.cache_salt,
+                                    self.kv_transfer_params)
         self.metrics.prompt_tokens.inc(self.num_prompt_tokens)
 
     @property
@@ -91,6 +94,14 @@ class Generation:
             index, tokens = sample.choice_index // self.params_n, sample.state.num_cached_tokens
             cached[index] = min(cached.get(index, tokens), tokens)
         return sum(cached.values())
+
+    @property
+    def handoff(self) -> dict:
+        """A prefill for a decode instance: where its blocks can be read (vLLM's field)."""
+        for sample in self.samples.values():
+            if sample.state.kv_transfer_params is not None:
+                return {"kv_transfer_params": sample.state.kv_transfer_params}
+        return {}
 
     def usage(self) -> dict:
         prompt, completion = self.num_prompt_tokens, self.num_completion_tokens

@@ -54,6 +54,14 @@ class ServerMetrics:
         self.queue_time = histogram("vllm:request_queue_time_seconds",
                                     "Time a request waited before it was first scheduled.",
                                     REQUEST_BUCKETS)
+        # Disaggregation: KV reads from prefill instances, and the prompts computed here
+        # instead because the prefiller or the read failed.
+        self.kv_transfers = counter("strata:kv_transfers_total", "KV reads from prefillers.")
+        self.kv_transfer_bytes = counter("strata:kv_transfer_bytes_total", "Bytes of KV read.")
+        self.kv_transfer_seconds = counter("strata:kv_transfer_seconds_total",
+                                           "Seconds spent reading KV (sum over reads).")
+        self.kv_transfer_fallbacks = counter("strata:kv_transfer_fallbacks_total",
+                                             "Remote prefills that failed, computed here.")
         success = Counter("vllm:request_success_total", "Finished samples, by finish reason.",
                           ["model_name", "finished_reason"], registry=registry)
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -71,6 +79,10 @@ class ServerMetrics:
         self.preemptions.inc(stats.num_preemptions - last.num_preemptions)
         self.prefix_queries.inc(stats.prefix_cache_queries - last.prefix_cache_queries)
         self.prefix_hits.inc(stats.prefix_cache_hits - last.prefix_cache_hits)
+        self.kv_transfers.inc(stats.kv_transfers - last.kv_transfers)
+        self.kv_transfer_bytes.inc(stats.kv_transfer_bytes - last.kv_transfer_bytes)
+        self.kv_transfer_seconds.inc(stats.kv_transfer_seconds - last.kv_transfer_seconds)
+        self.kv_transfer_fallbacks.inc(stats.kv_transfer_fallbacks - last.kv_transfer_fallbacks)
         self._last = stats
 
     def finished(self, reason: str, e2e: float) -> None:

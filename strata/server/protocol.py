@@ -48,6 +48,9 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # Requests share cached prefixes only with requests of the same salt (vLLM's field).
     cache_salt: str | None = Field(None, min_length=1)
+    # Disaggregation, in vLLM's fields: {"do_remote_decode": true} on a prefill instance;
+    # what that answered, on a decode instance.
+    kv_transfer_params: dict | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams for these fields; raises ValueError for combinations it refuses."""

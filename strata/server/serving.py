@@ -6,11 +6,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+import httpx
 import jinja2
 
 from strata.engine.client import AsyncEngineClient, EngineInfo
 from strata.engine.request import validate_request
 from strata.sampling_params import SamplingParams
+from strata.server.disagg import remote_prefill
 from strata.server.errors import APIError
 from strata.server.generation import Generation, Prompt
 from strata.server.metrics import ServerMetrics
@@ -28,6 +30,7 @@ FALLBACK_CHAT_TEMPLATE = (
 class ServerLimits:
     max_waiting_requests: int = 1024
     retry_after_seconds: int = 1
+    remote_prefill_timeout: float = 60.0  # seconds a prefiller may take before a fallback
 
 
 class OpenAIServing:
@@ -37,6 +40,17 @@ class OpenAIServing:
         self.served_names = served_names
         self.model_path = model_path
         self.info: EngineInfo = client.info
+        # Prefill calls to other instances (disaggregation); connections are kept alive.
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(limits.remote_prefill_timeout))
+
+    async def kv_transfer_params(self, body, request, model: str, prompts: list[Prompt],
+                                 n: int) -> dict | None:
+        """The client's own kv_transfer_params, or a remote prefill's when the request names
+        a prefiller (x-prefiller-host-port), or None."""
+        if body.kv_transfer_params:
+            return body.kv_transfer_params
+        return await remote_prefill(self.http, request, model, prompts, n, body.cache_salt,
+                                    self.metrics.kv_transfer_fallbacks.inc)
 
     def check_model(self, name: str | None) -> str:
         """The served name a request addresses; 404 for one this server does not serve."""
@@ -70,7 +84,8 @@ class OpenAIServing:
         return self.text_prompt(text, add_special_tokens=not (bos and text.startswith(bos)))
 
     def new_generation(self, prefix: str, prompts: list[Prompt], params: SamplingParams,
-                       cache_salt: str | None = None) -> Generation:
+                       cache_salt: str | None = None,
+                       kv_transfer_params: dict | None = None) -> Generation:
         """Check every prompt and the server's capacity, then queue the samples."""
         self.check_engine()
         info = self.info
@@ -87,9 +102,12 @@ class OpenAIServing:
                 validate_request(prompt.token_ids, params, info.max_model_len, info.vocab_size)
             except ValueError as exc:
                 raise APIError(400, str(exc), param) from exc
+        if kv_transfer_params and (len(prompts) != 1 or params.n != 1):
+            raise APIError(400, "kv_transfer_params need one prompt and n = 1",
+                           "kv_transfer_params")
         self.check_capacity(len(prompts) * params.n)
         generation = Generation(f"{prefix}-{uuid.uuid4().hex}", prompts, params, self.client,
-                                self.tokenizer, self.metrics, cache_salt)
+                                self.tokenizer, self.metrics, cache_salt, kv_transfer_params)
         generation.start()
         return generation
 

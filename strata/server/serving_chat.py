@@ -28,7 +28,9 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
         raise APIError(400, str(exc)) from exc
     prompt = serving.chat_prompt(body.messages, body.add_generation_prompt,
                                  body.chat_template_kwargs)
-    generation = serving.new_generation("chatcmpl", [prompt], params, body.cache_salt)
+    generation = serving.new_generation(
+        "chatcmpl", [prompt], params, body.cache_salt,
+        await serving.kv_transfer_params(body, request, model, [prompt], params.n))
     header = {"id": generation.request_id, "object": "chat.completion",
               "created": int(time.time()), "model": model}
     if body.stream:
@@ -47,7 +49,8 @@ async def _complete(generation: Generation, header: dict) -> Response:
             "logprobs": _logprobs(state.logprobs, state.token_ids, state.params.logprobs)
             if state.logprobs is not None else None,
             "finish_reason": state.finish_reason, "stop_reason": state.stop_reason})
-    return json_response(header | {"choices": choices, "usage": generation.usage()})
+    return json_response(header | {"choices": choices, "usage": generation.usage()}
+                         | generation.handoff)
 
 
 async def _stream(generation: Generation, body: ChatCompletionRequest,

@@ -26,7 +26,9 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest,
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
     prompts = _prompts(serving, body.prompt)
-    generation = serving.new_generation("cmpl", prompts, params, body.cache_salt)
+    generation = serving.new_generation(
+        "cmpl", prompts, params, body.cache_salt,
+        await serving.kv_transfer_params(body, request, model, prompts, params.n))
     created = int(time.time())
     header = {"id": generation.request_id, "object": "text_completion", "created": created,
               "model": model}
@@ -66,7 +68,8 @@ async def _complete(serving: OpenAIServing, generation: Generation, body: Comple
             "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
             | ({"prompt_token_ids": sample.prompt.token_ids, "token_ids": state.token_ids}
                if body.return_token_ids else {}))
-    return json_response(header | {"choices": choices, "usage": generation.usage()})
+    return json_response(header | {"choices": choices, "usage": generation.usage()}
+                         | generation.handoff)
 
 
 async def _stream(serving: OpenAIServing, generation: Generation, body: CompletionRequest,
