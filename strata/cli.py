@@ -90,16 +90,16 @@ def kv_events_kwargs(args: argparse.Namespace) -> dict:
 
 
 def kv_transfer_kwargs(args: argparse.Namespace) -> dict:
-    """--kv-connector tcp, or vLLM's --kv-transfer-config JSON (any connector name maps to
-    ours: NIXL is not wired in yet, so TCP carries the blocks)."""
+    """--kv-connector nixl|tcp, or vLLM's --kv-transfer-config JSON (NixlConnector is ours
+    over NIXL; any other connector name, over TCP)."""
     connector = args.kv_connector
     if args.kv_transfer_config:
         try:
             vllm_config = json.loads(args.kv_transfer_config)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"--kv-transfer-config is not JSON: {exc}") from None
-        if vllm_config.get("kv_connector"):
-            connector = connector or "tcp"
+        if vllm_config.get("kv_connector") and connector is None:
+            connector = "nixl" if vllm_config["kv_connector"] == "NixlConnector" else "tcp"
     return dict(kv_connector=connector, kv_connector_host=args.kv_connector_host,
                 kv_connector_port=args.kv_connector_port,
                 kv_lease_seconds=args.kv_lease_seconds)
@@ -127,8 +127,9 @@ def add_serve_parser(commands) -> None:
                         help="publish KV cache events (vLLM's format) on a ZMQ PUB socket "
                              "bound here, e.g. tcp://*:5557")
     parser.add_argument("--kv-events-topic", default="kv-events")
-    parser.add_argument("--kv-connector", choices=("tcp",), default=None,
-                        help="serve and read KV blocks for prefill/decode disaggregation")
+    parser.add_argument("--kv-connector", choices=("nixl", "tcp"), default=None,
+                        help="serve and read KV blocks for prefill/decode disaggregation: "
+                             "NIXL (UCX; TCP on CPU) or plain ZMQ/TCP frames")
     parser.add_argument("--kv-transfer-config", default=None,
                         help='vLLM\'s form, e.g. \'{"kv_connector": "NixlConnector", '
                              '"kv_role": "kv_both"}\'')

@@ -59,6 +59,29 @@ def stories_llm():
     return LLM(str(STORIES), max_num_seqs=64)
 
 
+def _nixl_installed() -> bool:
+    try:
+        import nixl._api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Both connectors where NIXL is installed (`make install` installs it); TCP alone otherwise.
+CONNECTORS = ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
+    not _nixl_installed(), reason="nixl is not installed"))]
+
+
+def connector_class(kind: str):
+    if kind == "nixl":
+        from strata.disagg.nixl import NixlKVConnector
+
+        return NixlKVConnector
+    from strata.disagg.tcp import TcpKVConnector
+
+    return TcpKVConnector
+
+
 def assert_all_blocks_free(llm) -> None:
     """No request left and no block held: every block is free or only cached."""
     from tests.kv_invariants import check_kv_books

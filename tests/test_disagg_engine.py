@@ -1,4 +1,4 @@
-"""Disaggregation between two engines over the TCP connector: the decode side's tokens equal
+"""Disaggregation between two engines, over NIXL and over TCP: the decode side's tokens equal
 a colocated run's, leases free what nobody reads, and every failure falls back to a local
 prefill that still gives the same tokens."""
 
@@ -12,20 +12,25 @@ import pytest
 from strata import LLM, SamplingParams
 from strata.config import EngineConfig
 from strata.engine.core import EngineCore
-from tests.conftest import STORIES
+from tests.conftest import CONNECTORS, STORIES
 from tests.kv_invariants import check_kv_books
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 HANDOFF = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 
-def engine(**kwargs) -> EngineCore:
-    return EngineCore(EngineConfig.create(str(STORIES), kv_connector="tcp", **kwargs))
+def engine(kind: str, **kwargs) -> EngineCore:
+    return EngineCore(EngineConfig.create(str(STORIES), kv_connector=kind, **kwargs))
+
+
+@pytest.fixture(scope="module", params=CONNECTORS)
+def kind(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def engines():
-    prefill, decode = engine(), engine()
+def engines(kind):
+    prefill, decode = engine(kind), engine(kind)
     yield prefill, decode
     for core in (prefill, decode):
         core.kv_transfer.connector.close()
@@ -95,8 +100,8 @@ def test_decode_side_reads_only_the_blocks_its_cache_lacks(engines, colocated):
     assert decode.kv_transfer.stats.num_bytes - bytes_before == 3 * block_bytes
 
 
-def test_a_lease_nobody_reads_ends_and_frees_the_blocks(colocated):
-    prefill = engine(kv_lease_seconds=0.3)
+def test_a_lease_nobody_reads_ends_and_frees_the_blocks(kind):
+    prefill = engine(kind, kv_lease_seconds=0.3)
     try:
         run(prefill, "p", list(range(3, 60)), HANDOFF, {"do_remote_decode": True})
         assert prefill.kv_cache.usage > 0  # held for the decode side
@@ -107,11 +112,11 @@ def test_a_lease_nobody_reads_ends_and_frees_the_blocks(colocated):
         prefill.kv_transfer.connector.close()
 
 
-def test_a_dead_prefiller_falls_back_to_local_prefill(engines, colocated):
+def test_a_dead_prefiller_falls_back_to_local_prefill(kind, engines, colocated):
     _, decode = engines
     prompt = [random.Random(9).randrange(3, 512) for _ in range(50)]
     [reference] = colocated.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
-    dead = engine()
+    dead = engine(kind)
     host, port = dead.kv_transfer.connector.address
     dead.kv_transfer.connector.close()
     decode.kv_transfer.connector.timeout = 1
@@ -124,8 +129,8 @@ def test_a_dead_prefiller_falls_back_to_local_prefill(engines, colocated):
     assert idle_usage(decode) == 0
 
 
-def test_mismatched_block_sizes_are_refused_and_fall_back(colocated):
-    prefill, decode = engine(block_size=16), engine(block_size=32)
+def test_mismatched_block_sizes_are_refused_and_fall_back(kind, colocated):
+    prefill, decode = engine(kind, block_size=16), engine(kind, block_size=32)
     try:
         prompt = [random.Random(11).randrange(3, 512) for _ in range(70)]
         [reference] = colocated.generate({"prompt_token_ids": prompt}, GREEDY,

@@ -1,7 +1,7 @@
 """Disaggregation through HTTP, as llm-d drives it: a decode instance given the header
-`x-prefiller-host-port` has the prefiller compute the prompt, reads its KV blocks over the
-TCP connector, and answers with the tokens a colocated server gives; with the prefiller
-dead, every request still completes and the fallbacks are counted."""
+`x-prefiller-host-port` has the prefiller compute the prompt, reads its KV blocks (NIXL or
+TCP), and answers with the tokens a colocated server gives; with the prefiller dead, every
+request still completes and the fallbacks are counted."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import random
 import httpx
 import pytest
 
+from tests.conftest import CONNECTORS
 from tests.metrics_scrape import scrape, wait_idle
 from tests.server_process import ServerProcess
 
@@ -18,11 +19,11 @@ BODY = {"model": "stories", "max_tokens": 24, "temperature": 0, "ignore_eos": Tr
         "return_token_ids": True}
 
 
-@pytest.fixture(scope="module")
-def pd_pair(tmp_path_factory):
+@pytest.fixture(scope="module", params=CONNECTORS)
+def pd_pair(request, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("disagg")
-    prefill = ServerProcess(log_dir, "--kv-connector", "tcp")
-    decode = ServerProcess(log_dir, "--kv-connector", "tcp")
+    prefill = ServerProcess(log_dir, "--kv-connector", request.param)
+    decode = ServerProcess(log_dir, "--kv-connector", request.param)
     yield prefill, decode
     for server in (decode, prefill):
         server.stop()

@@ -37,12 +37,14 @@ class Read(msgspec.Struct, tag=True):
     transfer_id: int
     request_id: str
     block_ids: list[int]
+    send_blocks: bool = True  # False: only check they are published (NIXL reads them itself)
 
 
 class Reply(msgspec.Struct, tag=True):
     transfer_id: int
     engine_id: str
     error: str | None = None  # a frame of block bytes follows a Read's reply without error
+    extra: bytes = b""  # a handshake's: what a subclass's transport needs to reach us
 
 
 Message = Handshake | Read
@@ -134,7 +136,8 @@ class TcpKVConnector(KVConnector):
             if isinstance(message, Handshake):
                 error = self.layout.mismatch(message.layout)
                 self.server.send_multipart([peer, encoder.encode(Reply(
-                    message.transfer_id, self.engine_id, error))])
+                    message.transfer_id, self.engine_id, error,
+                    self.handshake_extra() if error is None else b""))])
                 continue
             try:
                 payload, error = self._blocks(message)
@@ -142,7 +145,7 @@ class TcpKVConnector(KVConnector):
                 logger.exception("serving KV blocks failed")
                 payload, error = None, f"{type(exc).__name__}: {exc}"
             reply = encoder.encode(Reply(message.transfer_id, self.engine_id, error))
-            if error is not None:
+            if error is not None or not message.send_blocks:
                 self.server.send_multipart([peer, reply])
                 continue
             self.server.send_multipart([peer, reply, payload], copy=False)
@@ -160,7 +163,7 @@ class TcpKVConnector(KVConnector):
             if not set(read.block_ids) <= published:
                 return None, f"blocks {sorted(set(read.block_ids) - published)} of request " \
                              f"{read.request_id!r} are not published"
-            if not read.block_ids:  # the reader had them all cached: it just says it is done
+            if not read.block_ids or not read.send_blocks:  # nothing to send (yet)
                 return b"", None
             blocks = self.kv_cache[:, :, torch.tensor(read.block_ids, dtype=torch.int64)]
         return memoryview(blocks.numpy()).cast("B"), None
@@ -193,6 +196,13 @@ class TcpKVConnector(KVConnector):
             for socket in peers.values():
                 socket.close()
 
+    def handshake_extra(self) -> bytes:
+        """What a peer needs besides this socket to read our blocks (nothing, over TCP)."""
+        return b""
+
+    def on_handshake(self, remote: RemoteBlocks, extra: bytes) -> None:
+        """A peer's handshake_extra(), once per peer."""
+
     def _read(self, peers: dict, ids, remote: RemoteBlocks, local_ids: list[int]) -> int:
         key = (remote.host, remote.port)
         if key not in peers:
@@ -200,9 +210,14 @@ class TcpKVConnector(KVConnector):
             socket.setsockopt(zmq.LINGER, 0)
             socket.connect(f"tcp://{remote.host}:{remote.port}")
             peers[key] = socket
-            self._exchange(socket, Handshake(next(ids), self.layout), remote)
-        frames = self._exchange(peers[key], Read(next(ids), remote.request_id,
-                                                 remote.block_ids), remote)
+            frames = self._exchange(socket, Handshake(next(ids), self.layout), remote)
+            self.on_handshake(remote, msgspec.msgpack.decode(frames[0].bytes, type=Reply).extra)
+        return self.fetch(peers[key], ids, remote, local_ids)
+
+    def fetch(self, socket: zmq.Socket, ids, remote: RemoteBlocks, local_ids: list[int]) -> int:
+        """Copy the remote blocks into ours; returns the bytes moved. Over TCP: one frame."""
+        frames = self._exchange(socket, Read(next(ids), remote.request_id, remote.block_ids),
+                                remote)
         if len(frames) != 2:
             raise KVTransferError(f"{remote.engine_id} sent no block bytes")
         expected = self.kv_cache[:, :, :len(local_ids)].numel() * self.kv_cache.element_size()

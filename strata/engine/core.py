@@ -87,10 +87,14 @@ class EngineCore:
     def _kv_transfer(self, config: EngineConfig) -> KVTransfer | None:
         if config.kv_connector is None:
             return None
-        if config.kv_connector != "tcp":
-            raise ValueError(f"unknown KV connector {config.kv_connector!r} (try 'tcp')")
-        connector = TcpKVConnector(f"strata-{uuid.uuid4().hex[:12]}", config.kv_connector_host,
-                                   config.kv_connector_port)
+        if config.kv_connector == "nixl":
+            from strata.disagg.nixl import NixlKVConnector as Connector  # optional install
+        elif config.kv_connector == "tcp":
+            Connector = TcpKVConnector
+        else:
+            raise ValueError(f"unknown KV connector {config.kv_connector!r} (nixl or tcp)")
+        connector = Connector(f"strata-{uuid.uuid4().hex[:12]}", config.kv_connector_host,
+                              config.kv_connector_port)
         connector.register(self.runner.kv_cache,
                            KVLayout.of(self.runner.kv_cache, self.model_path))
         return KVTransfer(connector, self.scheduler, config.cache.block_size,

@@ -1,5 +1,6 @@
-"""The ZMQ/TCP KV connector between two pools: blocks arrive intact, and every failure
-(layout mismatch, unpublished blocks, a dead peer) ends the read with a clear error."""
+"""The KV connectors (NIXL and ZMQ/TCP) between two pools: blocks arrive intact, and every
+failure (layout mismatch, unpublished blocks, a dead peer) ends the read with a clear
+error."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from strata.disagg.connector import KVLayout, RemoteBlocks, TransferResult, model_fingerprint
 from strata.disagg.tcp import TcpKVConnector
-from tests.conftest import build_checkpoint
+from tests.conftest import CONNECTORS, build_checkpoint, connector_class
 
 SHAPE = (2, 2, 16, 4, 2, 8)  # layers, K/V, blocks, block size, KV heads, head dim
 
@@ -21,9 +22,15 @@ def layout(**changes) -> KVLayout:
     return KVLayout(**fields)
 
 
+@pytest.fixture(params=CONNECTORS)
+def kind(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def pair():
-    prefill, decode = TcpKVConnector("prefill", timeout=2), TcpKVConnector("decode", timeout=2)
+def pair(kind):
+    make = connector_class(kind)
+    prefill, decode = make("prefill", timeout=2), make("decode", timeout=2)
     prefill.register(torch.randn(SHAPE), layout())
     decode.register(torch.zeros(SHAPE), layout())
     yield prefill, decode
@@ -78,8 +85,9 @@ def test_a_read_of_no_blocks_ends_the_lease(pair):
     assert done == ["r"]
 
 
-def test_mismatched_layouts_are_refused_at_handshake():
-    prefill, decode = TcpKVConnector("prefill", timeout=2), TcpKVConnector("decode", timeout=2)
+def test_mismatched_layouts_are_refused_at_handshake(kind):
+    make = connector_class(kind)
+    prefill, decode = make("prefill", timeout=2), make("decode", timeout=2)
     prefill.register(torch.randn(SHAPE), layout())
     decode.register(torch.zeros(SHAPE), layout(block_size=16))
     try:

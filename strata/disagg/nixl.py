@@ -1,0 +1,123 @@
+"""The KVConnector over NIXL: the decode side READs the prefiller's blocks one-sidedly.
+
+NIXL (`nixl` from PyPI, UCX backend) registers each side's whole KV pool: DRAM on CPU,
+moved over TCP by UCX (`UCX_TLS=tcp`, set here unless the environment says otherwise),
+VRAM on CUDA. The TCP connector's socket stays the side channel: its handshake carries
+the NIXL agent's metadata and where the pool starts, and before a READ the reader checks
+that the blocks are still published. The READ's notification names the prefill request,
+which tells the prefiller that its blocks may be freed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import msgspec
+import zmq
+
+from strata.disagg.connector import KVLayout, KVTransferError, RemoteBlocks
+from strata.disagg.tcp import Read, TcpKVConnector
+
+os.environ.setdefault("UCX_TLS", "tcp")  # before NIXL loads UCX; CPU machines have no RDMA
+
+from nixl._api import nixl_agent, nixl_agent_config  # noqa: E402
+
+
+class PeerPool(msgspec.Struct):
+    """A handshake's extra: the peer's NIXL agent, and its pool's address and size."""
+
+    agent_metadata: bytes
+    agent_name: str
+    base_address: int
+    num_blocks: int
+
+
+class NixlKVConnector(TcpKVConnector):
+    def register(self, kv_cache, layout: KVLayout) -> None:
+        # NIXL calls from the engine (notifications), serving (metadata) and reading threads.
+        self._nixl_lock = threading.Lock()
+        self.agent = nixl_agent(self.engine_id, nixl_agent_config(backends=["UCX"]))
+        self.memory_type = "VRAM" if kv_cache.is_cuda else "DRAM"
+        self._registration = self.agent.register_memory(kv_cache)
+        self._peers: dict[tuple[str, int], PeerPool] = {}
+        super().register(kv_cache, layout)
+
+    def handshake_extra(self) -> bytes:
+        with self._nixl_lock:
+            metadata = self.agent.get_agent_metadata()
+        return msgspec.msgpack.encode(PeerPool(metadata, self.engine_id,
+                                               self.kv_cache.data_ptr(),
+                                               self.kv_cache.shape[2]))
+
+    def on_handshake(self, remote: RemoteBlocks, extra: bytes) -> None:
+        pool = msgspec.msgpack.decode(extra, type=PeerPool)
+        with self._nixl_lock:
+            self.agent.add_remote_agent(pool.agent_metadata)
+        self._peers[(remote.host, remote.port)] = pool
+
+    def fetch(self, socket: zmq.Socket, ids, remote: RemoteBlocks, local_ids: list[int]) -> int:
+        if not local_ids:  # nothing to READ: the side channel tells the prefiller we are done
+            return super().fetch(socket, ids, remote, local_ids)
+        # Still published? (A lease that ran out lets the prefiller reuse its blocks.)
+        self._exchange(socket, Read(next(ids), remote.request_id, remote.block_ids,
+                                    send_blocks=False), remote)
+        pool = self._peers[(remote.host, remote.port)]
+        with self._nixl_lock:
+            theirs = self.agent.get_xfer_descs(
+                self._regions(pool.base_address, pool.num_blocks, remote.block_ids),
+                self.memory_type)
+            ours = self.agent.get_xfer_descs(
+                self._regions(self.kv_cache.data_ptr(), self.kv_cache.shape[2], local_ids),
+                self.memory_type)
+            handle = self.agent.initialize_xfer("READ", ours, theirs, pool.agent_name,
+                                                remote.request_id.encode())
+            state = self.agent.transfer(handle)
+        try:
+            deadline = time.monotonic() + self.timeout
+            while state not in ("DONE", "ERR"):
+                if time.monotonic() > deadline:
+                    raise KVTransferError(f"NIXL READ from {remote.engine_id} did not end "
+                                          f"within {self.timeout:g} s")
+                time.sleep(0.0002)
+                with self._nixl_lock:
+                    state = self.agent.check_xfer_state(handle)
+            if state == "ERR":
+                raise KVTransferError(f"NIXL READ from {remote.engine_id} failed")
+        finally:
+            with self._nixl_lock:
+                self.agent.release_xfer_handle(handle)
+        return len(local_ids) * self._block_bytes * 2 * self.kv_cache.shape[0]
+
+    @property
+    def _block_bytes(self) -> int:
+        return self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
+
+    def _regions(self, base: int, num_blocks: int, block_ids: list[int]
+                 ) -> list[tuple[int, int, int]]:
+        """(address, length, device) of every (layer, K or V, block) of the given blocks in
+        a pool [layers, 2, num_blocks, ...] that starts at base."""
+        size, device = self._block_bytes, self.kv_cache.get_device() if \
+            self.kv_cache.is_cuda else 0
+        return [(base + ((layer * 2 + kv) * num_blocks + block) * size, size, device)
+                for layer in range(self.kv_cache.shape[0]) for kv in (0, 1)
+                for block in block_ids]
+
+    def poll(self):
+        results, read_done = super().poll()
+        with self._nixl_lock:
+            notifications = self.agent.get_new_notifs()
+        for messages in notifications.values():
+            for message in messages:
+                request_id = message.decode()
+                self.release(request_id)
+                read_done.append(request_id)
+        return results, read_done
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        super().close()
+        if hasattr(self, "agent"):
+            self.agent.deregister_memory(self._registration)
