@@ -147,7 +147,24 @@ def add_serve_parser(commands) -> None:
 def up(args: argparse.Namespace) -> int:
     from strata.up import up as run_up
 
-    return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args)
+    return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
+                  args.prefill, args.decode)
+
+
+def pd_proxy(args: argparse.Namespace) -> int:
+    from strata.disagg.proxy import run_proxy
+
+    return run_proxy(args.host, args.port, args.prefill, args.decode)
+
+
+def add_pd_proxy_parser(commands) -> None:
+    parser = commands.add_parser(
+        "pd-proxy", help="round-robin prefill/decode proxy (what `strata up --prefill` runs)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--prefill", nargs="+", required=True, help="prefill instances' URLs")
+    parser.add_argument("--decode", nargs="+", required=True, help="decode instances' URLs")
+    parser.set_defaults(handler=pd_proxy)
 
 
 def add_up_parser(commands) -> None:
@@ -158,8 +175,13 @@ def add_up_parser(commands) -> None:
     parser.add_argument("model_tag", nargs="?", default=None,
                         help="checkpoint folder or hub id (default: strata serve's)")
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="prefill instances of a disaggregated set (with --decode)")
+    parser.add_argument("--decode", type=int, default=0,
+                        help="decode instances; the proxy listens on --port")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="the first replica's port")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="the first replica's port; with --prefill, the proxy's")
     parser.set_defaults(handler=up)
 
 
@@ -182,6 +204,7 @@ def main_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_bench_parser(commands)
     add_up_parser(commands)
+    add_pd_proxy_parser(commands)
     return parser
 
 

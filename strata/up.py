@@ -25,10 +25,17 @@ class Replica:
     index: int
     url: str
     process: subprocess.Popen
+    role: str = "replica"  # replica | prefill | decode | proxy
 
 
-def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[str]) -> int:
-    if replicas < 1:
+def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[str],
+       prefill: int = 0, decode: int = 0) -> int:
+    if prefill or decode:
+        if prefill < 1 or decode < 1:
+            raise ValueError("--prefill and --decode need at least one instance each")
+        if "--kv-connector" not in serve_args:
+            serve_args = [*serve_args, "--kv-connector", "tcp"]
+    elif replicas < 1:
         raise ValueError("--replicas must be at least 1")
     stop_requested = False
 
@@ -38,18 +45,36 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    started = [_start(i, model, host, port + i, serve_args) for i in range(replicas)]
+    if prefill:
+        roles = ["prefill"] * prefill + ["decode"] * decode
+        started = [_start(i, role, host, port + 1 + i, _serve(model, host, port + 1 + i,
+                                                               serve_args))
+                   for i, role in enumerate(roles)]
+    else:
+        started = [_start(i, "replica", host, port + i, _serve(model, host, port + i,
+                                                               serve_args))
+                   for i in range(replicas)]
     try:
         if not _wait_healthy(started, lambda: stop_requested):
             return 1
-        print(f"strata up: {replicas} replica(s) ready (Ctrl-C stops them all)", flush=True)
+        if prefill:
+            urls = {role: [r.url for r in started if r.role == role]
+                    for role in ("prefill", "decode")}
+            proxy = _start(len(started), "proxy", host, port, [
+                sys.executable, "-m", "strata.cli", "pd-proxy", "--host", host, "--port",
+                str(port), "--prefill", *urls["prefill"], "--decode", *urls["decode"]])
+            started.append(proxy)
+            if not _wait_healthy([proxy], lambda: stop_requested):
+                return 1
+        print(f"strata up: {len(started)} process(es) ready (Ctrl-C stops them all)",
+              flush=True)
         for replica in started:
-            print(f"  replica {replica.index}: {replica.url}  (pid {replica.process.pid})",
+            print(f"  {replica.role} {replica.index}: {replica.url}  (pid {replica.process.pid})",
                   flush=True)
         while not stop_requested:
             dead = [r for r in started if r.process.poll() is not None]
             if dead:
-                print(f"strata up: replica {dead[0].index} exited with code "
+                print(f"strata up: {dead[0].role} {dead[0].index} exited with code "
                       f"{dead[0].process.returncode}; stopping the others", file=sys.stderr)
                 return 1
             time.sleep(0.2)
@@ -58,13 +83,15 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         _stop(started)
 
 
-def _start(index: int, model: str | None, host: str, port: int,
-           serve_args: list[str]) -> Replica:
-    command = [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []),
-               "--host", host, "--port", str(port), *serve_args]
-    # Own process group: a Ctrl-C reaches only `strata up`, which then stops each replica once.
+def _serve(model: str | None, host: str, port: int, serve_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []),
+            "--host", host, "--port", str(port), *serve_args]
+
+
+def _start(index: int, role: str, host: str, port: int, command: list[str]) -> Replica:
+    # Own process group: a Ctrl-C reaches only `strata up`, which then stops each child once.
     process = subprocess.Popen(command, start_new_session=True)
-    return Replica(index, f"http://{host}:{port}", process)
+    return Replica(index, f"http://{host}:{port}", process, role)
 
 
 def _wait_healthy(replicas: list[Replica], stopping) -> bool:
