@@ -102,7 +102,8 @@ def kv_transfer_kwargs(args: argparse.Namespace) -> dict:
             connector = "nixl" if vllm_config["kv_connector"] == "NixlConnector" else "tcp"
     return dict(kv_connector=connector, kv_connector_host=args.kv_connector_host,
                 kv_connector_port=args.kv_connector_port,
-                kv_lease_seconds=args.kv_lease_seconds)
+                kv_lease_seconds=args.kv_lease_seconds,
+                kv_transfer_timeout=args.kv_transfer_timeout)
 
 
 def add_serve_parser(commands) -> None:
@@ -138,6 +139,8 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--kv-connector-port", type=int, default=0, help="0: any free port")
     parser.add_argument("--kv-lease-seconds", type=float, default=30.0,
                         help="how long a finished prefill's blocks wait to be read")
+    parser.add_argument("--kv-transfer-timeout", type=float, default=10.0,
+                        help="seconds a silent prefiller gets before a read falls back")
     parser.add_argument("--kv-events-config", default=None,
                         help='vLLM\'s form: \'{"enable_kv_cache_events": true, '
                              '"endpoint": "tcp://*:5557", "topic": "kv-events"}\'')

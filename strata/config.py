@@ -95,6 +95,7 @@ class EngineConfig:
     kv_connector_host: str = "127.0.0.1"
     kv_connector_port: int = 0  # 0: any free port
     kv_lease_seconds: float = 30.0  # a finished prefill's blocks wait this long to be read
+    kv_transfer_timeout: float = 10.0  # seconds a peer may stay silent before a read fails
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

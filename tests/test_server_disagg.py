@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -84,3 +87,32 @@ def test_a_dead_prefiller_costs_a_fallback_not_a_request(pd_pair, strata_server)
     after = wait_idle(decode.url)
     assert after["strata:kv_transfer_fallbacks_total"] == \
         before["strata:kv_transfer_fallbacks_total"] + 2
+
+
+def test_killing_the_prefiller_mid_load_loses_no_request(tmp_path, strata_server):
+    """Twelve requests through a decode instance; the prefiller (both its processes) is
+    SIGKILLed while they run. Each request either read its blocks or fell back to a local
+    prefill: all complete, with the colocated tokens, and none hangs."""
+    prefill = ServerProcess(tmp_path, "--kv-connector", "tcp")
+    decode = ServerProcess(tmp_path, "--kv-connector", "tcp", "--kv-transfer-timeout", "2")
+    try:
+        prompts = [[random.Random(f"kill-{i}").randrange(3, 512) for _ in range(200)]
+                   for i in range(12)]
+        expected = [token_ids(strata_server.url, p, stream=False) for p in prompts]
+        header = {"x-prefiller-host-port": f"127.0.0.1:{prefill.port}"}
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(token_ids, decode.url, p, i % 2 == 1, header)
+                       for i, p in enumerate(prompts)]
+            time.sleep(0.3)
+            subprocess.run(["pkill", "-KILL", "-P", str(prefill.process.pid)], check=False)
+            prefill.process.kill()
+            results = [f.result(timeout=120) for f in futures]
+        assert results == expected
+        metrics = wait_idle(decode.url)
+        assert metrics["strata:kv_transfers_total"] + \
+            metrics["strata:kv_transfer_fallbacks_total"] == 12
+        assert metrics["strata:kv_transfer_fallbacks_total"] >= 1
+        assert metrics["vllm:kv_cache_usage_perc"] == 0
+    finally:
+        decode.stop()
+        prefill.process.wait()

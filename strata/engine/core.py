@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,8 +57,8 @@ class EngineStats:
     prefix_cache_hits: int = 0
     kv_transfers: int = 0  # cumulative: KV reads from prefill instances that succeeded
     kv_transfer_bytes: int = 0
-    kv_transfer_seconds: float = 0.0
     kv_transfer_fallbacks: int = 0  # reads that failed; the prompt was computed here
+    kv_transfer_durations: list[float] = field(default_factory=list)  # reads since last stats
 
 
 class EngineCore:
@@ -94,7 +94,7 @@ class EngineCore:
         else:
             raise ValueError(f"unknown KV connector {config.kv_connector!r} (nixl or tcp)")
         connector = Connector(f"strata-{uuid.uuid4().hex[:12]}", config.kv_connector_host,
-                              config.kv_connector_port)
+                              config.kv_connector_port, config.kv_transfer_timeout)
         connector.register(self.runner.kv_cache,
                            KVLayout.of(self.runner.kv_cache, self.model_path))
         return KVTransfer(connector, self.scheduler, config.cache.block_size,
@@ -206,8 +206,10 @@ class EngineCore:
         if self.kv_transfer is None:
             return {}
         stats = self.kv_transfer.stats
+        durations, stats.new_durations = stats.new_durations, []
         return dict(kv_transfers=stats.num_reads, kv_transfer_bytes=stats.num_bytes,
-                    kv_transfer_seconds=stats.seconds, kv_transfer_fallbacks=stats.num_fallbacks)
+                    kv_transfer_fallbacks=stats.num_fallbacks,
+                    kv_transfer_durations=durations)
 
 
 def _logprobs_per_row(sampled, requests: list[Request]) -> list[TokenLogprobs | None]:

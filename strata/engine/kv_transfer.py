@@ -17,7 +17,7 @@ routers drive Strata as they drive vLLM:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from strata.disagg.connector import KVConnector, RemoteBlocks
 from strata.engine.kv_cache import cdiv
@@ -31,8 +31,8 @@ class TransferStats:
 
     num_reads: int = 0
     num_bytes: int = 0
-    seconds: float = 0.0
     num_fallbacks: int = 0  # reads that failed: the prompt was computed locally
+    new_durations: list[float] = field(default_factory=list)  # per read, until reported
 
 
 class KVTransfer:
@@ -98,7 +98,7 @@ class KVTransfer:
             if ok:
                 self.stats.num_reads += 1
                 self.stats.num_bytes += result.num_bytes
-                self.stats.seconds += result.seconds
+                self.stats.new_durations.append(result.seconds)
             else:
                 self.stats.num_fallbacks += 1
         for request_id in read_done:

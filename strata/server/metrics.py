@@ -15,6 +15,8 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
                0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
                    30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
 FINISH_REASONS = ("stop", "length", "abort")
 prometheus_client.disable_created_metrics()  # `_created` series only double the scrape
 
@@ -58,8 +60,9 @@ class ServerMetrics:
         # instead because the prefiller or the read failed.
         self.kv_transfers = counter("strata:kv_transfers_total", "KV reads from prefillers.")
         self.kv_transfer_bytes = counter("strata:kv_transfer_bytes_total", "Bytes of KV read.")
-        self.kv_transfer_seconds = counter("strata:kv_transfer_seconds_total",
-                                           "Seconds spent reading KV (sum over reads).")
+        self.kv_transfer_seconds = histogram("strata:kv_transfer_seconds",
+                                             "Seconds one KV read from a prefiller took.",
+                                             TRANSFER_BUCKETS)
         self.kv_transfer_fallbacks = counter("strata:kv_transfer_fallbacks_total",
                                              "Remote prefills that failed, computed here.")
         success = Counter("vllm:request_success_total", "Finished samples, by finish reason.",
@@ -81,7 +84,8 @@ class ServerMetrics:
         self.prefix_hits.inc(stats.prefix_cache_hits - last.prefix_cache_hits)
         self.kv_transfers.inc(stats.kv_transfers - last.kv_transfers)
         self.kv_transfer_bytes.inc(stats.kv_transfer_bytes - last.kv_transfer_bytes)
-        self.kv_transfer_seconds.inc(stats.kv_transfer_seconds - last.kv_transfer_seconds)
+        for seconds in stats.kv_transfer_durations:
+            self.kv_transfer_seconds.observe(seconds)
         self.kv_transfer_fallbacks.inc(stats.kv_transfer_fallbacks - last.kv_transfer_fallbacks)
         self._last = stats
 

@@ -1,0 +1,171 @@
+"""Colocated vs disaggregated prefill/decode, through `strata bench serve`.
+
+    python benchmarks/disagg.py --model DIR [--rounds 3] [--save out.json]
+
+DIR is a random-weight benchmark checkpoint with a tokenizer (the peers' 19.5M model
+from ../shared/peers/make_tiny_model.py). Setups, all up at once, one under load at a
+time, rounds interleaving them:
+- colocated: one `strata serve` on both cores (2 torch threads), chunked prefill on;
+- pd-tcp and pd-nixl: a prefill instance pinned to core 0 and a decode instance pinned
+  to core 1 (1 torch thread each), joined by that KV connector, behind `strata pd-proxy`.
+
+The load, two streams at once: 16 decode streams (32-token prompts, 256 output tokens,
+48 requests, 16 in flight), and long prompts arriving meanwhile (2,000 tokens, 16 output
+tokens, 8 of them, Poisson at 0.5/s). ITL is the decode streams'; TTFT both streams';
+transfer bandwidth is the decode instance's KV bytes read over the seconds the reads took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from strata.bench import BenchConfig
+from strata.bench.cli import run_benchmark_async
+from strata.health import wait_healthy
+
+SETUPS = ("colocated", "pd-tcp", "pd-nixl")
+DECODE_LOAD = dict(workload="random", num_prompts=48, random_input_len=32,
+                   random_output_len=256, max_concurrency=16)
+LONG_PROMPTS = dict(workload="random", num_prompts=8, random_input_len=2000,
+                    random_output_len=16, request_rate=0.5)
+
+
+@contextlib.contextmanager
+def process(command: list[str], log: Path, url: str, cores: str | None = None,
+            threads: int | None = None):
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if cores:
+        command = ["taskset", "-c", cores, *command]
+    with open(log, "w") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_healthy(url, child, 600)
+            yield url
+        finally:
+            child.terminate()
+            child.wait(60)
+
+
+def serve(model: Path, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "strata.cli", "serve", str(model), "--port", str(port),
+            "--served-model-name", "bench", "--disable-uvicorn-access-log",
+            "--max-model-len", "2048", *extra]
+
+
+def start_setups(stack: contextlib.ExitStack, model: Path, port: int, logs: Path) -> dict:
+    urls = {"colocated": stack.enter_context(process(
+        serve(model, port), logs / "colocated.log", f"http://127.0.0.1:{port}", threads=2))}
+    for offset, kind in ((1, "tcp"), (4, "nixl")):
+        prefill_port, decode_port, proxy_port = port + offset, port + offset + 1, \
+            port + offset + 2
+        prefill = stack.enter_context(process(
+            serve(model, prefill_port, "--kv-connector", kind), logs / f"prefill-{kind}.log",
+            f"http://127.0.0.1:{prefill_port}", cores="0", threads=1))
+        decode = stack.enter_context(process(
+            serve(model, decode_port, "--kv-connector", kind), logs / f"decode-{kind}.log",
+            f"http://127.0.0.1:{decode_port}", cores="1", threads=1))
+        urls[f"pd-{kind}"] = stack.enter_context(process(
+            [sys.executable, "-m", "strata.cli", "pd-proxy", "--port", str(proxy_port),
+             "--prefill", prefill, "--decode", decode], logs / f"proxy-{kind}.log",
+            f"http://127.0.0.1:{proxy_port}"))
+        urls[f"decode-{kind}"] = decode
+    return urls
+
+
+def transfer_counters(url: str) -> tuple[float, float]:
+    """(bytes read, seconds the reads took) from an instance's /metrics."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return (values.get("strata:kv_transfer_bytes_total", 0.0),
+            values.get("strata:kv_transfer_seconds_sum", 0.0))
+
+
+async def run_load(url: str, model: Path, seed: int) -> dict:
+    common = dict(base_url=url, model="bench", tokenizer=str(model), prompt_format="ids",
+                  ignore_eos=True, seed=seed, disable_tqdm=True, num_warmups=0)
+    decode, long = await asyncio.gather(
+        run_benchmark_async(BenchConfig(**common, **DECODE_LOAD)),
+        run_benchmark_async(BenchConfig(**common | {"seed": seed + 1000}, **LONG_PROMPTS)))
+    for run in (decode, long):
+        if run["summary"]["failed"]:
+            raise RuntimeError(f"{url}: {run['summary']['errors']}")
+    start = min(r.start for r in decode["results"] + long["results"])
+    end = max(r.start + r.e2e for r in decode["results"] + long["results"])
+    tokens = decode["summary"]["total_output_tokens"] + long["summary"]["total_output_tokens"]
+    return {"itl_p50": decode["summary"]["median_itl_ms"],
+            "itl_p99": decode["summary"]["p99_itl_ms"],
+            "decode_ttft_p50": decode["summary"]["median_ttft_ms"],
+            "long_ttft_p50": long["summary"]["median_ttft_ms"],
+            "long_ttft_p99": long["summary"]["p99_ttft_ms"],
+            "output_tok_s": tokens / (end - start)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8600)
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--save", type=Path, default=None)
+    args = parser.parse_args()
+    rounds = []
+    with contextlib.ExitStack() as stack:
+        urls = start_setups(stack, args.model, args.port, args.log_dir)
+        for index in range(args.rounds):
+            print(f"round {index + 1}/{args.rounds}", flush=True)
+            results = {}
+            for setup in SETUPS:
+                kind = setup.removeprefix("pd-")
+                before = transfer_counters(urls[f"decode-{kind}"]) if kind != setup else None
+                results[setup] = asyncio.run(run_load(urls[setup], args.model, seed=index))
+                if before is not None:
+                    after = transfer_counters(urls[f"decode-{kind}"])
+                    moved, seconds = after[0] - before[0], after[1] - before[1]
+                    results[setup]["transfer_gb_s"] = moved / seconds / 1e9 if seconds else None
+                print(f"  {setup}: {json.dumps(results[setup])}", flush=True)
+                time.sleep(1)
+            rounds.append(results)
+    if args.save:
+        args.save.write_text(json.dumps(rounds, indent=1))
+    print(table(rounds))
+    return 0
+
+
+def table(rounds: list[dict]) -> str:
+    columns = (("ITL p50 ms", "itl_p50", "{:.1f}"), ("ITL p99 ms", "itl_p99", "{:.1f}"),
+               ("TTFT p50 ms (decode streams)", "decode_ttft_p50", "{:.0f}"),
+               ("TTFT p50 ms (2k prompts)", "long_ttft_p50", "{:.0f}"),
+               ("TTFT p99 ms (2k prompts)", "long_ttft_p99", "{:.0f}"),
+               ("output tok/s", "output_tok_s", "{:.0f}"),
+               ("KV transfer GB/s", "transfer_gb_s", "{:.2f}"))
+    header = ["setup", *(name for name, _, _ in columns), "ITL p99: colocated / this"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for setup in SETUPS:
+        cells = []
+        for _, key, fmt in columns:
+            values = [r[setup].get(key) for r in rounds if r[setup].get(key) is not None]
+            cells.append(fmt.format(statistics.median(values)) if values else "-")
+        ratio = statistics.median(r["colocated"]["itl_p99"] / r[setup]["itl_p99"]
+                                  for r in rounds)
+        lines.append(f"| {setup} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
