@@ -13,6 +13,8 @@ The load, two streams at once: 16 decode streams (32-token prompts, 256 output t
 48 requests, 16 in flight), and long prompts arriving meanwhile (2,000 tokens, 16 output
 tokens, 8 of them, Poisson at 0.5/s). ITL is the decode streams'; TTFT both streams';
 transfer bandwidth is the decode instance's KV bytes read over the seconds the reads took.
+Then the connectors alone, between two pools in one process (no engine, nothing else
+running): one 2,000-token prompt's blocks read 10 times by each, interleaved.
 """
 
 from __future__ import annotations
@@ -144,7 +146,50 @@ def main() -> int:
     if args.save:
         args.save.write_text(json.dumps(rounds, indent=1))
     print(table(rounds))
+    print(connector_bandwidth(args.model))
     return 0
+
+
+def connector_bandwidth(model: Path, reads: int = 10) -> str:
+    """GB/s of each connector moving one 2,000-token prompt's blocks between two pools of the
+    model's KV shape, alternating connectors read by read."""
+    import torch
+
+    from strata.disagg.connector import KVLayout, RemoteBlocks
+    from strata.disagg.nixl import NixlKVConnector
+    from strata.disagg.tcp import TcpKVConnector
+
+    config = json.loads((model / "config.json").read_text())
+    heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    shape = (config["num_hidden_layers"], 2, 256, 16, heads, head_dim)
+    layout = KVLayout("m", shape[0], heads, head_dim, 16, "float32")
+    blocks = list(range(125))  # 2,000 tokens
+    pairs = {}
+    for name, kind in (("tcp", TcpKVConnector), ("nixl", NixlKVConnector)):
+        prefill, decode = kind(f"bw-{name}-p"), kind(f"bw-{name}-d")
+        prefill.register(torch.randn(shape), layout)
+        decode.register(torch.zeros(shape), layout)
+        pairs[name] = (prefill, decode)
+    seconds = {name: [] for name in pairs}
+    for index in range(reads + 1):  # the first read of each handshakes; not counted
+        for name, (prefill, decode) in pairs.items():
+            prefill.publish(f"r{index}", blocks)
+            host, port = prefill.address
+            decode.start_read(f"r{index}", RemoteBlocks(name, host, port, f"r{index}", blocks),
+                              [b + 128 for b in blocks])
+            while not (results := decode.poll()[0]):
+                time.sleep(0.0002)
+            assert results[0].error is None, results[0].error
+            if index:
+                seconds[name].append(results[0].seconds)
+    num_bytes = len(blocks) * torch.zeros(shape)[:, :, 0].numel() * 4
+    for prefill, decode in pairs.values():
+        prefill.close()
+        decode.close()
+    return "\n".join(
+        f"{name}: {num_bytes / 1e6:.1f} MB per read, median {statistics.median(s) * 1e3:.1f} ms, "
+        f"{num_bytes / statistics.median(s) / 1e9:.2f} GB/s" for name, s in seconds.items())
 
 
 def table(rounds: list[dict]) -> str:
