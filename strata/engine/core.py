@@ -190,7 +190,7 @@ class EngineCore:
 
     @property
     def waiting_on_transfers(self) -> bool:
-        """Requests wait for K/V from a peer, and nothing else can run meanwhile."""
+        """Some requests wait for K/V from a peer (the loop naps if nothing else ran)."""
         return bool(self.scheduler.transferring)
 
     def stats(self) -> EngineStats:
