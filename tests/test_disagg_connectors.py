@@ -71,6 +71,16 @@ def test_published_blocks_arrive_intact_and_the_prefiller_hears_of_it(pair):
     assert "no blocks are published" in wait_for(decode).error
 
 
+def test_runs_of_consecutive_blocks_arrive_intact(pair):
+    """NIXL moves a run of consecutive blocks as one region: runs, breaks and lone blocks."""
+    prefill, decode = pair
+    prefill.publish("r", [3, 4, 5, 9, 10, 11])
+    decode.start_read("d", remote(prefill, [3, 4, 5, 9, 10, 11]), [0, 1, 2, 6, 8, 9])
+    assert wait_for(decode).error is None
+    assert torch.equal(decode.kv_cache[:, :, [0, 1, 2, 6, 8, 9]],
+                       prefill.kv_cache[:, :, [3, 4, 5, 9, 10, 11]])
+
+
 def test_a_read_of_no_blocks_ends_the_lease(pair):
     """A reader that had every block in its own cache still says it is done."""
     prefill, decode = pair

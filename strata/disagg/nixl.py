@@ -64,12 +64,15 @@ class NixlKVConnector(TcpKVConnector):
         self._exchange(socket, Read(next(ids), remote.request_id, remote.block_ids,
                                     send_blocks=False), remote)
         pool = self._peers[(remote.host, remote.port)]
+        runs = _runs(remote.block_ids, local_ids)
         with self._nixl_lock:
             theirs = self.agent.get_xfer_descs(
-                self._regions(pool.base_address, pool.num_blocks, remote.block_ids),
+                self._regions(pool.base_address, pool.num_blocks,
+                              [(start, length) for start, _, length in runs]),
                 self.memory_type)
             ours = self.agent.get_xfer_descs(
-                self._regions(self.kv_cache.data_ptr(), self.kv_cache.shape[2], local_ids),
+                self._regions(self.kv_cache.data_ptr(), self.kv_cache.shape[2],
+                              [(start, length) for _, start, length in runs]),
                 self.memory_type)
             handle = self.agent.initialize_xfer("READ", ours, theirs, pool.agent_name,
                                                 remote.request_id.encode())
@@ -94,15 +97,15 @@ class NixlKVConnector(TcpKVConnector):
     def _block_bytes(self) -> int:
         return self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
 
-    def _regions(self, base: int, num_blocks: int, block_ids: list[int]
+    def _regions(self, base: int, num_blocks: int, runs: list[tuple[int, int]]
                  ) -> list[tuple[int, int, int]]:
-        """(address, length, device) of every (layer, K or V, block) of the given blocks in
-        a pool [layers, 2, num_blocks, ...] that starts at base."""
+        """(address, length, device) of every (layer, K or V, run of consecutive blocks) in a
+        pool [layers, 2, num_blocks, ...] that starts at base."""
         size, device = self._block_bytes, self.kv_cache.get_device() if \
             self.kv_cache.is_cuda else 0
-        return [(base + ((layer * 2 + kv) * num_blocks + block) * size, size, device)
+        return [(base + ((layer * 2 + kv) * num_blocks + start) * size, length * size, device)
                 for layer in range(self.kv_cache.shape[0]) for kv in (0, 1)
-                for block in block_ids]
+                for start, length in runs]
 
     def poll(self):
         results, read_done = super().poll()
@@ -121,3 +124,15 @@ class NixlKVConnector(TcpKVConnector):
         super().close()
         if hasattr(self, "agent"):
             self.agent.deregister_memory(self._registration)
+
+
+def _runs(remote_ids: list[int], local_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(remote start, local start, length) of the stretches where both sides' block ids
+    run consecutively: one descriptor each instead of one per block."""
+    runs: list[list[int]] = []
+    for remote, local in zip(remote_ids, local_ids, strict=True):
+        if runs and remote == runs[-1][0] + runs[-1][2] and local == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([remote, local, 1])
+    return [tuple(run) for run in runs]
