@@ -1,0 +1,78 @@
+"""The endpoint pool's parts: an endpoint (address, role, model), parsed from a flag, and
+the state the picker reads from its /metrics (vLLM's names). No torch, no engine: the
+router runs in a small pod of its own."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+ROLES = ("both", "prefill", "decode")
+STALE_AFTER = 1.0  # seconds without a good scrape before an endpoint gets no new requests
+
+
+@dataclass
+class EndpointMetrics:
+    num_waiting: float = 0.0
+    num_running: float = 0.0
+    kv_cache_usage: float = 0.0
+    block_size: int | None = None  # from vllm:cache_config_info
+    num_blocks: int | None = None
+    models: set[str] = field(default_factory=set)  # model_name labels seen
+
+
+@dataclass
+class Endpoint:
+    url: str
+    role: str = "both"
+    model: str | None = None  # None: whatever its metrics say it serves
+    metrics: EndpointMetrics | None = None
+    scraped_at: float = 0.0  # time.monotonic() of the last good scrape
+
+    def healthy(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return self.metrics is not None and now - self.scraped_at <= STALE_AFTER
+
+    def serves(self, model: str) -> bool:
+        if self.model is not None:
+            return self.model == model
+        return self.metrics is not None and model in self.metrics.models
+
+
+def parse_endpoint(spec: str) -> Endpoint:
+    """`URL[,role=prefill|decode|both][,model=NAME]`, as `strata route --endpoint` takes it."""
+    url, *options = [part.strip() for part in spec.split(",")]
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"endpoint {spec!r}: the URL must start with http:// or https://")
+    endpoint = Endpoint(url.rstrip("/"))
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "role" and value in ROLES:
+            endpoint.role = value
+        elif key == "model" and value:
+            endpoint.model = value
+        else:
+            raise ValueError(f"endpoint {spec!r}: unknown option {option!r} (role=prefill|"
+                             f"decode|both, model=NAME)")
+    return endpoint
+
+
+def parse_metrics(text: str) -> EndpointMetrics:
+    """The gauges the picker uses, summed over models, from Prometheus text."""
+    metrics = EndpointMetrics()
+    gauges = {"vllm:num_requests_waiting": "num_waiting",
+              "vllm:num_requests_running": "num_running",
+              "vllm:kv_cache_usage_perc": "kv_cache_usage"}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in gauges:
+                name = gauges[sample.name]
+                setattr(metrics, name, getattr(metrics, name) + sample.value)
+                if "model_name" in sample.labels:
+                    metrics.models.add(sample.labels["model_name"])
+            elif sample.name == "vllm:cache_config_info":
+                metrics.block_size = int(sample.labels["block_size"])
+                metrics.num_blocks = int(sample.labels["num_gpu_blocks"])
+    return metrics

@@ -1,0 +1,100 @@
+"""The endpoint picker's parts, on scripted states: endpoint flags, metrics parsing, filters,
+the scorers' formulas, weights, ties, and the approximate prefix index."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import pytest
+
+from strata.router.endpoints import Endpoint, EndpointMetrics, parse_endpoint, parse_metrics
+from strata.router.picker import Picker, PickRequest, kv_cache_scores, queue_scores
+from strata.router.prefix_index import PrefixIndex, prompt_blocks
+
+
+def endpoint(url: str, waiting=0.0, usage=0.0, role="both", model="m") -> Endpoint:
+    return Endpoint(url, role, model, EndpointMetrics(num_waiting=waiting, kv_cache_usage=usage),
+                    time.monotonic())
+
+
+def test_endpoint_flags_parse_and_bad_ones_are_refused():
+    parsed = parse_endpoint("http://10.0.0.1:8000/,role=prefill,model=llama")
+    assert (parsed.url, parsed.role, parsed.model) == ("http://10.0.0.1:8000", "prefill", "llama")
+    assert parse_endpoint("http://a:1").role == "both"
+    for bad in ("a:1", "http://a:1,role=leader", "http://a:1,color=red"):
+        with pytest.raises(ValueError):
+            parse_endpoint(bad)
+
+
+def test_metrics_of_a_live_server_parse(strata_server):
+    metrics = parse_metrics(httpx.get(f"{strata_server.url}/metrics").text)
+    assert metrics.models == {"stories"} and metrics.block_size == 16
+    assert metrics.num_blocks > 0 and 0 <= metrics.kv_cache_usage <= 1
+
+
+def test_scores_follow_the_formulas():
+    endpoints = [endpoint("a", waiting=0, usage=0.2), endpoint("b", waiting=5, usage=0.5),
+                 endpoint("c", waiting=10, usage=1.0)]
+    assert queue_scores(endpoints) == [1.0, 0.5, 0.0]
+    assert kv_cache_scores(endpoints) == pytest.approx([0.8, 0.5, 0.0])
+    assert queue_scores(endpoints[:1] * 2) == [1.0, 1.0]  # equal queues: no preference
+
+
+def test_the_weighted_total_decides_and_matches_a_hand_computation():
+    endpoints = [endpoint("a", waiting=0, usage=0.9), endpoint("b", waiting=4, usage=0.1)]
+    prefix = {"a": 0.0, "b": 0.0}
+    request = PickRequest("m", prefix_match=lambda e: prefix[e.url])
+    # a: 2*1 + 2*0.1 = 2.2; b: 2*0 + 2*0.9 = 1.8
+    assert Picker().pick(request, endpoints).endpoint.url == "a"
+    prefix["b"] = 0.5  # b: 1.8 + 3*0.5 = 3.3
+    pick = Picker().pick(request, endpoints)
+    assert pick.endpoint.url == "b"
+    assert pick.scores["b"] == {"queue": 0.0, "kv-cache": pytest.approx(0.9), "prefix": 0.5}
+    assert Picker({"queue": 1.0}).pick(request, endpoints).endpoint.url == "a"
+
+
+def test_filters_model_health_and_role():
+    stale = endpoint("stale")
+    stale.scraped_at -= 5
+    endpoints = [endpoint("other-model", model="x"), stale, endpoint("prefill", role="prefill"),
+                 endpoint("decode", role="decode")]
+    assert Picker().pick(PickRequest("m"), endpoints).endpoint.url == "decode"
+    assert Picker().pick(PickRequest("m", role="prefill"), endpoints).endpoint.url == "prefill"
+    assert Picker().pick(PickRequest("y"), endpoints).endpoint is None
+
+
+def test_ties_are_broken_at_random():
+    endpoints = [endpoint("a"), endpoint("b")]
+    chosen = {Picker(rng=random.Random(seed)).pick(PickRequest("m"), endpoints).endpoint.url
+              for seed in range(20)}
+    assert chosen == {"a", "b"}
+
+
+def test_prefix_index_matches_leading_blocks_and_forgets_the_oldest():
+    index = PrefixIndex()
+    system = list(range(100, 164))  # 4 blocks of 16
+    routed = prompt_blocks(system + [1] * 16, 16)
+    index.record("a", routed, capacity=8)
+    assert index.match("a", prompt_blocks(system + [2] * 16, 16)) == 0.8  # 4 of 5
+    assert index.match("b", routed) == 0.0
+    assert index.match("a", prompt_blocks(system, 16, cache_salt="t")) == 0.0  # salted
+    index.record("a", prompt_blocks(list(range(500, 580)), 16), capacity=8)  # 5 more blocks
+    assert index.match("a", routed) == 0.0  # its first blocks were the least recently used
+    text = "You are a helpful assistant. " * 10
+    index.record("c", prompt_blocks(text + "Question one?", 16))
+    assert index.match("c", prompt_blocks(text + "Another question?", 16)) > 0.6
+
+
+def test_the_router_imports_neither_torch_nor_the_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys, strata.router.picker, strata.router.prefix_index, "
+            "strata.router.endpoints; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('strata.engine')"
+            " or m.startswith('strata.model')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
