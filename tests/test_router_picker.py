@@ -98,3 +98,39 @@ def test_the_router_imports_neither_torch_nor_the_engine():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_pool_scrapes_live_endpoints_and_marks_dead_ones_unhealthy(strata_server,
+                                                                       tmp_path):
+    import asyncio
+    import os
+
+    from strata.router.pool import EndpointPool, StaticSource, YamlSource
+    from tests.server_process import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+
+    async def scrape(pool: EndpointPool, seconds: float) -> None:
+        task = asyncio.create_task(pool.run())
+        await asyncio.sleep(seconds)
+        task.cancel()
+        await pool.close()
+
+    pool = EndpointPool(StaticSource([strata_server.url, f"{dead},role=decode"]))
+    asyncio.run(scrape(pool, 0.3))
+    live, gone = pool.endpoints
+    assert live.healthy() and live.serves("stories") and live.metrics.block_size == 16
+    assert not gone.healthy() and gone.role == "decode"
+
+    config = tmp_path / "endpoints.yaml"
+    config.write_text(f"endpoints:\n  - url: {strata_server.url}\n    role: prefill\n")
+    source = YamlSource(config)
+    asyncio.run(scrape(EndpointPool(source), 0.2))
+    [endpoint] = source.endpoints()
+    assert endpoint.role == "prefill" and endpoint.healthy()
+    config.write_text(f"endpoints:\n  - url: {strata_server.url}\n    role: prefill\n"
+                      f"  - url: {dead}\n")
+    later = time.time() + 5  # a coarse file clock must still see the change
+    os.utime(config, (later, later))
+    urls = [e.url for e in source.endpoints()]
+    assert urls == [strata_server.url, dead] and source.endpoints()[0].healthy()

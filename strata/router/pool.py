@@ -1,0 +1,93 @@
+"""The endpoint pool: where the endpoints come from (an EndpointSource: flags or a YAML file
+now, Kubernetes pods by label later) and a scraper that reads each one's /metrics every
+50 ms. An endpoint whose scrapes fail goes stale, and so unhealthy, within a second, and
+is healthy again at its first good scrape."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import yaml
+
+from strata.router.endpoints import Endpoint, parse_endpoint, parse_metrics
+
+SCRAPE_INTERVAL = 0.05
+
+
+class EndpointSource(Protocol):
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints now; called before every scrape round, so a source may change."""
+
+
+class StaticSource:
+    """`--endpoint URL[,role=...][,model=...]` flags."""
+
+    def __init__(self, specs: list[str]) -> None:
+        self._endpoints = [parse_endpoint(spec) for spec in specs]
+
+    def endpoints(self) -> list[Endpoint]:
+        return self._endpoints
+
+
+class YamlSource:
+    """A file `endpoints: [{url: ..., role: ..., model: ...}, ...]`, read again when it
+    changes; endpoints that stay keep their scraped state."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime = -1.0
+        self._endpoints: dict[str, Endpoint] = {}
+        self.endpoints()  # a bad file fails at start, not at the first scrape
+
+    def endpoints(self) -> list[Endpoint]:
+        mtime = self.path.stat().st_mtime
+        if mtime != self._mtime:
+            document = yaml.safe_load(self.path.read_text()) or {}
+            specs = []
+            for entry in document.get("endpoints", []):
+                options = [f"{key}={entry[key]}" for key in ("role", "model") if key in entry]
+                specs.append(",".join([entry["url"], *options]))
+            fresh = {e.url: e for e in map(parse_endpoint, specs)}
+            for url, endpoint in fresh.items():
+                if url in self._endpoints:  # keep what was scraped
+                    endpoint.metrics = self._endpoints[url].metrics
+                    endpoint.scraped_at = self._endpoints[url].scraped_at
+            self._endpoints, self._mtime = fresh, mtime
+        return list(self._endpoints.values())
+
+
+class EndpointPool:
+    def __init__(self, source: EndpointSource, interval: float = SCRAPE_INTERVAL,
+                 timeout: float = 0.5) -> None:
+        self.source = source
+        self.interval = interval
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout))
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.source.endpoints()
+
+    async def scrape_once(self) -> None:
+        await asyncio.gather(*(self._scrape(e) for e in self.endpoints))
+
+    async def _scrape(self, endpoint: Endpoint) -> None:
+        try:
+            response = await self.client.get(f"{endpoint.url}/metrics")
+            response.raise_for_status()
+            endpoint.metrics = parse_metrics(response.text)
+            endpoint.scraped_at = time.monotonic()
+        except (httpx.HTTPError, ValueError):
+            pass  # stale soon: unhealthy until a scrape succeeds again
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            await self.scrape_once()
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def close(self) -> None:
+        await self.client.aclose()
