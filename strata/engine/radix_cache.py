@@ -92,22 +92,23 @@ class RadixCache:
 
     def match_length(self, token_ids: list[int], salt: str | None, max_blocks: int) -> int:
         """Cached full blocks at the start of token_ids; changes nothing (for scheduling)."""
-        node, matched = self.root, 0
-        while matched < max_blocks:
-            child = node.children.get(self._key(node, token_ids, matched, salt))
-            if child is None:
-                break
-            count = self._matching_blocks(child, token_ids, matched, max_blocks - matched)
-            matched += count
-            if count < child.num_blocks:
-                break
-            node = child
-        return matched
+        return len(self._walk(token_ids, salt, max_blocks, split=False)[1])
 
     def match_prefix(self, token_ids: list[int], salt: str | None, max_blocks: int
                      ) -> PrefixMatch:
         """The longest cached prefix, up to max_blocks; splits a node it ends inside so the
         match is whole nodes, and marks the path as just used."""
+        node, blocks = self._walk(token_ids, salt, max_blocks, split=True)
+        if node is self.root:
+            return PrefixMatch()
+        self._touch(node)
+        evictable = sum(n.num_blocks for n in self._path(node) if n.lock_ref == 0)
+        return PrefixMatch(node, blocks, evictable)
+
+    def _walk(self, token_ids: list[int], salt: str | None, max_blocks: int, split: bool
+              ) -> tuple[RadixNode, list[int]]:
+        """(deepest whole node matched, cached block ids). A match that ends inside a node
+        splits it (split=True) or stops there with the blocks matched so far."""
         node, blocks = self.root, []
         while len(blocks) < max_blocks:
             child = node.children.get(self._key(node, token_ids, len(blocks), salt))
@@ -116,14 +117,13 @@ class RadixCache:
             count = self._matching_blocks(child, token_ids, len(blocks),
                                           max_blocks - len(blocks))
             if count < child.num_blocks:
+                if not split:
+                    blocks.extend(child.block_ids[:count])
+                    break
                 child = self._split(child, count)
             blocks.extend(child.block_ids)
             node = child
-        if node is self.root:
-            return PrefixMatch()
-        self._touch(node)
-        evictable = sum(n.num_blocks for n in self._path(node) if n.lock_ref == 0)
-        return PrefixMatch(node, blocks, evictable)
+        return node, blocks
 
     def _split(self, node: RadixNode, num_blocks: int) -> RadixNode:
         """Cut node after num_blocks; the new upper part takes its place and is returned.

@@ -145,9 +145,9 @@ class Scheduler:
         for request in itertools.islice(self.waiting.copy(), config.lpm_max_waiting):
             if budget <= 0 or len(self.running) + len(self.transferring) >= config.max_num_seqs:
                 break
-            if self._computed_elsewhere(request, in_flight):
-                continue  # another request is computing its next block: reuse it next step
             match = kv_cache.get_computed_blocks(request)
+            if self._computed_elsewhere(request, match.num_blocks, in_flight):
+                continue  # another request is computing its next block: reuse it next step
             num_new = request.num_tokens - match.num_blocks * kv_cache.block_size
             if request.remote_prefill is not None:
                 # Blocks for all of the prompt but its last token, read rather than computed.
@@ -236,16 +236,15 @@ class Scheduler:
                 in_flight.update(self._uncomputed_blocks(request))
         return in_flight
 
-    def _computed_elsewhere(self, request: Request, in_flight: set[int]) -> bool:
+    def _computed_elsewhere(self, request: Request, num_cached_blocks: int,
+                            in_flight: set[int]) -> bool:
         """Whether the first block this request would compute is being computed by another
         (several requests with one uncached prefix: one computes it, the others reuse it)."""
         if not in_flight:
             return False
-        size = self.kv_cache.block_size
-        cached = self.kv_cache.cache.match_length(request.all_token_ids, request.cache_salt,
-                                                  (request.num_tokens - 1) // size)
-        hashes = self.kv_cache.block_hashes(request, (request.num_tokens - 1) // size)
-        return cached < len(hashes) and hashes[cached] in in_flight
+        hashes = self.kv_cache.block_hashes(request,
+                                            (request.num_tokens - 1) // self.kv_cache.block_size)
+        return num_cached_blocks < len(hashes) and hashes[num_cached_blocks] in in_flight
 
     def _blocks_to_come(self, request: Request) -> float:
         """Blocks the request is expected to add: its uncomputed tokens, plus its remaining
