@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from strata.checkpoint import resolve_model_path
 from strata.config import DEFAULT_MODEL, EngineConfig
 from strata.engine.core import EngineCore
-from strata.model.loader import resolve_model_path
 from strata.outputs import CompletionOutput, RequestOutput
 from strata.sample_state import SampleState
 from strata.sampling_params import SamplingParams

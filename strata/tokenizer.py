@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerFast
 
-from strata.model.loader import load_json
+from strata.checkpoint import load_json
 
 
 class Tokenizer:
@@ -58,6 +58,12 @@ class Tokenizer:
             raise ValueError("this model's tokenizer has no chat template")
         return self.hf.apply_chat_template(messages, tokenize=False,
                                            add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def chat_needs_bos(self, text: str) -> bool:
+        """Whether encoding a rendered chat adds special tokens: a template that writes the
+        BOS token itself must not get a second one."""
+        bos = self.hf.bos_token
+        return not (bos and text.startswith(bos))
 
 
 def _token_text(value: str | dict) -> str:

@@ -15,8 +15,9 @@ from strata.router.prefix_index import PrefixIndex, prompt_blocks
 
 
 def endpoint(url: str, waiting=0.0, usage=0.0, role="both", model="m") -> Endpoint:
-    return Endpoint(url, role, model, EndpointMetrics(num_waiting=waiting, kv_cache_usage=usage),
-                    time.monotonic())
+    return Endpoint(url, role, model, metrics=EndpointMetrics(num_waiting=waiting,
+                                                              kv_cache_usage=usage),
+                    scraped_at=time.monotonic())
 
 
 def test_endpoint_flags_parse_and_bad_ones_are_refused():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from strata.checkpoint import load_json, resolve_model_path
 from strata.config import EngineConfig
 from strata.disagg.connector import KVLayout
 from strata.disagg.tcp import TcpKVConnector
@@ -17,7 +18,6 @@ from strata.engine.request import Request, RequestStatus, validate_request
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
 from strata.kv_events import KVEvent
-from strata.model.loader import load_json, resolve_model_path
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata.engine")

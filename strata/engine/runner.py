@@ -14,12 +14,12 @@ from itertools import chain
 import numpy as np
 import torch
 
+from strata.checkpoint import load_json
 from strata.config import EngineConfig
 from strata.engine.kv_cache import cdiv
 from strata.engine.request import Request
 from strata.engine.scheduler import SchedulerOutput
 from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
-from strata.model.loader import load_json
 from strata.model.registry import load_model, resolve_device, resolve_dtype
 from strata.model.sampler import Sampler, SamplerOutput, SamplingMetadata
 

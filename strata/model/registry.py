@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from strata.checkpoint import load_json
 from strata.model.layers import use_cpu_linear_kernel
 from strata.model.llama import LlamaForCausalLM, ModelArgs
-from strata.model.loader import iterate_weights, load_json
+from strata.model.loader import iterate_weights
 
 # config.json "architectures" -> model class. Qwen3 differs from Llama only by
 # q/k norm, and Mistral by its sliding window: flags of one class.

@@ -5,6 +5,7 @@ router runs in a small pod of its own."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,8 +29,26 @@ class Endpoint:
     url: str
     role: str = "both"
     model: str | None = None  # None: whatever its metrics say it serves
+    kv_events: str | None = None  # its KV events socket (tcp://host:port), for precise mode
     metrics: EndpointMetrics | None = None
     scraped_at: float = 0.0  # time.monotonic() of the last good scrape
+    # When the router sent it requests that its last scrape may not count yet: in a burst,
+    # 50 ms-old metrics alone would send every request to the same endpoint.
+    sent_at: deque[float] = field(default_factory=deque)
+
+    def queue(self) -> float:
+        """Waiting requests: scraped, plus those sent since the scrape was taken."""
+        while self.sent_at and self.sent_at[0] < self.scraped_at:
+            self.sent_at.popleft()
+        return self.metrics.num_waiting + len(self.sent_at)
+
+    def mark_down(self) -> None:
+        """A request could not reach it: no new requests until a scrape succeeds."""
+        self.metrics = None
+
+    @property
+    def host_port(self) -> str:
+        return self.url.split("://", 1)[1]
 
     def healthy(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
@@ -42,7 +61,8 @@ class Endpoint:
 
 
 def parse_endpoint(spec: str) -> Endpoint:
-    """`URL[,role=prefill|decode|both][,model=NAME]`, as `strata route --endpoint` takes it."""
+    """`URL[,role=prefill|decode|both][,model=NAME][,kv-events=tcp://HOST:PORT]`, as
+    `strata route --endpoint` takes it."""
     url, *options = [part.strip() for part in spec.split(",")]
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"endpoint {spec!r}: the URL must start with http:// or https://")
@@ -53,9 +73,11 @@ def parse_endpoint(spec: str) -> Endpoint:
             endpoint.role = value
         elif key == "model" and value:
             endpoint.model = value
+        elif key == "kv-events" and value.startswith("tcp://"):
+            endpoint.kv_events = value
         else:
             raise ValueError(f"endpoint {spec!r}: unknown option {option!r} (role=prefill|"
-                             f"decode|both, model=NAME)")
+                             f"decode|both, model=NAME, kv-events=tcp://HOST:PORT)")
     return endpoint
 
 

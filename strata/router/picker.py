@@ -28,8 +28,12 @@ class PickRequest:
 
 @dataclass
 class Pick:
-    endpoint: Endpoint | None
+    ranked: list[Endpoint]  # best first: the proxy falls back down the list
     scores: dict[str, dict[str, float]] = field(default_factory=dict)  # url -> scorer -> value
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return self.ranked[0] if self.ranked else None
 
 
 def candidates(request: PickRequest, endpoints: list[Endpoint], now: float | None = None
@@ -41,7 +45,7 @@ def candidates(request: PickRequest, endpoints: list[Endpoint], now: float | Non
 
 
 def queue_scores(endpoints: list[Endpoint]) -> list[float]:
-    queues = [e.metrics.num_waiting for e in endpoints]
+    queues = [e.queue() for e in endpoints]
     low, high = min(queues), max(queues)
     if high == low:
         return [1.0] * len(endpoints)
@@ -66,14 +70,30 @@ class Picker:
              now: float | None = None) -> Pick:
         found = candidates(request, endpoints, now)
         if not found:
-            return Pick(None)
+            return Pick([])
         columns = {"queue": queue_scores(found), "kv-cache": kv_cache_scores(found),
                    "prefix": [request.prefix_match(e) if request.prefix_match else 0.0
                               for e in found]}
         scores = {e.url: {name: columns[name][i] for name in columns}
                   for i, e in enumerate(found)}
-        totals = [sum(self.weights.get(name, 0.0) * columns[name][i] for name in columns)
-                  for i in range(len(found))]
-        best = max(totals)
-        winners = [e for e, total in zip(found, totals, strict=True) if total == best]
-        return Pick(self.rng.choice(winners), scores)
+        totals = {e.url: sum(self.weights.get(name, 0.0) * columns[name][i] for name in columns)
+                  for i, e in enumerate(found)}
+        self.rng.shuffle(found)  # ties at random: the sort below is stable
+        found.sort(key=lambda e: totals[e.url], reverse=True)
+        return Pick(found, scores)
+
+
+class RoundRobin:
+    """The baseline front: the same filters, then each candidate in turn."""
+
+    def __init__(self) -> None:
+        self.turn = 0
+
+    def pick(self, request: PickRequest, endpoints: list[Endpoint],
+             now: float | None = None) -> Pick:
+        found = candidates(request, endpoints, now)
+        if not found:
+            return Pick([])
+        self.turn += 1
+        start = self.turn % len(found)
+        return Pick(found[start:] + found[:start])

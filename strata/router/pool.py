@@ -49,7 +49,8 @@ class YamlSource:
             document = yaml.safe_load(self.path.read_text()) or {}
             specs = []
             for entry in document.get("endpoints", []):
-                options = [f"{key}={entry[key]}" for key in ("role", "model") if key in entry]
+                options = [f"{key}={entry[key]}" for key in ("role", "model", "kv-events")
+                           if key in entry]
                 specs.append(",".join([entry["url"], *options]))
             fresh = {e.url: e for e in map(parse_endpoint, specs)}
             for url, endpoint in fresh.items():
@@ -75,11 +76,12 @@ class EndpointPool:
         await asyncio.gather(*(self._scrape(e) for e in self.endpoints))
 
     async def _scrape(self, endpoint: Endpoint) -> None:
+        started = time.monotonic()
         try:
             response = await self.client.get(f"{endpoint.url}/metrics")
             response.raise_for_status()
             endpoint.metrics = parse_metrics(response.text)
-            endpoint.scraped_at = time.monotonic()
+            endpoint.scraped_at = started  # what it counts was true from about then
         except (httpx.HTTPError, ValueError):
             pass  # stale soon: unhealthy until a scrape succeeds again
 

@@ -1,29 +1,28 @@
 """The router's own index of which endpoint holds which prefix (approximate mode): the block
 ids of every prompt it routed, per endpoint, least recently used dropped first once an
-endpoint's KV pool could not hold more.
-
-Token-id prompts are named with the engine's own chained block ids
-(`strata.block_hash`), so this index and one built from KV events agree; text prompts with
-the same chain over characters, CHARS_PER_BLOCK of them per block (about a KV block's worth).
-"""
+endpoint's KV pool could not hold more."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from strata.block_hash import prompt_block_ids
-
-CHARS_PER_BLOCK = 64
+from strata.router.endpoints import Endpoint
 
 
-def prompt_blocks(prompt: str | list[int], block_size: int, cache_salt: str | None = None
-                  ) -> list[int]:
-    if isinstance(prompt, str):
-        return prompt_block_ids([ord(c) for c in prompt], CHARS_PER_BLOCK, cache_salt=cache_salt)
-    return prompt_block_ids(prompt, block_size, cache_salt=cache_salt)
+def leading_matches(block_ids: list[int], held) -> float:
+    """The fraction of the prompt's blocks, from its start, found in held. Chained ids: a
+    block is only of use after its parents."""
+    if not block_ids:
+        return 0.0
+    matched = 0
+    for block in block_ids:
+        if block not in held:
+            break
+        matched += 1
+    return matched / len(block_ids)
 
 
-class PrefixIndex:
+class ApproximatePrefixIndex:
     def __init__(self, default_capacity: int = 100_000) -> None:
         self.default_capacity = default_capacity
         self.blocks: dict[str, OrderedDict[int, None]] = {}
@@ -38,17 +37,10 @@ class PrefixIndex:
         while len(held) > limit:
             held.popitem(last=False)
 
-    def match(self, url: str, block_ids: list[int]) -> float:
-        """The fraction of the prompt's blocks, from its start, that url holds."""
-        if not block_ids:
-            return 0.0
-        held = self.blocks.get(url, {})
-        matched = 0
-        for block in block_ids:  # chained ids: a block is only of use after its parents
-            if block not in held:
-                break
-            matched += 1
-        return matched / len(block_ids)
+    def routed(self, endpoint: Endpoint, block_ids: list[int]) -> None:
+        self.record(endpoint.url, block_ids,
+                    endpoint.metrics.num_blocks if endpoint.metrics else None)
 
-    def forget(self, url: str) -> None:
-        self.blocks.pop(url, None)
+    def match(self, url: str, block_ids: list[int]) -> float:
+        return leading_matches(block_ids, self.blocks.get(url, {}))
+

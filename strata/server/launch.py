@@ -19,9 +19,9 @@ from pathlib import Path
 import uvicorn
 import uvloop
 
+from strata.checkpoint import resolve_model_path
 from strata.config import EngineConfig
 from strata.engine.client import AsyncEngineClient
-from strata.model.loader import resolve_model_path
 from strata.server.app import build_app
 from strata.server.metrics import ServerMetrics
 from strata.server.serving import FALLBACK_CHAT_TEMPLATE, OpenAIServing, ServerLimits

@@ -79,9 +79,7 @@ class OpenAIServing:
                 **(template_kwargs or {}))
         except (jinja2.TemplateError, TypeError, ValueError) as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-        # A template that writes the BOS token itself must not get a second one.
-        bos = self.tokenizer.hf.bos_token
-        return self.text_prompt(text, add_special_tokens=not (bos and text.startswith(bos)))
+        return self.text_prompt(text, add_special_tokens=self.tokenizer.chat_needs_bos(text))
 
     def new_generation(self, prefix: str, prompts: list[Prompt], params: SamplingParams,
                        cache_salt: str | None = None,

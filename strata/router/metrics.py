@@ -1,0 +1,81 @@
+"""The router's own /metrics: where requests went, what it refused, how long deciding
+took and what the scorers said, and the pool's averages under the Gateway API Inference
+Extension's names (what an autoscaler on queue depth reads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from strata.router.endpoints import Endpoint
+
+if TYPE_CHECKING:
+    from strata.router.routing import Decision
+
+prometheus_client.disable_created_metrics()  # `_created` series only double the scrape
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
+
+
+class PoolCollector(Collector):
+    """Read at scrape time from the endpoints' last scraped state."""
+
+    def __init__(self, endpoints: Callable[[], list[Endpoint]], pool_name: str) -> None:
+        self.endpoints = endpoints
+        self.pool_name = pool_name
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = [e for e in self.endpoints() if e.healthy()]
+        families = {
+            "inference_pool_ready_pods": ("Endpoints whose metrics are fresh",
+                                          float(len(ready))),
+            "inference_pool_average_kv_cache_utilization": (
+                "Mean KV cache usage of the ready endpoints (0..1)",
+                _mean([e.metrics.kv_cache_usage for e in ready])),
+            "inference_pool_average_queue_size": (
+                "Mean number of waiting requests on the ready endpoints",
+                _mean([e.queue() for e in ready])),
+        }
+        for name, (doc, value) in families.items():
+            family = GaugeMetricFamily(name, doc, labels=["name"])
+            family.add_metric([self.pool_name], value)
+            yield family
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+class RouterMetrics:
+    def __init__(self, endpoints: Callable[[], list[Endpoint]],
+                 pool_name: str = "strata") -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("strata:router_requests", "Requests sent, per endpoint",
+                                ["endpoint", "model_name"], registry=self.registry)
+        self.prefills = Counter("strata:router_prefills", "P/D: prompts sent to a prefiller",
+                                ["endpoint"], registry=self.registry)
+        self.retries = Counter("strata:router_retries",
+                               "Sends that failed before the answer began, retried elsewhere",
+                               ["endpoint"], registry=self.registry)
+        self.rejected = Counter("strata:router_rejected", "Requests the router answered itself",
+                                ["code"], registry=self.registry)
+        self.decision_seconds = Histogram("strata:router_decision_seconds",
+                                          "Time to pick an endpoint for a request",
+                                          buckets=DECISION_BUCKETS, registry=self.registry)
+        self.scores = Gauge("strata:router_scorer_value",
+                            "Each scorer's value (0..1) for each endpoint, at the last pick",
+                            ["endpoint", "scorer"], registry=self.registry)
+        self.registry.register(PoolCollector(endpoints, pool_name))
+
+    def observe_decision(self, decision: Decision) -> None:
+        self.decision_seconds.observe(decision.seconds)
+        for url, scores in decision.scores.items():
+            for scorer, value in scores.items():
+                self.scores.labels(url, scorer).set(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,121 @@
+"""From a request body to a routing decision: the model, the prompt's blocks, the picker's
+ranking of the endpoints that serve it, and for P/D a prefiller. Both fronts use it: the
+HTTP proxy (proxy.py) and Envoy's ext_proc (extproc.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from strata.router.endpoints import Endpoint
+from strata.router.metrics import RouterMetrics
+from strata.router.picker import Pick, PickRequest
+from strata.router.pool import EndpointPool
+from strata.router.prompt import Prompt, RouteError, parse_body, read_prompt
+from strata.tokenizer import Tokenizer
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class Policy(Protocol):
+    def pick(self, request: PickRequest, endpoints: list[Endpoint]) -> Pick: ...
+
+
+class PrefixIndex(Protocol):
+    """Which endpoint holds which blocks: approximate (what the router sent where) or
+    precise (the endpoints' KV events)."""
+
+    def match(self, url: str, block_ids: list[int]) -> float: ...
+
+    def routed(self, endpoint: Endpoint, block_ids: list[int]) -> None: ...
+
+
+@dataclass
+class Decision:
+    prompt: Prompt
+    ranked: list[Endpoint]  # best first; a failed send falls back to the next
+    prefiller: Endpoint | None = None  # P/D: computes the prompt for the decode endpoint
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0  # how long deciding took
+
+    @property
+    def model(self) -> str:
+        return self.prompt.model
+
+
+@dataclass
+class Router:
+    pool: EndpointPool
+    policy: Policy
+    index: PrefixIndex
+    metrics: RouterMetrics
+    tokenizers: dict[str | None, Tokenizer] = field(default_factory=dict)  # None: any model
+    pd_threshold_tokens: int = 256
+    saturation_queue: float = 128  # every endpoint with this many waiting: 429
+    hash_seed: int = 0
+
+    def decide(self, body: bytes) -> Decision:
+        """Raises RouteError for what the router answers itself (400, 404, 429, 503)."""
+        started = time.perf_counter()
+        try:
+            decision = self._decide(parse_body(body))
+        except RouteError as error:
+            self.metrics.rejected.labels(str(error.status)).inc()
+            raise
+        decision.seconds = time.perf_counter() - started
+        self.metrics.observe_decision(decision)
+        return decision
+
+    def _decide(self, data: dict) -> Decision:
+        model = data["model"]
+        endpoints = self.pool.endpoints
+        healthy = [e for e in endpoints if e.healthy()]
+        if not healthy:
+            raise RouteError(503, "no endpoint is ready")
+        serving = [e for e in healthy if e.serves(model)]
+        if not serving and not any(e.model == model for e in endpoints):
+            raise RouteError(404, f"The model `{model}` does not exist.", "model")
+        block_size = next((e.metrics.block_size for e in serving if e.metrics.block_size),
+                          DEFAULT_BLOCK_SIZE)
+        prompt = read_prompt(data, self.tokenizers.get(model, self.tokenizers.get(None)),
+                             block_size, self.hash_seed)
+        pick = self.policy.pick(self._request(prompt, "decode"), endpoints)
+        if not pick.ranked:
+            raise RouteError(503, f"no ready endpoint serves the model `{model}`", "model")
+        if all(e.queue() >= self.saturation_queue for e in pick.ranked):
+            raise RouteError(429, f"every endpoint of `{model}` has "
+                                  f"{self.saturation_queue:g} or more requests waiting")
+        decision = Decision(prompt, pick.ranked, scores=pick.scores)
+        decision.prefiller = self._prefiller(prompt, pick.ranked[0], endpoints)
+        return decision
+
+    def _request(self, prompt: Prompt, role: str) -> PickRequest:
+        return PickRequest(prompt.model, role,
+                           lambda e: self.index.match(e.url, prompt.block_ids))
+
+    def _prefiller(self, prompt: Prompt, decoder: Endpoint, endpoints: list[Endpoint]
+                   ) -> Endpoint | None:
+        """P/D: a prefill endpoint when the part of the prompt the decoder lacks is long."""
+        prefillers = [e for e in endpoints if e.role == "prefill"]
+        if not prefillers:
+            return None
+        uncached = prompt.num_tokens * (1.0 - self.index.match(decoder.url, prompt.block_ids))
+        if uncached <= self.pd_threshold_tokens:
+            return None
+        return self.policy.pick(self._request(prompt, "prefill"), prefillers).endpoint
+
+    def routed(self, decision: Decision, endpoint: Endpoint) -> None:
+        """The request went to endpoint (and its prefiller): count it where it went."""
+        now = time.monotonic()
+        for target in filter(None, (endpoint, decision.prefiller)):
+            target.sent_at.append(now)
+            self.index.routed(target, decision.prompt.block_ids)
+        self.metrics.requests.labels(endpoint.url, decision.model).inc()
+        if decision.prefiller is not None:
+            self.metrics.prefills.labels(decision.prefiller.url).inc()
+
+    def failed(self, endpoint: Endpoint) -> None:
+        """A send to endpoint failed before its answer began: retried on the next one."""
+        endpoint.mark_down()
+        self.metrics.retries.labels(endpoint.url).inc()
