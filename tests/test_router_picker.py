@@ -9,9 +9,11 @@ import time
 import httpx
 import pytest
 
+from strata.block_hash import prompt_block_ids
 from strata.router.endpoints import Endpoint, EndpointMetrics, parse_endpoint, parse_metrics
 from strata.router.picker import Picker, PickRequest, kv_cache_scores, queue_scores
-from strata.router.prefix_index import PrefixIndex, prompt_blocks
+from strata.router.prefix_index import ApproximatePrefixIndex
+from strata.router.prompt import read_prompt
 
 
 def endpoint(url: str, waiting=0.0, usage=0.0, role="both", model="m") -> Endpoint:
@@ -74,26 +76,37 @@ def test_ties_are_broken_at_random():
 
 
 def test_prefix_index_matches_leading_blocks_and_forgets_the_oldest():
-    index = PrefixIndex()
+    index = ApproximatePrefixIndex()
     system = list(range(100, 164))  # 4 blocks of 16
-    routed = prompt_blocks(system + [1] * 16, 16)
+    routed = prompt_block_ids(system + [1] * 16, 16)
     index.record("a", routed, capacity=8)
-    assert index.match("a", prompt_blocks(system + [2] * 16, 16)) == 0.8  # 4 of 5
+    assert index.match("a", prompt_block_ids(system + [2] * 16, 16)) == 0.8  # 4 of 5
     assert index.match("b", routed) == 0.0
-    assert index.match("a", prompt_blocks(system, 16, cache_salt="t")) == 0.0  # salted
-    index.record("a", prompt_blocks(list(range(500, 580)), 16), capacity=8)  # 5 more blocks
+    assert index.match("a", prompt_block_ids(system, 16, cache_salt="t")) == 0.0  # salted
+    index.record("a", prompt_block_ids(list(range(500, 580)), 16), capacity=8)  # 5 more
     assert index.match("a", routed) == 0.0  # its first blocks were the least recently used
-    text = "You are a helpful assistant. " * 10
-    index.record("c", prompt_blocks(text + "Question one?", 16))
-    assert index.match("c", prompt_blocks(text + "Another question?", 16)) > 0.6
+
+
+def test_text_prompts_without_a_tokenizer_are_blocks_of_characters():
+    index = ApproximatePrefixIndex()
+    system = "You are a helpful assistant. " * 10
+
+    def blocks(data: dict) -> list[int]:
+        return read_prompt({"model": "m", **data}, None, 16).block_ids
+
+    index.record("c", blocks({"prompt": system + "Question one?"}))
+    assert index.match("c", blocks({"prompt": system + "Another question?"})) > 0.6
+    chat = [{"role": "system", "content": system}]
+    index.record("c", blocks({"messages": [*chat, {"role": "user", "content": "Hi"}]}))
+    assert index.match("c", blocks({"messages": [*chat, {"role": "user", "content": "Yo"}]})
+                       ) > 0.6
 
 
 def test_the_router_imports_neither_torch_nor_the_engine():
     import subprocess
     import sys
 
-    code = ("import sys, strata.router.picker, strata.router.prefix_index, "
-            "strata.router.endpoints; "
+    code = ("import sys, strata.router.routing; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('strata.engine')"
             " or m.startswith('strata.model')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
