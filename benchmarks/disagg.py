@@ -7,7 +7,8 @@ from ../shared/peers/make_tiny_model.py). Setups, all up at once, one under load
 time, rounds interleaving them:
 - colocated: one `strata serve` on both cores (2 torch threads), chunked prefill on;
 - pd-tcp and pd-nixl: a prefill instance pinned to core 0 and a decode instance pinned
-  to core 1 (1 torch thread each), joined by that KV connector, behind `strata pd-proxy`.
+  to core 1 (1 torch thread each), joined by that KV connector, behind `strata route`
+  with --pd-threshold-tokens 0 (every prompt is prefilled remotely).
 
 The load, two streams at once: 16 decode streams (32-token prompts, 256 output tokens,
 48 requests, 16 in flight), and long prompts arriving meanwhile (2,000 tokens, 16 output
@@ -81,8 +82,9 @@ def start_setups(stack: contextlib.ExitStack, model: Path, port: int, logs: Path
             serve(model, decode_port, "--kv-connector", kind), logs / f"decode-{kind}.log",
             f"http://127.0.0.1:{decode_port}", cores="1", threads=1))
         urls[f"pd-{kind}"] = stack.enter_context(process(
-            [sys.executable, "-m", "strata.cli", "pd-proxy", "--port", str(proxy_port),
-             "--prefill", prefill, "--decode", decode], logs / f"proxy-{kind}.log",
+            [sys.executable, "-m", "strata.cli", "route", "--port", str(proxy_port),
+             "--endpoint", f"{prefill},role=prefill", "--endpoint", f"{decode},role=decode",
+             "--pd-threshold-tokens", "0"], logs / f"router-{kind}.log",
             f"http://127.0.0.1:{proxy_port}"))
         urls[f"decode-{kind}"] = decode
     return urls

@@ -148,43 +148,52 @@ def add_serve_parser(commands) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
+    from strata.up import RouterOptions
     from strata.up import up as run_up
 
     return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
-                  args.prefill, args.decode)
+                  args.prefill, args.decode,
+                  RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens))
 
 
-def pd_proxy(args: argparse.Namespace) -> int:
-    from strata.disagg.proxy import run_proxy
+def route(args: argparse.Namespace) -> int:
+    from strata.router.launch import run_router
 
-    return run_proxy(args.host, args.port, args.prefill, args.decode)
+    return run_router(args)
 
 
-def add_pd_proxy_parser(commands) -> None:
+def add_route_parser(commands) -> None:
+    from strata.router.flags import add_route_args
+
     parser = commands.add_parser(
-        "pd-proxy", help="round-robin prefill/decode proxy (what `strata up --prefill` runs)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--prefill", nargs="+", required=True, help="prefill instances' URLs")
-    parser.add_argument("--decode", nargs="+", required=True, help="decode instances' URLs")
-    parser.set_defaults(handler=pd_proxy)
+        "route", help="the endpoint picker: route requests over engines by KV-cache use, "
+                      "queue depth and prefix affinity (HTTP proxy, or Envoy ext_proc)")
+    add_route_args(parser)
+    parser.set_defaults(handler=route)
 
 
 def add_up_parser(commands) -> None:
     parser = commands.add_parser(
-        "up", help="start several `strata serve` replicas on this machine",
-        description="Start N replicas on consecutive ports; any flag not listed here is "
-                    "passed to each `strata serve` (e.g. --max-num-seqs 64).")
+        "up", help="start several `strata serve` replicas on this machine, the router in front",
+        description="Start N replicas (or --prefill and --decode instances) on the ports "
+                    "after --port and the router on it; any flag not listed here is passed "
+                    "to each `strata serve` (e.g. --max-num-seqs 64).")
     parser.add_argument("model_tag", nargs="?", default=None,
                         help="checkpoint folder or hub id (default: strata serve's)")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--prefill", type=int, default=0,
                         help="prefill instances of a disaggregated set (with --decode)")
-    parser.add_argument("--decode", type=int, default=0,
-                        help="decode instances; the proxy listens on --port")
+    parser.add_argument("--decode", type=int, default=0, help="decode instances")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000,
-                        help="the first replica's port; with --prefill, the proxy's")
+                        help="the router's port; the engines take the ports after it")
+    parser.add_argument("--policy", choices=("picker", "round-robin"), default="picker",
+                        help="the router's policy")
+    parser.add_argument("--prefix-index", choices=("approximate", "precise"),
+                        default="approximate",
+                        help="precise: the engines publish KV events and the router reads them")
+    parser.add_argument("--pd-threshold-tokens", type=int, default=256,
+                        help="P/D: prompts with more uncached tokens than this get a prefiller")
     parser.set_defaults(handler=up)
 
 
@@ -207,7 +216,7 @@ def main_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_bench_parser(commands)
     add_up_parser(commands)
-    add_pd_proxy_parser(commands)
+    add_route_parser(commands)
     return parser
 
 

@@ -1,19 +1,22 @@
-"""`strata up`: several `strata serve` replicas on this machine, as child processes.
+"""`strata up`: several `strata serve` replicas on this machine, as child processes, with
+the router (`strata route`) in front of them.
 
-Each replica gets the next port; the command prints where they listen once all are
-healthy, and stops them all (each drains first) on Ctrl-C or SIGTERM. If a replica
-dies on its own, the others are stopped too and the command exits non-zero, so a
-broken set never half-runs unnoticed.
+The router listens on --port and the replicas on the ports after it; the command prints
+where they listen once all are healthy, and stops them all (each drains first) on Ctrl-C
+or SIGTERM. If one dies on its own, the others are stopped too and the command exits
+non-zero, so a broken set never half-runs unnoticed.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
+from strata.config import DEFAULT_MODEL
 from strata.health import ServerExited, wait_healthy
 
 STARTUP_TIMEOUT = 600.0
@@ -25,18 +28,32 @@ class Replica:
     index: int
     url: str
     process: subprocess.Popen
-    role: str = "replica"  # replica | prefill | decode | proxy
+    role: str = "replica"  # replica | prefill | decode | router
+
+
+@dataclass
+class RouterOptions:
+    """What `strata up` hands the router in front of its engines."""
+
+    policy: str = "picker"
+    prefix_index: str = "approximate"
+    pd_threshold_tokens: int = 256
 
 
 def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[str],
-       prefill: int = 0, decode: int = 0) -> int:
+       prefill: int = 0, decode: int = 0, router: RouterOptions | None = None) -> int:
+    """N engines (or prefill and decode ones) on the ports after --port, the router on it."""
+    router = router or RouterOptions()
     if prefill or decode:
         if prefill < 1 or decode < 1:
             raise ValueError("--prefill and --decode need at least one instance each")
         if "--kv-connector" not in serve_args:
             serve_args = [*serve_args, "--kv-connector", "tcp"]
+        roles = ["prefill"] * prefill + ["decode"] * decode
     elif replicas < 1:
         raise ValueError("--replicas must be at least 1")
+    else:
+        roles = ["replica"] * replicas
     stop_requested = False
 
     def request_stop(signum, frame) -> None:
@@ -45,27 +62,32 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    if prefill:
-        roles = ["prefill"] * prefill + ["decode"] * decode
-        started = [_start(i, role, host, port + 1 + i, _serve(model, host, port + 1 + i,
-                                                               serve_args))
-                   for i, role in enumerate(roles)]
-    else:
-        started = [_start(i, "replica", host, port + i, _serve(model, host, port + i,
-                                                               serve_args))
-                   for i in range(replicas)]
+    started, endpoints = [], []
+    # The engines share the machine's cores: torch threads beyond a share only spin.
+    threads = max(1, len(os.sched_getaffinity(0)) // len(roles))
+    for i, role in enumerate(roles):
+        engine_port, events = port + 1 + i, f"tcp://{host}:{port + 1 + len(roles) + i}"
+        args = list(serve_args)
+        endpoint = f"http://{host}:{engine_port}"
+        if role != "replica":
+            endpoint += f",role={role}"
+        if router.prefix_index == "precise":
+            args += ["--kv-events-endpoint", events]
+            endpoint += f",kv-events={events}"
+        started.append(_start(i, role, host, engine_port,
+                              _serve(model, host, engine_port, args), threads))
+        endpoints += ["--endpoint", endpoint]
     try:
         if not _wait_healthy(started, lambda: stop_requested):
             return 1
-        if prefill:
-            urls = {role: [r.url for r in started if r.role == role]
-                    for role in ("prefill", "decode")}
-            proxy = _start(len(started), "proxy", host, port, [
-                sys.executable, "-m", "strata.cli", "pd-proxy", "--host", host, "--port",
-                str(port), "--prefill", *urls["prefill"], "--decode", *urls["decode"]])
-            started.append(proxy)
-            if not _wait_healthy([proxy], lambda: stop_requested):
-                return 1
+        front = _start(len(started), "router", host, port, [
+            sys.executable, "-m", "strata.cli", "route", "--host", host, "--port", str(port),
+            *endpoints, "--tokenizer", model or DEFAULT_MODEL, "--policy", router.policy,
+            "--prefix-index", router.prefix_index,
+            "--pd-threshold-tokens", str(router.pd_threshold_tokens), *_hash_seed(serve_args)])
+        started.append(front)
+        if not _wait_healthy([front], lambda: stop_requested):
+            return 1
         print(f"strata up: {len(started)} process(es) ready (Ctrl-C stops them all)",
               flush=True)
         for replica in started:
@@ -83,14 +105,29 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         _stop(started)
 
 
+def _hash_seed(serve_args: list[str]) -> list[str]:
+    """The engines' --prefix-caching-hash-seed, which the router's block ids must use."""
+    flag = "--prefix-caching-hash-seed"
+    for i, arg in enumerate(serve_args):
+        if arg == flag and i + 1 < len(serve_args):
+            return [flag, serve_args[i + 1]]
+        if arg.startswith(f"{flag}="):
+            return [flag, arg.split("=", 1)[1]]
+    return []
+
+
 def _serve(model: str | None, host: str, port: int, serve_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "strata.cli", "serve", *([model] if model else []),
             "--host", host, "--port", str(port), *serve_args]
 
 
-def _start(index: int, role: str, host: str, port: int, command: list[str]) -> Replica:
+def _start(index: int, role: str, host: str, port: int, command: list[str],
+           threads: int | None = None) -> Replica:
+    env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     # Own process group: a Ctrl-C reaches only `strata up`, which then stops each child once.
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True, env=env)
     return Replica(index, f"http://{host}:{port}", process, role)
 
 

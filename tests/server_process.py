@@ -36,13 +36,18 @@ def _bindable(port: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, log_dir: Path, *extra_args: str, env: dict | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, log_dir: Path, *extra_args: str, env: dict | None = None,
+                 model: Path = STORIES, port: int | None = None) -> None:
+        self.port = port or free_port()
+        args = ["serve", str(model), "--port", str(self.port), "--served-model-name",
+                SERVED_NAME, "--max-num-seqs", "64", "--kv-cache-memory", "64MiB",
+                "--disable-uvicorn-access-log", *extra_args]
+        self._start(log_dir, args, env)
+
+    def _start(self, log_dir: Path, args: list[str], env: dict | None) -> None:
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"server-{self.port}.log"
-        args = [sys.executable, "-m", "strata.cli", "serve", str(STORIES), "--port",
-                str(self.port), "--served-model-name", SERVED_NAME, "--max-num-seqs", "64",
-                "--kv-cache-memory", "64MiB", "--disable-uvicorn-access-log", *extra_args]
+        self.log_path = log_dir / f"{args[0]}-{self.port}.log"
+        args = [sys.executable, "-m", "strata.cli", *args]
         self.log = open(self.log_path, "w")  # noqa: SIM115 (open for the process' life)
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})})
@@ -76,3 +81,11 @@ class ServerProcess:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+class RouterProcess(ServerProcess):
+    """`strata route` in front of endpoints; healthy once one of them is."""
+
+    def __init__(self, log_dir: Path, *args: str) -> None:
+        self.port = free_port()
+        self._start(log_dir, ["route", "--port", str(self.port), *args], None)

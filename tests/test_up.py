@@ -1,4 +1,5 @@
-"""`strata up`: N replicas on consecutive ports, all healthy, all stopped by one Ctrl-C."""
+"""`strata up`: N replicas on the ports after the router's, all healthy, all stopped by one
+Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,31 +11,38 @@ import time
 
 import httpx
 
+from strata.http_headers import ENDPOINT_HEADER
 from tests.conftest import STORIES
 from tests.server_process import free_port
 
 
-def test_up_starts_replicas_and_stops_them_all(tmp_path):
-    port = free_port(consecutive=2)
+def test_up_starts_replicas_behind_the_router_and_stops_them_all(tmp_path):
+    port = free_port(consecutive=3)
     log = open(tmp_path / "up.log", "w+")  # noqa: SIM115 (read back below)
     process = subprocess.Popen(
         [sys.executable, "-m", "strata.cli", "up", str(STORIES), "--replicas", "2", "--port",
          str(port), "--max-num-seqs", "8", "--kv-cache-memory", "16MiB",
          "--disable-uvicorn-access-log"], stdout=subprocess.PIPE, stderr=log, text=True)
-    urls = []
+    urls: dict[str, str] = {}
     deadline = time.monotonic() + 300
-    while len(urls) < 2 and time.monotonic() < deadline:
+    while len(urls) < 3 and time.monotonic() < deadline:
         line = process.stdout.readline()
         assert line, f"strata up ended early: {log.seek(0) or log.read()[-3000:]}"
-        urls += re.findall(r"replica \d+: (http://\S+)", line)
-    assert urls == [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
-    for url in urls:
-        response = httpx.post(f"{url}/v1/completions", timeout=60,
-                              json={"prompt": "Once upon a time", "max_tokens": 4})
+        urls |= dict(re.findall(r"((?:replica|router) \d+): (http://\S+)", line))
+    assert urls == {"replica 0": f"http://127.0.0.1:{port + 1}",
+                    "replica 1": f"http://127.0.0.1:{port + 2}",
+                    "router 2": f"http://127.0.0.1:{port}"}
+    served_by = set()
+    for i in range(12):
+        response = httpx.post(f"{urls['router 2']}/v1/completions", timeout=60,
+                              json={"model": str(STORIES), "prompt": f"{i} Once upon a time",
+                                    "max_tokens": 4})
         assert response.status_code == 200
+        served_by.add(response.headers[ENDPOINT_HEADER])
+    assert served_by == {urls["replica 0"], urls["replica 1"]}
     process.send_signal(signal.SIGINT)
     assert process.wait(60) == 0
-    for url in urls:  # every replica is gone
+    for url in urls.values():  # every process is gone
         try:
             httpx.get(f"{url}/health", timeout=1)
             raise AssertionError(f"{url} still answers")
@@ -42,14 +50,15 @@ def test_up_starts_replicas_and_stops_them_all(tmp_path):
             pass
 
 
-def test_up_disaggregated_serves_through_its_proxy(tmp_path, strata_server):
-    """--prefill 1 --decode 1: the proxy sends each request to the decode instance with the
+def test_up_disaggregated_serves_through_the_router(tmp_path, strata_server):
+    """--prefill 1 --decode 1: the router sends each request to the decode instance with the
     prefiller named; the tokens are a colocated server's, and the blocks did move."""
-    port = free_port(consecutive=3)
+    port = free_port(consecutive=5)
     log = open(tmp_path / "up.log", "w+")  # noqa: SIM115 (read back below)
     process = subprocess.Popen(
         [sys.executable, "-m", "strata.cli", "up", str(STORIES), "--prefill", "1", "--decode",
-         "1", "--port", str(port), "--served-model-name", "stories", "--max-num-seqs", "8",
+         "1", "--port", str(port), "--pd-threshold-tokens", "0", "--served-model-name",
+         "stories", "--max-num-seqs", "8",
          "--kv-cache-memory", "16MiB", "--disable-uvicorn-access-log"],
         stdout=subprocess.PIPE, stderr=log, text=True)
     roles: dict[str, str] = {}
@@ -57,16 +66,16 @@ def test_up_disaggregated_serves_through_its_proxy(tmp_path, strata_server):
     while len(roles) < 3 and time.monotonic() < deadline:
         line = process.stdout.readline()
         assert line, f"strata up ended early: {log.seek(0) or log.read()[-3000:]}"
-        roles |= dict(re.findall(r"(prefill|decode|proxy) \d+: (http://\S+)", line))
-    assert roles["proxy"] == f"http://127.0.0.1:{port}"
+        roles |= dict(re.findall(r"(prefill|decode|router) \d+: (http://\S+)", line))
+    assert roles["router"] == f"http://127.0.0.1:{port}"
     body = {"model": "stories", "prompt": list(range(3, 60)), "max_tokens": 12,
             "temperature": 0, "ignore_eos": True, "return_token_ids": True}
     expected = httpx.post(f"{strata_server.url}/v1/completions", json=body,
                           timeout=60).json()["choices"][0]["token_ids"]
-    through_proxy = httpx.post(f"{roles['proxy']}/v1/completions", json=body, timeout=60)
-    assert through_proxy.json()["choices"][0]["token_ids"] == expected
+    through_router = httpx.post(f"{roles['router']}/v1/completions", json=body, timeout=60)
+    assert through_router.json()["choices"][0]["token_ids"] == expected
     streamed = []
-    with httpx.stream("POST", f"{roles['proxy']}/v1/completions", timeout=60,
+    with httpx.stream("POST", f"{roles['router']}/v1/completions", timeout=60,
                       json=body | {"stream": True, "prompt": list(range(4, 61))}) as response:
         assert response.status_code == 200
         streamed = [line for line in response.iter_lines() if line.startswith("data:")]

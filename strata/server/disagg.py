@@ -12,9 +12,9 @@ import logging
 import httpx
 from starlette.requests import Request
 
+from strata.http_headers import PREFILLER_HEADER
 from strata.server.generation import Prompt
 
-PREFILLER_HEADER = "x-prefiller-host-port"
 logger = logging.getLogger("strata.server")
 
 

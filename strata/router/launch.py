@@ -1,0 +1,77 @@
+"""`strata route`: the router from its flags. One process serves the HTTP proxy (with the
+router's /metrics and /health) and, with --ext-proc-port, Envoy's ext_proc over gRPC;
+the endpoints' scraper and KV event subscribers run beside them."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from strata.checkpoint import resolve_model_path
+from strata.router.config import load_weights
+from strata.router.kv_event_index import KVEventIndex
+from strata.router.metrics import RouterMetrics
+from strata.router.picker import Picker, RoundRobin
+from strata.router.pool import EndpointPool, EndpointSource, StaticSource, YamlSource
+from strata.router.prefix_index import ApproximatePrefixIndex
+from strata.router.proxy import build_app
+from strata.router.routing import Router
+from strata.tokenizer import Tokenizer
+
+
+def _source(args: argparse.Namespace) -> EndpointSource:
+    if args.endpoints_file is not None:
+        if args.endpoint:
+            raise ValueError("give endpoints by --endpoint or --endpoints-file, not both")
+        return YamlSource(args.endpoints_file)
+    if not args.endpoint:
+        raise ValueError("no endpoints: give --endpoint URL (repeatable) or --endpoints-file")
+    return StaticSource(args.endpoint)
+
+
+def _tokenizers(specs: list[str]) -> dict[str | None, Tokenizer]:
+    tokenizers: dict[str | None, Tokenizer] = {}
+    for spec in specs:
+        model, _, path = spec.rpartition("=")
+        tokenizers[model or None] = Tokenizer(resolve_model_path(path))
+    return tokenizers
+
+
+def build(args: argparse.Namespace):
+    """The app to serve, and the router behind it."""
+    pool = EndpointPool(_source(args))
+    weights = load_weights(args.config) if args.config else None
+    policy = RoundRobin() if args.policy == "round-robin" else Picker(weights)
+    index = KVEventIndex() if args.prefix_index == "precise" else ApproximatePrefixIndex()
+    tokenizers = _tokenizers(args.tokenizer)
+    if args.prefix_index == "precise" and not tokenizers:
+        raise ValueError("--prefix-index precise needs --tokenizer: the engines' block ids "
+                         "are hashes of token ids")
+    router = Router(pool, policy, index, RouterMetrics(lambda: pool.endpoints), tokenizers,
+                    args.pd_threshold_tokens, args.saturation_queue,
+                    args.prefix_caching_hash_seed)
+    background = [pool.run]
+    if isinstance(index, KVEventIndex):
+        background.append(lambda: index.run(lambda: pool.endpoints))
+    if args.ext_proc_port:
+        background.append(lambda: _serve_ext_proc(router, args.host, args.ext_proc_port,
+                                                  args.ext_proc_max_endpoints))
+    return build_app(router, background), router
+
+
+async def _serve_ext_proc(router: Router, host: str, port: int, max_endpoints: int) -> None:
+    from strata.router.extproc import serve_ext_proc
+
+    server = await serve_ext_proc(router, host, port, max_endpoints)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(1.0)
+
+
+def run_router(args: argparse.Namespace) -> int:
+    app, _ = build(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools")
+    return 0

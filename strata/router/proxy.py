@@ -1,0 +1,175 @@
+"""The router as a plain HTTP reverse proxy: each POST is routed by its body, sent to the
+best endpoint, and its answer (SSE included) streams back chunk by chunk as it arrives.
+
+A send that fails before the answer's first byte (the endpoint is gone, or it answers 5xx)
+goes to the next endpoint of the ranking; once a byte has reached the client the answer is
+that endpoint's, to the end. A client that leaves, before or during the answer, closes the
+upstream request, so the engine aborts it and frees its blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from strata.http_headers import ENDPOINT_HEADER, PREFILLER_HEADER
+from strata.router.endpoints import Endpoint
+from strata.router.prompt import RouteError
+from strata.router.routing import Decision, Router
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
+              "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection"}
+OWN_RESPONSE_HEADERS = {"date", "server"}  # the router's server writes its own
+
+
+def _forwarded(headers, drop: set[str] = HOP_BY_HOP) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in drop}
+
+
+def error_response(error: RouteError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+class Upstream:
+    """One answer from an endpoint, its first chunk already read."""
+
+    def __init__(self, endpoint: Endpoint, response: httpx.Response,
+                 chunks: AsyncIterator[bytes], first: bytes) -> None:
+        self.endpoint, self.response, self.chunks, self.first = endpoint, response, chunks, first
+
+    async def body(self) -> AsyncIterator[bytes]:
+        try:
+            if self.first:
+                yield self.first
+            async for chunk in self.chunks:
+                yield chunk
+        except httpx.HTTPError:
+            pass  # the endpoint died mid-answer: the client sees the stream end
+
+    def to_client(self) -> StreamingResponse:
+        headers = _forwarded(self.response.headers, HOP_BY_HOP | OWN_RESPONSE_HEADERS)
+        headers[ENDPOINT_HEADER] = self.endpoint.url
+        return StreamingResponse(self.body(), status_code=self.response.status_code,
+                                 headers=headers, background=BackgroundTask(self.response.aclose))
+
+
+class Proxy:
+    def __init__(self, router: Router, client: httpx.AsyncClient) -> None:
+        self.router = router
+        self.client = client
+
+    async def forward(self, request: Request) -> Response:
+        body = await request.body()
+        try:
+            decision = self.router.decide(body)
+        except RouteError as error:
+            return error_response(error)
+        sending = asyncio.ensure_future(self._send(request, body, decision))
+        left = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({sending, left}, return_when=asyncio.FIRST_COMPLETED)
+        if not sending.done():  # the client left first: closing the send aborts it upstream
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+            return Response(status_code=499)
+        left.cancel()
+        return sending.result()
+
+    async def _send(self, request: Request, body: bytes, decision: Decision) -> Response:
+        headers = _forwarded(request.headers)
+        if decision.prefiller is not None:
+            headers[PREFILLER_HEADER] = decision.prefiller.host_port
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        last_error = "no endpoint tried"
+        for attempt, endpoint in enumerate(decision.ranked):
+            last = attempt == len(decision.ranked) - 1
+            self.router.routed(decision, endpoint)
+            try:
+                upstream = await self._open(endpoint, path, body, headers)
+            except httpx.HTTPError as exc:
+                last_error = f"{endpoint.url}: {type(exc).__name__}: {exc}"
+                self.router.failed(endpoint)
+                continue
+            if upstream.response.status_code >= 500 and not last:
+                last_error = f"{endpoint.url} answered {upstream.response.status_code}"
+                await upstream.response.aclose()
+                self.router.failed(endpoint)
+                continue
+            return upstream.to_client()
+        return error_response(RouteError(503, f"no endpoint could take the request "
+                                              f"({last_error})"))
+
+    async def _open(self, endpoint: Endpoint, path: str, body: bytes,
+                    headers: dict[str, str]) -> Upstream:
+        upstream = self.client.build_request("POST", endpoint.url + path, content=body,
+                                             headers=headers)
+        response = await self.client.send(upstream, stream=True)
+        try:
+            chunks = response.aiter_raw()
+            first = await anext(chunks, b"")
+        except BaseException:
+            await response.aclose()
+            raise
+        return Upstream(endpoint, response, chunks, first)
+
+    async def models(self, request: Request) -> Response:
+        """Every ready endpoint's models, each id once."""
+        ready = [e for e in self.router.pool.endpoints if e.healthy()]
+        if not ready:
+            return error_response(RouteError(503, "no endpoint is ready"))
+        answers = await asyncio.gather(*(self.client.get(f"{e.url}/v1/models", timeout=5.0)
+                                         for e in ready), return_exceptions=True)
+        models: dict[str, dict] = {}
+        for answer in answers:
+            if isinstance(answer, httpx.Response) and answer.status_code == 200:
+                with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                    for model in answer.json()["data"]:
+                        models.setdefault(model["id"], model)
+        return JSONResponse({"object": "list", "data": list(models.values())})
+
+    async def health(self, request: Request) -> Response:
+        ready = any(e.healthy() for e in self.router.pool.endpoints)
+        return Response(status_code=200 if ready else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.router.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(router: Router, background: list[Callable[[], Awaitable[None]]],
+              client: httpx.AsyncClient | None = None) -> Starlette:
+    """The proxy app; background runs beside it (the scraper, a KV events subscriber)."""
+    client = client or httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
+                                         limits=httpx.Limits(max_connections=None,
+                                                             max_keepalive_connections=256))
+    proxy = Proxy(router, client)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        tasks = [asyncio.create_task(run()) for run in background]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+        await router.pool.close()
+
+    return Starlette(routes=[
+        Route("/health", proxy.health),
+        Route("/metrics", proxy.metrics),
+        Route("/v1/models", proxy.models),
+        Route("/v1/{path:path}", proxy.forward, methods=["POST"]),
+    ], lifespan=lifespan)
