@@ -24,49 +24,23 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from processes import process, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.bench import BenchConfig
 from strata.bench.cli import run_benchmark_async
-from strata.health import wait_healthy
 
 SETUPS = ("colocated", "pd-tcp", "pd-nixl")
 DECODE_LOAD = dict(workload="random", num_prompts=48, random_input_len=32,
                    random_output_len=256, max_concurrency=16)
 LONG_PROMPTS = dict(workload="random", num_prompts=8, random_input_len=2000,
                     random_output_len=16, request_rate=0.5)
-
-
-@contextlib.contextmanager
-def process(command: list[str], log: Path, url: str, cores: str | None = None,
-            threads: int | None = None):
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    if cores:
-        command = ["taskset", "-c", cores, *command]
-    with open(log, "w") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_healthy(url, child, 600)
-            yield url
-        finally:
-            child.terminate()
-            child.wait(60)
-
-
-def serve(model: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "strata.cli", "serve", str(model), "--port", str(port),
-            "--served-model-name", "bench", "--disable-uvicorn-access-log",
-            "--max-model-len", "2048", *extra]
 
 
 def start_setups(stack: contextlib.ExitStack, model: Path, port: int, logs: Path) -> dict:

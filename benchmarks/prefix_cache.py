@@ -26,12 +26,12 @@ import argparse
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
+from processes import process, serve
+
 from strata.bench import BenchConfig, run_benchmark
-from strata.health import wait_healthy
 
 SHARED_PREFIX = dict(workload="shared-prefix", num_groups=8, num_prompts=128, prefix_len=1024,
                      suffix_len=64, output_len=64)
@@ -50,21 +50,6 @@ COLUMNS = (("output tok/s", "output_throughput", "{:.0f}"),
            ("TTFT p50 ms", "median_ttft_ms", "{:.1f}"), ("TTFT p99 ms", "p99_ttft_ms", "{:.1f}"),
            ("hit rate %", "prefix_cache_hit_rate", "{:.1%}"),
            ("max hit rate %", "max_prefix_cache_hit_rate", "{:.1%}"))
-
-
-@contextlib.contextmanager
-def strata_serve(model: Path, port: int, extra: list[str], log: Path):
-    command = [sys.executable, "-m", "strata.cli", "serve", str(model), "--port", str(port),
-               "--served-model-name", "bench", "--disable-uvicorn-access-log", *extra]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, process, 600)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(60)
 
 
 def run_round(urls: dict[str, str], model: Path, round_index: int) -> dict:
@@ -118,9 +103,9 @@ def main() -> int:
     parser.add_argument("--save", type=Path, default=None, help="every round's summaries")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        urls = {mode: stack.enter_context(strata_serve(
-            args.model, args.port + i, extra, args.log_dir / f"prefix-cache-{mode}.log"))
-            for i, (mode, extra) in enumerate(MODES.items())}
+        urls = {mode: stack.enter_context(process(
+            serve(args.model, args.port + i, *extra), args.log_dir / f"prefix-cache-{mode}.log",
+            f"http://127.0.0.1:{args.port + i}")) for i, (mode, extra) in enumerate(MODES.items())}
         rounds = []
         for index in range(args.rounds):
             print(f"round {index + 1}/{args.rounds}", flush=True)

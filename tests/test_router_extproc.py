@@ -149,7 +149,10 @@ def test_full_duplex_names_the_ranking_in_header_and_metadata_and_returns_the_bo
     assert replies[0].request_headers.response.clear_route_cache
     assert streamed_body(replies[1:]) == body  # unchanged, as Envoy must forward it
     first = router.pool.endpoints[0]
-    assert len(first.sent_at) == 1  # router.routed counted it where the gateway sends it
+    # router.routed counted it where the gateway sends it, in flight until the stream ended
+    assert router.metrics.registry.get_sample_value(
+        "strata:router_requests_total", {"endpoint": first.url, "model_name": "m"}) == 1
+    assert first.in_flight == 0
 
 
 def test_max_endpoints_leaves_the_fallbacks_out():

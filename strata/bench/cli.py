@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 
 from strata.bench.client import BenchmarkError, make_client, run_load, warm_up
-from strata.bench.config import BACKENDS, PROMPT_FORMATS, WORKLOADS, BenchConfig
+from strata.bench.config import BACKENDS, GROUP_ORDERS, PROMPT_FORMATS, WORKLOADS, BenchConfig
 from strata.bench.report import format_table, plot_cdfs, save_json, summarize
 from strata.bench.tokens import load_tokens
 from strata.bench.workloads import build_workload
@@ -108,6 +108,8 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
                       help="random: lengths uniform in [len*(1-r), len*(1+r)]")
     work.add_argument("--num-groups", type=int, default=d.num_groups,
                       help="shared-prefix: groups, each with its own prefix")
+    work.add_argument("--group-order", choices=GROUP_ORDERS, default=d.group_order,
+                      help="shared-prefix: groups interleaved in arrival order, or shuffled")
     work.add_argument("--prefix-len", type=int, default=d.prefix_len,
                       help="shared-prefix: tokens of a group's prefix")
     work.add_argument("--suffix-len", type=int, default=d.suffix_len,

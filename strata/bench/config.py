@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 BACKENDS = ("openai", "openai-chat")  # vLLM's names: /v1/completions and /v1/chat/completions
 WORKLOADS = ("random", "shared-prefix", "multi-turn")
 PROMPT_FORMATS = ("text", "ids")
+GROUP_ORDERS = ("interleaved", "random")
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -28,6 +29,8 @@ class BenchConfig:
     num_groups: int = 4
     prefix_len: int = 256
     suffix_len: int = 32
+    # interleaved: request i is group i % num_groups; random: the same requests, shuffled
+    group_order: str = "interleaved"
     # multi-turn
     num_conversations: int = 8
     num_turns: int = 4
@@ -62,6 +65,7 @@ class BenchConfig:
                "--prompt-format ids needs --tokenizer")
         _check(self.prompt_format == "text" or not self.chat,
                "chat requests take text: use --prompt-format text")
+        _check(self.group_order in GROUP_ORDERS, f"group order must be one of {GROUP_ORDERS}")
         _check(0.0 <= self.random_range_ratio < 1.0, "--random-range-ratio must be in [0, 1)")
         _check(self.request_rate > 0, "--request-rate must be positive (inf: all at once)")
         _check(self.max_concurrency is None or self.max_concurrency >= 1,

@@ -48,7 +48,9 @@ def random_workload(config: BenchConfig, tokens: WordTokens | HFTokens,
 
 def shared_prefix_workload(config: BenchConfig, tokens: WordTokens | HFTokens,
                            rng: random.Random) -> list[RequestSpec]:
-    """Request i belongs to group i % num_groups, so the groups interleave in arrival order."""
+    """Request i belongs to group i % num_groups, so the groups interleave in arrival order;
+    with group_order "random" the requests are then shuffled (a round-robin front would
+    otherwise send each group to the same replica whenever the replicas divide the groups)."""
     fmt = config.prompt_format
     prefixes = [make_prompt(tokens, rng, config.prefix_len, fmt) for _ in range(config.num_groups)]
     specs = []
@@ -58,6 +60,8 @@ def shared_prefix_workload(config: BenchConfig, tokens: WordTokens | HFTokens,
         # Text: a space keeps the last prefix piece and the first suffix piece from merging.
         prompt = prefix + suffix if fmt == "ids" else f"{prefix} {suffix}"
         specs.append(RequestSpec(prompt, config.output_len))
+    if config.group_order == "random":
+        rng.shuffle(specs)
     return specs
 
 

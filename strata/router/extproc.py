@@ -72,6 +72,7 @@ class Exchange:
     request_mode: int = FULL_DUPLEX
     response_mode: int = FULL_DUPLEX
     body: bytearray = field(default_factory=bytearray)
+    endpoint: Endpoint | None = None  # where it was routed: in flight until the stream ends
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
@@ -82,6 +83,15 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     async def Process(self, requests: AsyncIterator[ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:
         exchange = Exchange()
+        try:
+            async for reply in self.replies(exchange, requests, context):
+                yield reply
+        finally:
+            if exchange.endpoint is not None:
+                self.router.finished(exchange.endpoint)
+
+    async def replies(self, exchange: Exchange, requests: AsyncIterator[ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:
         async for request in requests:
             if request.HasField("protocol_config"):
                 config = request.protocol_config
@@ -135,7 +145,8 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             decision = self.router.decide(body)
         except RouteError as error:
             return [immediate_response(error)]
-        self.router.routed(decision, decision.ranked[0])  # the gateway sends there first
+        exchange.endpoint = decision.ranked[0]  # the gateway sends there first
+        self.router.routed(decision, exchange.endpoint)
         common, metadata = self.destination(decision.ranked, decision.prefiller)
         if exchange.request_mode == BUFFERED:  # the body stays as Envoy holds it
             return [ProcessingResponse(request_body=BodyResponse(response=common),

@@ -24,8 +24,9 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
                         help="what the prefix scorer reads: what the router sent where, or "
                              "the endpoints' KV events (needs kv-events= and --tokenizer)")
     parser.add_argument("--tokenizer", action="append", default=[], metavar="[MODEL=]PATH",
-                        help="the model's tokenizer, so prompts are hashed as the engine "
-                             "hashes them (otherwise text is cut into blocks of characters)")
+                        help="the model's tokenizer, so text prompts are hashed as the engine "
+                             "hashes them (precise mode needs it; approximate mode cuts text "
+                             "into blocks of characters, ~1 ms faster per 1,000 tokens)")
     parser.add_argument("--prefix-caching-hash-seed", type=int, default=0,
                         help="the engines' seed of their block hashes")
     parser.add_argument("--config", type=Path, default=None,

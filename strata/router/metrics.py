@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from strata.router.routing import Decision
 
 prometheus_client.disable_created_metrics()  # `_created` series only double the scrape
-DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1)
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01,
+                    0.025, 0.1)
 
 
 class PoolCollector(Collector):
@@ -38,7 +39,7 @@ class PoolCollector(Collector):
                 _mean([e.metrics.kv_cache_usage for e in ready])),
             "inference_pool_average_queue_size": (
                 "Mean number of waiting requests on the ready endpoints",
-                _mean([e.queue() for e in ready])),
+                _mean([e.metrics.num_waiting for e in ready])),
         }
         for name, (doc, value) in families.items():
             family = GaugeMetricFamily(name, doc, labels=["name"])

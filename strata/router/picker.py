@@ -2,7 +2,8 @@
 health, role), then weighted scorers in [0, 1], and the highest total wins (ties at random).
 
 Scorers, as the GIE defines them:
-- queue: (maxQ - q) / (maxQ - minQ) over the candidates, 1 for all when they are equal;
+- queue: (maxQ - q) / (maxQ - minQ) over the candidates, 1 for all when they are equal, q
+  being the requests at the endpoint, waiting or running (Endpoint.queue);
 - kv-cache: 1 - KV cache usage;
 - prefix: the fraction of the prompt's blocks the endpoint holds, from a prefix index.
 """

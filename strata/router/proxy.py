@@ -38,11 +38,14 @@ def error_response(error: RouteError) -> JSONResponse:
 
 
 class Upstream:
-    """One answer from an endpoint, its first chunk already read."""
+    """One answer from an endpoint, its first chunk already read. close() ends it once,
+    whichever comes first: the stream's end, or the response's background task."""
 
     def __init__(self, endpoint: Endpoint, response: httpx.Response,
-                 chunks: AsyncIterator[bytes], first: bytes) -> None:
+                 chunks: AsyncIterator[bytes], first: bytes, on_close: Callable[[], None]
+                 ) -> None:
         self.endpoint, self.response, self.chunks, self.first = endpoint, response, chunks, first
+        self.on_close: Callable[[], None] | None = on_close
 
     async def body(self) -> AsyncIterator[bytes]:
         try:
@@ -52,12 +55,20 @@ class Upstream:
                 yield chunk
         except httpx.HTTPError:
             pass  # the endpoint died mid-answer: the client sees the stream end
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close, on_close = None, self.on_close
+            on_close()
+            await self.response.aclose()
 
     def to_client(self) -> StreamingResponse:
         headers = _forwarded(self.response.headers, HOP_BY_HOP | OWN_RESPONSE_HEADERS)
         headers[ENDPOINT_HEADER] = self.endpoint.url
         return StreamingResponse(self.body(), status_code=self.response.status_code,
-                                 headers=headers, background=BackgroundTask(self.response.aclose))
+                                 headers=headers, background=BackgroundTask(self.close))
 
 
 class Proxy:
@@ -97,8 +108,12 @@ class Proxy:
                 last_error = f"{endpoint.url}: {type(exc).__name__}: {exc}"
                 self.router.failed(endpoint)
                 continue
+            except BaseException:  # the client left: the send is cancelled
+                self.router.finished(endpoint)
+                raise
             if upstream.response.status_code >= 500 and not last:
                 last_error = f"{endpoint.url} answered {upstream.response.status_code}"
+                upstream.on_close = None
                 await upstream.response.aclose()
                 self.router.failed(endpoint)
                 continue
@@ -117,7 +132,8 @@ class Proxy:
         except BaseException:
             await response.aclose()
             raise
-        return Upstream(endpoint, response, chunks, first)
+        return Upstream(endpoint, response, chunks, first,
+                        lambda: self.router.finished(endpoint))
 
     async def models(self, request: Request) -> Response:
         """Every ready endpoint's models, each id once."""

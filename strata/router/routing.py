@@ -83,7 +83,7 @@ class Router:
         pick = self.policy.pick(self._request(prompt, "decode"), endpoints)
         if not pick.ranked:
             raise RouteError(503, f"no ready endpoint serves the model `{model}`", "model")
-        if all(e.queue() >= self.saturation_queue for e in pick.ranked):
+        if all(e.metrics.num_waiting >= self.saturation_queue for e in pick.ranked):
             raise RouteError(429, f"every endpoint of `{model}` has "
                                   f"{self.saturation_queue:g} or more requests waiting")
         decision = Decision(prompt, pick.ranked, scores=pick.scores)
@@ -106,16 +106,20 @@ class Router:
         return self.policy.pick(self._request(prompt, "prefill"), prefillers).endpoint
 
     def routed(self, decision: Decision, endpoint: Endpoint) -> None:
-        """The request went to endpoint (and its prefiller): count it where it went."""
-        now = time.monotonic()
+        """The request goes to endpoint (and its prefiller): count it where it went. Each
+        call is ended by one of finished() or failed()."""
+        endpoint.in_flight += 1
         for target in filter(None, (endpoint, decision.prefiller)):
-            target.sent_at.append(now)
             self.index.routed(target, decision.prompt.block_ids)
         self.metrics.requests.labels(endpoint.url, decision.model).inc()
         if decision.prefiller is not None:
             self.metrics.prefills.labels(decision.prefiller.url).inc()
 
+    def finished(self, endpoint: Endpoint) -> None:
+        endpoint.in_flight -= 1
+
     def failed(self, endpoint: Endpoint) -> None:
         """A send to endpoint failed before its answer began: retried on the next one."""
+        self.finished(endpoint)
         endpoint.mark_down()
         self.metrics.retries.labels(endpoint.url).inc()
