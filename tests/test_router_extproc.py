@@ -91,12 +91,12 @@ async def envoy(router: Router, messages: list[ProcessingRequest],
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = ExternalProcessorStub(channel).Process(iter(messages))
-            return await asyncio.wait_for(_read_all(call), TIMEOUT)
+            return await asyncio.wait_for(read_all(call), TIMEOUT)
     finally:
         await server.stop(None)
 
 
-async def _read_all(call) -> list[ProcessingResponse]:
+async def read_all(call) -> list[ProcessingResponse]:
     return [reply async for reply in call]
 
 

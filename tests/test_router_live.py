@@ -16,13 +16,17 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import grpc
 import httpx
+import orjson
 import pytest
+from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 
 from strata.http_headers import ENDPOINT_HEADER
 from strata.router.endpoints import parse_metrics
 from tests.conftest import SHARED_MODELS, STORIES
 from tests.server_process import RouterProcess, ServerProcess, free_port
+from tests.test_router_extproc import DESTINATION, body_parts, destination, headers, read_all
 
 WORDS = [
     "little", "girl", "named", "Lily", "loved", "to", "play", "in", "the", "park", "with",
@@ -41,6 +45,7 @@ class Fleet:
     approximate: RouterProcess
     precise: RouterProcess
     log_dir: object
+    ext_proc_port: int  # the approximate router's Envoy ext_proc
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +63,11 @@ def fleet(tmp_path_factory):
                  for r, address in zip(replicas, events)] + [f"--endpoint={model_b.url}"]
     tokenizers = ["--tokenizer", f"stories={STORIES}", "--tokenizer",
                   f"tiny-b={SHARED_MODELS / 'TinyStories-656K'}"]
-    approximate = RouterProcess(log_dir, *endpoints, *tokenizers)
+    ext_proc_port = free_port()
+    approximate = RouterProcess(log_dir, *endpoints, "--ext-proc-port", str(ext_proc_port))
     precise = RouterProcess(log_dir, *endpoints, *tokenizers, "--prefix-index", "precise")
     time.sleep(1.0)  # the precise router's subscribers connect
-    fleet = Fleet(replicas, events, model_b, approximate, precise, log_dir)
+    fleet = Fleet(replicas, events, model_b, approximate, precise, log_dir, ext_proc_port)
     yield fleet
     for process in [*fleet.replicas, model_b, approximate, precise]:
         process.stop()
@@ -157,6 +163,27 @@ def test_model_b_goes_only_to_model_b_and_models_are_aggregated(fleet):
     response = httpx.post(f"{fleet.approximate.url}/v1/completions", timeout=10,
                           json={"model": "nope", "prompt": "x"})
     assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+
+
+def test_ext_proc_names_a_live_endpoint_of_the_model(fleet):
+    """Envoy's side of the protocol against the running router: headers, then the body."""
+
+    async def ask(model: str) -> list:
+        body = orjson.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 2})
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{fleet.ext_proc_port}") as channel:
+            call = ExternalProcessorStub(channel).Process(iter([headers(), *body_parts(body)]))
+            return await asyncio.wait_for(read_all(call), 5)
+
+    for model, servers in (("stories", fleet.replicas), ("tiny-b", [fleet.model_b])):
+        replies = asyncio.run(ask(model))
+        set_, metadata = destination(replies[0])
+        assert set_[DESTINATION] == metadata
+        assert f"http://{metadata}" in [s.url for s in servers]
+        response = httpx.post(f"http://{metadata}/v1/completions", timeout=30,
+                              json={"model": model, "prompt": "Once", "max_tokens": 2})
+        assert response.status_code == 200
+    replies = asyncio.run(ask("nope"))
+    assert replies[0].immediate_response.status.code == 404
 
 
 def test_a_replica_killed_mid_load_loses_no_request_and_comes_back(fleet):

@@ -148,3 +148,64 @@ def test_the_pool_scrapes_live_endpoints_and_marks_dead_ones_unhealthy(strata_se
     os.utime(config, (later, later))
     urls = [e.url for e in source.endpoints()]
     assert urls == [strata_server.url, dead] and source.endpoints()[0].healthy()
+
+
+def test_an_endpoint_picker_config_sets_the_weights(tmp_path):
+    from strata.router.config import load_weights
+
+    profile = tmp_path / "epp.yaml"
+    profile.write_text("""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+  - type: queue-scorer
+  - type: prefix-cache-scorer
+    name: prefix
+  - type: max-score-picker
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: queue-scorer
+        weight: 5
+      - pluginRef: prefix
+        weight: 1
+      - pluginRef: max-score-picker
+""")
+    assert load_weights(profile) == {"queue": 5.0, "prefix": 1.0}  # kv-cache left out: 0
+    profile.write_text("plugins:\n  - type: lora-affinity-scorer\n")
+    with pytest.raises(ValueError, match="lora-affinity-scorer"):
+        load_weights(profile)
+
+
+def test_the_router_decides_by_the_weighted_formulas_on_a_scripted_state():
+    """Three endpoints with scripted queues, KV use and prefix holdings; every total is
+    computed by hand from the formulas."""
+    from strata.router.metrics import RouterMetrics
+    from strata.router.pool import EndpointPool, StaticSource
+    from strata.router.routing import Router
+
+    pool = EndpointPool(StaticSource(["http://a:1", "http://b:1", "http://c:1"]))
+    state = {"http://a:1": (2, 1, 0.50), "http://b:1": (6, 2, 0.25), "http://c:1": (0, 0, 0.75)}
+    for e in pool.endpoints:
+        waiting, running, usage = state[e.url]
+        e.metrics = EndpointMetrics(num_waiting=waiting, num_running=running,
+                                    kv_cache_usage=usage, models={"m"}, block_size=16)
+        e.scraped_at = time.monotonic()
+    index = ApproximatePrefixIndex()
+    router = Router(pool, Picker(rng=random.Random(0)), index, RouterMetrics(lambda: []))
+    prompt = list(range(100, 164))  # 4 blocks
+    index.record("http://b:1", prompt_block_ids(prompt[:48], 16))  # b holds 3 of 4
+    body = b'{"model": "m", "prompt": %s}' % str(prompt).encode()
+    decision = router.decide(body)
+    # queues (waiting + running): a 3, b 8, c 0 -> (8 - q) / 8
+    # a: 2 * 5/8 + 2 * 0.50 + 3 * 0    = 2.25
+    # b: 2 * 0   + 2 * 0.75 + 3 * 0.75 = 3.75
+    # c: 2 * 1   + 2 * 0.25 + 3 * 0    = 2.50
+    assert [e.url for e in decision.ranked] == ["http://b:1", "http://c:1", "http://a:1"]
+    assert decision.scores["http://a:1"] == {"queue": 0.625, "kv-cache": 0.5, "prefix": 0.0}
+    assert decision.scores["http://b:1"]["prefix"] == 0.75
+    # in flight from this router, ahead of the next scrape, counts as its queue
+    pool.endpoints[2].in_flight = 20  # c: queue 20 -> a: (20-3)/20, b: 12/20, c: 0
+    # a: 1.7 + 1.0 = 2.7; b: 1.2 + 0.5 + 2.25 = 3.95; c: 0 + 0.5 = 0.5
+    assert [e.url for e in router.decide(body).ranked] == ["http://b:1", "http://a:1",
+                                                          "http://c:1"]
