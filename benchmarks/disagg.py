@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
-from processes import process, serve
+from harness import process, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.bench import BenchConfig

@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from processes import process, serve
-
-from strata.bench import BenchConfig, run_benchmark
+from harness import bench_ids, median_cell, process, ratio_cell, serve
 
 SHARED_PREFIX = dict(workload="shared-prefix", num_groups=8, num_prompts=128, prefix_len=1024,
                      suffix_len=64, output_len=64)
@@ -58,12 +55,7 @@ def run_round(urls: dict[str, str], model: Path, round_index: int) -> dict:
         # Prompts new to the server in every workload and round, the same for on and off.
         seed = 100 * round_index + index
         for mode, url in urls.items():
-            config = BenchConfig(base_url=url, model="bench", tokenizer=str(model),
-                                 prompt_format="ids", ignore_eos=True, seed=seed,
-                                 disable_tqdm=True, num_warmups=0, **settings)
-            summary = run_benchmark(config)["summary"]
-            if summary["failed"]:
-                raise RuntimeError(f"{workload}/{mode}: {summary['errors']}")
+            summary = bench_ids(url, model, seed, **settings)
             results[f"{workload}/{mode}"] = summary
             print(f"  {workload:>13} cache {mode:>3}: {summary['output_throughput']:.0f} tok/s, "
                   f"TTFT p50 {summary['median_ttft_ms']:.1f} ms", flush=True)
@@ -76,18 +68,12 @@ def table(rounds: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for workload in WORKLOADS:
         for mode in MODES:
-            cells = [workload, mode]
-            for _, key, fmt in COLUMNS:
-                values = [r[f"{workload}/{mode}"].get(key) for r in rounds]
-                values = [v for v in values if v is not None]
-                cells.append(fmt.format(statistics.median(values)) if values else "-")
+            run = f"{workload}/{mode}"
+            cells = [workload, mode, *(median_cell(rounds, run, key, fmt)
+                                       for _, key, fmt in COLUMNS)]
             if mode == "on":
-                cells.append("{:.2f}x".format(statistics.median(
-                    r[f"{workload}/on"]["total_token_throughput"]
-                    / r[f"{workload}/off"]["total_token_throughput"] for r in rounds)))
-                cells.append("{:.2f}x".format(statistics.median(
-                    r[f"{workload}/off"]["median_ttft_ms"] / r[f"{workload}/on"]["median_ttft_ms"]
-                    for r in rounds)))
+                cells += [ratio_cell(rounds, run, f"{workload}/off", "total_token_throughput"),
+                          ratio_cell(rounds, f"{workload}/off", run, "median_ttft_ms")]
             else:
                 cells += ["", ""]
             lines.append("| " + " | ".join(cells) + " |")

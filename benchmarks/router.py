@@ -38,10 +38,9 @@ from pathlib import Path
 
 import httpx
 import orjson
-from processes import process, serve
+from harness import bench_ids, median_cell, process, ratio_cell, serve
 from prometheus_client.parser import text_string_to_metric_families
 
-from strata.bench import BenchConfig, run_benchmark
 from strata.router.endpoints import EndpointMetrics
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Picker
@@ -148,13 +147,8 @@ def run_round(routers: dict[str, str], model: Path, round_index: int) -> dict:
         for offset, (policy, url) in enumerate(routers.items()):
             # Prompts new to every replica: each run has tenants of its own.
             seed = 1000 * round_index + 10 * index + offset
-            config = BenchConfig(base_url=url, model="bench", tokenizer=str(model),
-                                 prompt_format="ids", ignore_eos=True, seed=seed,
-                                 disable_tqdm=True, num_warmups=0, **settings)
             sent = router_samples(url, "strata:router_requests_total", "endpoint")
-            summary = run_benchmark(config)["summary"]
-            if summary["failed"]:
-                raise RuntimeError(f"{load}/{policy}: {summary['errors']}")
+            summary = bench_ids(url, model, seed, **settings)
             after = router_samples(url, "strata:router_requests_total", "endpoint")
             summary["per_replica"] = sorted(after[e] - sent.get(e, 0.0) for e in after)
             results[f"{load}/{policy}"] = summary
@@ -172,17 +166,13 @@ def table(rounds: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for load in LOADS:
         for policy in POLICIES:
-            cells = [load, policy]
-            for _, key, fmt in COLUMNS:
-                cells.append(fmt.format(statistics.median(r[f"{load}/{policy}"][key]
-                                                          for r in rounds)))
+            run = f"{load}/{policy}"
+            cells = [load, policy, *(median_cell(rounds, run, key, fmt)
+                                     for _, key, fmt in COLUMNS)]
             if policy == "picker":
-                cells.append("{:.2f}x".format(statistics.median(
-                    r[f"{load}/round-robin"]["median_ttft_ms"] / r[f"{load}/picker"][
-                        "median_ttft_ms"] for r in rounds)))
-                cells.append("{:.2f}x".format(statistics.median(
-                    r[f"{load}/picker"]["output_throughput"] / r[f"{load}/round-robin"][
-                        "output_throughput"] for r in rounds)))
+                baseline = f"{load}/round-robin"
+                cells += [ratio_cell(rounds, baseline, run, "median_ttft_ms"),
+                          ratio_cell(rounds, run, baseline, "output_throughput")]
             else:
                 cells += ["", ""]
             lines.append("| " + " | ".join(cells) + " |")

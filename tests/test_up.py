@@ -16,19 +16,25 @@ from tests.conftest import STORIES
 from tests.server_process import free_port
 
 
-def test_up_starts_replicas_behind_the_router_and_stops_them_all(tmp_path):
-    port = free_port(consecutive=3)
+def start_up(tmp_path, *args: str, processes: int) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`strata up ARGS` and the addresses it prints, by "role index"."""
     log = open(tmp_path / "up.log", "w+")  # noqa: SIM115 (read back below)
     process = subprocess.Popen(
-        [sys.executable, "-m", "strata.cli", "up", str(STORIES), "--replicas", "2", "--port",
-         str(port), "--max-num-seqs", "8", "--kv-cache-memory", "16MiB",
-         "--disable-uvicorn-access-log"], stdout=subprocess.PIPE, stderr=log, text=True)
+        [sys.executable, "-m", "strata.cli", "up", str(STORIES), *args, "--max-num-seqs", "8",
+         "--kv-cache-memory", "16MiB", "--disable-uvicorn-access-log"],
+        stdout=subprocess.PIPE, stderr=log, text=True)
     urls: dict[str, str] = {}
     deadline = time.monotonic() + 300
-    while len(urls) < 3 and time.monotonic() < deadline:
+    while len(urls) < processes and time.monotonic() < deadline:
         line = process.stdout.readline()
         assert line, f"strata up ended early: {log.seek(0) or log.read()[-3000:]}"
-        urls |= dict(re.findall(r"((?:replica|router) \d+): (http://\S+)", line))
+        urls |= dict(re.findall(r"(\w+ \d+): (http://\S+)", line))
+    return process, urls
+
+
+def test_up_starts_replicas_behind_the_router_and_stops_them_all(tmp_path):
+    port = free_port(consecutive=3)
+    process, urls = start_up(tmp_path, "--replicas", "2", "--port", str(port), processes=3)
     assert urls == {"replica 0": f"http://127.0.0.1:{port + 1}",
                     "replica 1": f"http://127.0.0.1:{port + 2}",
                     "router 2": f"http://127.0.0.1:{port}"}
@@ -54,19 +60,10 @@ def test_up_disaggregated_serves_through_the_router(tmp_path, strata_server):
     """--prefill 1 --decode 1: the router sends each request to the decode instance with the
     prefiller named; the tokens are a colocated server's, and the blocks did move."""
     port = free_port(consecutive=5)
-    log = open(tmp_path / "up.log", "w+")  # noqa: SIM115 (read back below)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "strata.cli", "up", str(STORIES), "--prefill", "1", "--decode",
-         "1", "--port", str(port), "--pd-threshold-tokens", "0", "--served-model-name",
-         "stories", "--max-num-seqs", "8",
-         "--kv-cache-memory", "16MiB", "--disable-uvicorn-access-log"],
-        stdout=subprocess.PIPE, stderr=log, text=True)
-    roles: dict[str, str] = {}
-    deadline = time.monotonic() + 300
-    while len(roles) < 3 and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        assert line, f"strata up ended early: {log.seek(0) or log.read()[-3000:]}"
-        roles |= dict(re.findall(r"(prefill|decode|router) \d+: (http://\S+)", line))
+    process, urls = start_up(tmp_path, "--prefill", "1", "--decode", "1", "--port", str(port),
+                             "--pd-threshold-tokens", "0", "--served-model-name", "stories",
+                             processes=3)
+    roles = {name.split()[0]: url for name, url in urls.items()}
     assert roles["router"] == f"http://127.0.0.1:{port}"
     body = {"model": "stories", "prompt": list(range(3, 60)), "max_tokens": 12,
             "temperature": 0, "ignore_eos": True, "return_token_ids": True}
