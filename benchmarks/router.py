@@ -16,8 +16,9 @@ round-robin perfect affinity by accident). Loads: all at once, and 32 in flight.
 
 Also measured:
 - the picker's decision time (body to ranking: parse, tokenize, hash, score), from the
-  router's `strata:router_decision_seconds` histogram over the picker's runs (p99 is the
-  bucket bound it falls under), and alone, through an in-process Router (see
+  router's histograms over the picker's runs (p99 is the bucket bound it falls under):
+  wall time, and the CPU time of the thread that decided (the difference is time other
+  processes had the cores); and alone, through an in-process Router (see
   decision_time_alone);
 - the proxy's whole added latency: 200 one-token requests, one at a time, alternating
   between a replica directly and through the picker's router.
@@ -76,10 +77,11 @@ def router_samples(router: str, name: str, label: str) -> dict[str, float]:
     return values
 
 
-def decision_histogram(router: str) -> dict[float, float]:
-    """Cumulative counts by bucket bound of the router's decision time."""
-    return {float(bound): count for bound, count in router_samples(
-        router, "strata:router_decision_seconds_bucket", "le").items()}
+def decision_histograms(router: str) -> dict[str, dict[float, float]]:
+    """Cumulative counts by bucket bound of the router's decision time, wall and CPU."""
+    return {kind: {float(bound): count for bound, count in router_samples(
+        router, f"strata:router_decision{kind}_seconds_bucket", "le").items()}
+        for kind in ("", "_cpu")}
 
 
 def quantile_bound(before: dict[float, float], after: dict[float, float], q: float) -> float:
@@ -201,18 +203,20 @@ def main() -> int:
         rounds, decisions = [], []
         for index in range(args.rounds):
             print(f"round {index + 1}/{args.rounds}", flush=True)
-            before = decision_histogram(routers["picker"])
+            before = decision_histograms(routers["picker"])
             rounds.append(run_round(routers, args.model, index))
-            decisions.append(quantile_bound(before, decision_histogram(routers["picker"]),
-                                            0.99))
+            after = decision_histograms(routers["picker"])
+            decisions.append({kind or "_wall": quantile_bound(before[kind], after[kind], 0.99)
+                              for kind in before})
         hop = hop_latency(replicas[0], routers["picker"])
     alone = decision_time_alone(args.model)
     if args.save:
         args.save.write_text(json.dumps({"rounds": rounds, "decision_p99_s": decisions,
                                          "hop": hop, "decision_alone": alone}, indent=1))
-    print(table(rounds))
-    print(f"\npicker decision time under the load, p99 (bucket bound) per round: "
-          f"{', '.join(f'<= {1e3 * d:g} ms' for d in decisions)}")
+    print(table(rounds), end="\n\n")
+    for kind, name in (("_wall", "wall"), ("_cpu", "CPU")):
+        print(f"picker decision time under the load, {name}, p99 (bucket bound) per round: "
+              f"{', '.join(f'<= {1e3 * d[kind]:g} ms' for d in decisions)}")
     for kind, v in alone.items():
         print(f"picker decision time alone, {kind}: "
               f"p50 {v['p50_ms']:.3f} ms, p99 {v['p99_ms']:.3f} ms")

@@ -67,6 +67,10 @@ class RouterMetrics:
         self.decision_seconds = Histogram("strata:router_decision_seconds",
                                           "Time to pick an endpoint for a request",
                                           buckets=DECISION_BUCKETS, registry=self.registry)
+        self.decision_cpu_seconds = Histogram(
+            "strata:router_decision_cpu_seconds",
+            "CPU time of the picking thread per decision (below the wall time when the "
+            "router shares its cores)", buckets=DECISION_BUCKETS, registry=self.registry)
         self.scores = Gauge("strata:router_scorer_value",
                             "Each scorer's value (0..1) for each endpoint, at the last pick",
                             ["endpoint", "scorer"], registry=self.registry)
@@ -74,6 +78,7 @@ class RouterMetrics:
 
     def observe_decision(self, decision: Decision) -> None:
         self.decision_seconds.observe(decision.seconds)
+        self.decision_cpu_seconds.observe(decision.cpu_seconds)
         for url, scores in decision.scores.items():
             for scorer, value in scores.items():
                 self.scores.labels(url, scorer).set(value)

@@ -38,6 +38,7 @@ class Decision:
     prefiller: Endpoint | None = None  # P/D: computes the prompt for the decode endpoint
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0  # how long deciding took
+    cpu_seconds: float = 0.0  # of which this thread ran (the rest: other processes did)
 
     @property
     def model(self) -> str:
@@ -57,13 +58,14 @@ class Router:
 
     def decide(self, body: bytes) -> Decision:
         """Raises RouteError for what the router answers itself (400, 404, 429, 503)."""
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             decision = self._decide(parse_body(body))
         except RouteError as error:
             self.metrics.rejected.labels(str(error.status)).inc()
             raise
         decision.seconds = time.perf_counter() - started
+        decision.cpu_seconds = time.thread_time() - started_cpu
         self.metrics.observe_decision(decision)
         return decision
 
