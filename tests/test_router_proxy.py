@@ -209,7 +209,8 @@ def test_p_d_names_a_prefiller_only_for_long_uncached_prompts():
     async def run() -> None:
         async with serving(router, upstream) as http:
             for prompt in ("short", "x" * 4 * 300):  # about 1 and 300 tokens
-                await http.post("/v1/completions", json={**BODY, "prompt": prompt})
+                await http.post("/v1/completions", json={**BODY, "prompt": prompt},
+                                headers={PREFILLER_HEADER: "203.0.113.9:1"})  # a client's
 
     asyncio.run(run())
     assert seen == [("10.0.0.1", None), ("10.0.0.1", "10.0.0.2:8000")]

@@ -94,7 +94,8 @@ class Proxy:
         return sending.result()
 
     async def _send(self, request: Request, body: bytes, decision: Decision) -> Response:
-        headers = _forwarded(request.headers)
+        # A client's own prefiller header would steer the decode instance: only ours goes.
+        headers = _forwarded(request.headers, HOP_BY_HOP | {PREFILLER_HEADER})
         if decision.prefiller is not None:
             headers[PREFILLER_HEADER] = decision.prefiller.host_port
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
