@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 import uvicorn
+from starlette.applications import Starlette
 
 from strata.checkpoint import resolve_model_path
 from strata.router.config import load_weights
@@ -38,8 +39,8 @@ def _tokenizers(specs: list[str]) -> dict[str | None, Tokenizer]:
     return tokenizers
 
 
-def build(args: argparse.Namespace):
-    """The app to serve, and the router behind it."""
+def build(args: argparse.Namespace) -> Starlette:
+    """The app to serve: the proxy, with the scraper and the other fronts beside it."""
     pool = EndpointPool(_source(args))
     weights = load_weights(args.config) if args.config else None
     policy = RoundRobin() if args.policy == "round-robin" else Picker(weights)
@@ -57,7 +58,7 @@ def build(args: argparse.Namespace):
     if args.ext_proc_port:
         background.append(lambda: _serve_ext_proc(router, args.host, args.ext_proc_port,
                                                   args.ext_proc_max_endpoints))
-    return build_app(router, background), router
+    return build_app(router, background)
 
 
 async def _serve_ext_proc(router: Router, host: str, port: int, max_endpoints: int) -> None:
@@ -71,7 +72,10 @@ async def _serve_ext_proc(router: Router, host: str, port: int, max_endpoints: i
 
 
 def run_router(args: argparse.Namespace) -> int:
-    app, _ = build(args)
+    app = build(args)
+    ext_proc = f", Envoy ext_proc on {args.host}:{args.ext_proc_port}" if args.ext_proc_port else ""
+    print(f"strata route: {args.policy}, {args.prefix_index} prefix index; HTTP on "
+          f"{args.host}:{args.port}{ext_proc}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                 loop="uvloop", http="httptools")
     return 0
