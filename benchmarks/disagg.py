@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import process, serve
+from harness import markdown_table, median_cell, process, ratio_cell, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.bench import BenchConfig
@@ -176,16 +176,9 @@ def table(rounds: list[dict]) -> str:
                ("output tok/s", "output_tok_s", "{:.0f}"),
                ("KV transfer GB/s", "transfer_gb_s", "{:.2f}"))
     header = ["setup", *(name for name, _, _ in columns), "ITL p99: colocated / this"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for setup in SETUPS:
-        cells = []
-        for _, key, fmt in columns:
-            values = [r[setup].get(key) for r in rounds if r[setup].get(key) is not None]
-            cells.append(fmt.format(statistics.median(values)) if values else "-")
-        ratio = statistics.median(r["colocated"]["itl_p99"] / r[setup]["itl_p99"]
-                                  for r in rounds)
-        lines.append(f"| {setup} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
-    return "\n".join(lines)
+    return markdown_table(header, [
+        [setup, *(median_cell(rounds, setup, key, fmt) for _, key, fmt in columns),
+         ratio_cell(rounds, "colocated", setup, "itl_p99")] for setup in SETUPS])
 
 
 if __name__ == "__main__":

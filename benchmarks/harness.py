@@ -60,3 +60,8 @@ def ratio_cell(rounds: list[dict], numerator: str, denominator: str, key: str) -
     """The median over rounds of one run's figure over another's."""
     return "{:.2f}x".format(statistics.median(r[numerator][key] / r[denominator][key]
                                               for r in rounds))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])

@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from harness import bench_ids, median_cell, process, ratio_cell, serve
+from harness import bench_ids, markdown_table, median_cell, process, ratio_cell, serve
 
 SHARED_PREFIX = dict(workload="shared-prefix", num_groups=8, num_prompts=128, prefix_len=1024,
                      suffix_len=64, output_len=64)
@@ -65,7 +65,7 @@ def run_round(urls: dict[str, str], model: Path, round_index: int) -> dict:
 def table(rounds: list[dict]) -> str:
     header = ["workload", "cache", *(name for name, _, _ in COLUMNS), "on / off tok/s",
               "off / on TTFT p50"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for workload in WORKLOADS:
         for mode in MODES:
             run = f"{workload}/{mode}"
@@ -76,8 +76,8 @@ def table(rounds: list[dict]) -> str:
                           ratio_cell(rounds, f"{workload}/off", run, "median_ttft_ms")]
             else:
                 cells += ["", ""]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def main() -> int:

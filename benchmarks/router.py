@@ -39,7 +39,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from harness import bench_ids, median_cell, process, ratio_cell, serve
+from harness import bench_ids, markdown_table, median_cell, process, ratio_cell, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.router.endpoints import EndpointMetrics
@@ -165,7 +165,7 @@ def run_round(routers: dict[str, str], model: Path, round_index: int) -> dict:
 def table(rounds: list[dict]) -> str:
     header = ["load", "front", *(name for name, _, _ in COLUMNS), "TTFT p50: RR / picker",
               "throughput: picker / RR"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for load in LOADS:
         for policy in POLICIES:
             run = f"{load}/{policy}"
@@ -177,8 +177,8 @@ def table(rounds: list[dict]) -> str:
                           ratio_cell(rounds, run, baseline, "output_throughput")]
             else:
                 cells += ["", ""]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def main() -> int:

@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import markdown_table
+
 from strata.bench import BenchConfig, plot_cdfs, run_benchmark
 from strata.health import wait_healthy
 
@@ -153,7 +155,7 @@ def table(summaries: dict, peers: list[Peer], concurrencies: list[int]) -> str:
         return statistics.median(values) if values else None
 
     header = ["concurrency", "server", *(title for title, _, _ in COLUMNS), "Strata / this"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for c in concurrencies:
         ours = [s["output_throughput"] for s in summaries.get(("strata", c), [])]
         for peer in peers:
@@ -164,8 +166,8 @@ def table(summaries: dict, peers: list[Peer], concurrencies: list[int]) -> str:
             theirs = [s["output_throughput"] for s in summaries[(peer.name, c)]]
             ratios = [a / b for a, b in zip(ours, theirs) if b]
             cells.append(f"{statistics.median(ratios):.2f}×" if ratios else "–")
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def table_from_json(path: Path) -> str:
