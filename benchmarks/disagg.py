@@ -20,7 +20,6 @@ running): one 2,000-token prompt's blocks read 10 times by each, interleaved.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import markdown_table, median_cell, process, ratio_cell, serve
+from harness import comparison_parser, markdown_table, median_cell, process, ratio_cell, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.bench import BenchConfig
@@ -95,13 +94,7 @@ async def run_load(url: str, model: Path, seed: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--port", type=int, default=8600)
-    parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
-    parser.add_argument("--save", type=Path, default=None)
-    args = parser.parse_args()
+    args = comparison_parser(__doc__, 8600).parse_args()
     rounds = []
     with contextlib.ExitStack() as stack:
         urls = start_setups(stack, args.model, args.port, args.log_dir)

@@ -1,9 +1,10 @@
-"""What the benchmark scripts share: child processes (run until the `with` ends, output in
-a log, healthy before the body starts), one `strata bench serve` run, and the cells of
-their tables."""
+"""What the benchmark scripts share: their common flags, child processes (run until the
+`with` ends, output in a log, healthy before the body starts), one `strata bench serve`
+run, and their tables."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import statistics
@@ -13,6 +14,18 @@ from pathlib import Path
 
 from strata.bench import BenchConfig, run_benchmark
 from strata.health import wait_healthy
+
+
+def comparison_parser(doc: str, port: int) -> argparse.ArgumentParser:
+    """The flags of every script that compares setups over rounds."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True,
+                        help="a random-weight benchmark checkpoint with a tokenizer")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=port, help="the first port it uses")
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--save", type=Path, default=None, help="every round's figures (JSON)")
+    return parser
 
 
 @contextlib.contextmanager
@@ -65,3 +78,24 @@ def ratio_cell(rounds: list[dict], numerator: str, denominator: str, key: str) -
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def comparison_table(rounds: list[dict], titles: tuple[str, str], groups, variants: tuple[str, str],
+                     columns, ratios) -> str:
+    """Medians over rounds of runs named "group/variant", variants = (treated, baseline); the
+    treated row also gets each ratio (title, key, over_baseline): the median of per-round
+    treated / baseline figures, or baseline / treated when over_baseline is false."""
+    treated, baseline = variants
+    header = [*titles, *(name for name, _, _ in columns), *(title for title, _, _ in ratios)]
+    rows = []
+    for group in groups:
+        for variant in variants:
+            run = f"{group}/{variant}"
+            cells = [group, variant, *(median_cell(rounds, run, key, fmt)
+                                       for _, key, fmt in columns)]
+            other = f"{group}/{baseline}"
+            cells += [(ratio_cell(rounds, run, other, key) if over_baseline
+                       else ratio_cell(rounds, other, run, key)) if variant == treated else ""
+                      for _, key, over_baseline in ratios]
+            rows.append(cells)
+    return markdown_table(header, rows)

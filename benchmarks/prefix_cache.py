@@ -22,13 +22,12 @@ Figures are medians over rounds; "on / off" is the median of per-round ratios.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 from pathlib import Path
 
-from harness import bench_ids, markdown_table, median_cell, process, ratio_cell, serve
+from harness import bench_ids, comparison_parser, comparison_table, process, serve
 
 SHARED_PREFIX = dict(workload="shared-prefix", num_groups=8, num_prompts=128, prefix_len=1024,
                      suffix_len=64, output_len=64)
@@ -63,31 +62,13 @@ def run_round(urls: dict[str, str], model: Path, round_index: int) -> dict:
 
 
 def table(rounds: list[dict]) -> str:
-    header = ["workload", "cache", *(name for name, _, _ in COLUMNS), "on / off tok/s",
-              "off / on TTFT p50"]
-    rows = []
-    for workload in WORKLOADS:
-        for mode in MODES:
-            run = f"{workload}/{mode}"
-            cells = [workload, mode, *(median_cell(rounds, run, key, fmt)
-                                       for _, key, fmt in COLUMNS)]
-            if mode == "on":
-                cells += [ratio_cell(rounds, run, f"{workload}/off", "total_token_throughput"),
-                          ratio_cell(rounds, f"{workload}/off", run, "median_ttft_ms")]
-            else:
-                cells += ["", ""]
-            rows.append(cells)
-    return markdown_table(header, rows)
+    return comparison_table(rounds, ("workload", "cache"), WORKLOADS, ("on", "off"), COLUMNS, (
+        ("on / off tok/s", "total_token_throughput", True),
+        ("off / on TTFT p50", "median_ttft_ms", False)))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--port", type=int, default=8400)
-    parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
-    parser.add_argument("--save", type=Path, default=None, help="every round's summaries")
-    args = parser.parse_args()
+    args = comparison_parser(__doc__, 8400).parse_args()
     with contextlib.ExitStack() as stack:
         urls = {mode: stack.enter_context(process(
             serve(args.model, args.port + i, *extra), args.log_dir / f"prefix-cache-{mode}.log",

@@ -28,7 +28,6 @@ Figures are medians over rounds; the ratio columns are medians of per-round rati
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import random
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import httpx
 import orjson
-from harness import bench_ids, markdown_table, median_cell, process, ratio_cell, serve
+from harness import bench_ids, comparison_parser, comparison_table, process, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.router.endpoints import EndpointMetrics
@@ -163,33 +162,15 @@ def run_round(routers: dict[str, str], model: Path, round_index: int) -> dict:
 
 
 def table(rounds: list[dict]) -> str:
-    header = ["load", "front", *(name for name, _, _ in COLUMNS), "TTFT p50: RR / picker",
-              "throughput: picker / RR"]
-    rows = []
-    for load in LOADS:
-        for policy in POLICIES:
-            run = f"{load}/{policy}"
-            cells = [load, policy, *(median_cell(rounds, run, key, fmt)
-                                     for _, key, fmt in COLUMNS)]
-            if policy == "picker":
-                baseline = f"{load}/round-robin"
-                cells += [ratio_cell(rounds, baseline, run, "median_ttft_ms"),
-                          ratio_cell(rounds, run, baseline, "output_throughput")]
-            else:
-                cells += ["", ""]
-            rows.append(cells)
-    return markdown_table(header, rows)
+    return comparison_table(rounds, ("load", "front"), LOADS, POLICIES, COLUMNS, (
+        ("TTFT p50: RR / picker", "median_ttft_ms", False),
+        ("throughput: picker / RR", "output_throughput", True)))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--port", type=int, default=8700)
+    parser = comparison_parser(__doc__, 8700)
     parser.add_argument("--kv-cache-memory", default="512MiB",
                         help="per replica: room for every tenant's prefix, round-robin too")
-    parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
-    parser.add_argument("--save", type=Path, default=None)
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         replicas = [stack.enter_context(process(
