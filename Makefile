@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,nixl]'
 	$(BIN)/pip install -q --no-deps nixl==1.5.1
+	$(BIN)/python -m strata.model.cpu_kernels
 	touch $@
 
 install: $(VENV)/.installed
