@@ -4,3 +4,6 @@
 PREFILLER_HEADER = "x-prefiller-host-port"
 # On the router's answers: the endpoint that served the request.
 ENDPOINT_HEADER = "x-strata-endpoint"
+# P/D fields (the prefiller header, kv_transfer_params) count only on requests that carry
+# the deployment's shared secret here, when one is set (--kv-peer-token).
+KV_PEER_TOKEN_HEADER = "x-strata-kv-peer-token"

@@ -23,6 +23,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from strata.http_headers import KV_PEER_TOKEN_HEADER
 from strata.router.endpoints import EndpointMetrics
 from strata.router.extproc import CHUNK_BYTES, serve_ext_proc
 from strata.router.metrics import RouterMetrics
@@ -39,12 +40,14 @@ PREFILLER = "x-prefiller-host-port"
 TIMEOUT = 2.0  # every exchange is answered in milliseconds; a hang fails the test
 
 
-def make_router(*specs: str, waiting: tuple[float, ...] = ()) -> Router:
+def make_router(*specs: str, waiting: tuple[float, ...] = (),
+                kv_peer_token: str | None = None) -> Router:
     pool = EndpointPool(StaticSource(list(specs)))
     for i, e in enumerate(pool.endpoints):
         e.metrics = EndpointMetrics(num_waiting=waiting[i] if i < len(waiting) else 0.0,
                                     models={"m"}, block_size=16, num_blocks=100)
-    return Router(pool, Picker(), ApproximatePrefixIndex(), RouterMetrics(lambda: pool.endpoints))
+    return Router(pool, Picker(), ApproximatePrefixIndex(), RouterMetrics(lambda: pool.endpoints),
+                  kv_peer_token=kv_peer_token)
 
 
 def fresh(router: Router) -> None:
@@ -53,8 +56,8 @@ def fresh(router: Router) -> None:
         e.scraped_at = time.monotonic()
 
 
-def body_of(model: str | None = "m", prompt: str = "Hello there") -> bytes:
-    data = {"prompt": prompt, "max_tokens": 8}
+def body_of(model: str | None = "m", prompt: str = "Hello there", **fields) -> bytes:
+    data = {"prompt": prompt, "max_tokens": 8, **fields}
     if model is not None:
         data["model"] = model
     return orjson.dumps(data)
@@ -62,7 +65,8 @@ def body_of(model: str | None = "m", prompt: str = "Hello there") -> bytes:
 
 def headers(end_of_stream: bool = False, mode: int | None = FULL_DUPLEX) -> ProcessingRequest:
     pairs = {":method": "GET" if end_of_stream else "POST", ":path": "/v1/completions",
-             "content-type": "application/json", PREFILLER: "203.0.113.9:1"}  # a client's own
+             "content-type": "application/json",
+             PREFILLER: "203.0.113.9:1", KV_PEER_TOKEN_HEADER: "forged"}  # a client's own
     request = ProcessingRequest(request_headers=HttpHeaders(
         headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode())
                                    for k, v in pairs.items()]),
@@ -109,12 +113,19 @@ def set_headers(mutation) -> dict[str, str]:
     return {o.header.key: o.header.raw_value.decode() for o in mutation.set_headers}
 
 
+def common_of(reply: ProcessingResponse):
+    return (reply.request_headers if reply.HasField("request_headers")
+            else reply.request_body).response
+
+
 def destination(reply: ProcessingResponse) -> tuple[dict[str, str], str]:
     """The headers set and the metadata's endpoint value of the answer that names it."""
-    common = (reply.request_headers if reply.HasField("request_headers")
-              else reply.request_body).response
     metadata = reply.dynamic_metadata.fields["envoy.lb"].struct_value.fields[DESTINATION]
-    return set_headers(common.header_mutation), metadata.string_value
+    return set_headers(common_of(reply).header_mutation), metadata.string_value
+
+
+def removed(reply: ProcessingResponse) -> list[str]:
+    return list(common_of(reply).header_mutation.remove_headers)
 
 
 def streamed_body(replies: list[ProcessingResponse]) -> bytes:
@@ -145,7 +156,7 @@ def test_full_duplex_names_the_ranking_in_header_and_metadata_and_returns_the_bo
     # the picker's ranking, best first: the shorter queue, then the fallback
     assert set_[DESTINATION] == metadata == "10.0.0.1:8000,10.0.0.2:8000"
     assert set_["content-length"] == str(len(body)) and PREFILLER not in set_
-    assert list(replies[0].request_headers.response.header_mutation.remove_headers) == [PREFILLER]
+    assert removed(replies[0]) == [PREFILLER, KV_PEER_TOKEN_HEADER]  # a client's P/D headers
     assert replies[0].request_headers.response.clear_route_cache
     assert streamed_body(replies[1:]) == body  # unchanged, as Envoy must forward it
     first = router.pool.endpoints[0]
@@ -220,6 +231,25 @@ def test_bad_bodies_get_a_400_at_once(body, message):
     assert error["error"]["type"] == "BadRequestError" and error["error"]["code"] == 400
 
 
+@pytest.mark.parametrize("mode", [FULL_DUPLEX, BUFFERED])
+def test_a_client_body_with_kv_transfer_params_gets_a_400(mode):
+    # Clients do not drive P/D through the router: its token would vouch for their transfer.
+    router = make_router("http://10.0.0.1:8000,role=prefill", "http://10.0.0.2:8000,role=decode",
+                         kv_peer_token="s3cret")
+    fresh(router)
+    body = body_of(kv_transfer_params={"do_remote_prefill": True, "remote_host": "203.0.113.9"})
+    messages = [headers(mode=mode), *body_parts(body)]
+    replies = exchange(router, messages)
+    if mode == BUFFERED:  # the headers were let through before the body came
+        assert replies.pop(0) == ProcessingResponse(request_headers={})
+    status, error = error_of(replies)
+    assert status == 400 and error["error"]["param"] == "kv_transfer_params"
+    assert router.pool.endpoints[1].in_flight == 0
+    assert router.metrics.registry.get_sample_value(
+        "strata:router_requests_total", {"endpoint": "http://10.0.0.2:8000",
+                                         "model_name": "m"}) is None  # routed nowhere
+
+
 def test_unknown_model_saturation_and_stale_endpoints_are_refused():
     router = make_router("http://10.0.0.1:8000", waiting=(500,))
     fresh(router)
@@ -251,16 +281,23 @@ def test_a_routed_prompt_goes_back_to_the_endpoint_that_holds_it():
     assert best(seen) == "10.0.0.1:8000"  # and each prompt stays where its blocks are
 
 
-def test_a_long_uncached_prompt_gets_a_prefiller():
-    router = make_router("http://10.0.0.1:8000,role=prefill", "http://10.0.0.2:8000,role=decode")
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_a_long_uncached_prompt_gets_a_prefiller(token):
+    router = make_router("http://10.0.0.1:8000,role=prefill", "http://10.0.0.2:8000,role=decode",
+                         kv_peer_token=token)
     fresh(router)
     long_prompt = "p" * 2000  # ~500 estimated tokens: over the 256-token P/D threshold
-    set_, metadata = destination(exchange(router, [headers(),
-                                                   *body_parts(body_of(prompt=long_prompt))])[0])
+    reply = exchange(router, [headers(), *body_parts(body_of(prompt=long_prompt))])[0]
+    set_, metadata = destination(reply)
     assert set_[DESTINATION] == metadata == "10.0.0.2:8000"  # the decoder; never the prefiller
     assert set_[PREFILLER] == "10.0.0.1:8000"
-    set_, _ = destination(exchange(router, [headers(), *body_parts(body_of(prompt="short"))])[0])
-    assert PREFILLER not in set_  # a short prompt is prefilled where it decodes
+    # the router vouches for the prefiller it names; without a token the client's is removed
+    assert set_.get(KV_PEER_TOKEN_HEADER) == token
+    assert removed(reply) == ([] if token else [KV_PEER_TOKEN_HEADER])
+    reply = exchange(router, [headers(), *body_parts(body_of(prompt="short"))])[0]
+    set_, _ = destination(reply)
+    assert PREFILLER not in set_ and KV_PEER_TOKEN_HEADER not in set_
+    assert removed(reply) == [PREFILLER, KV_PEER_TOKEN_HEADER]  # prefilled where it decodes
 
 
 def test_a_request_without_body_goes_to_the_shortest_queue():

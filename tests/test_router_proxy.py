@@ -1,6 +1,7 @@
 """The router's HTTP proxy on a real socket, its endpoints scripted behind httpx's
-MockTransport: streaming chunk by chunk, retries before the first byte, the router's own
-answers (400, 404, 429, 503), in-flight counts, aggregated /v1/models."""
+MockTransport: streaming chunk by chunk, retries before the first byte, answers that break
+mid-way or stall, the router's own answers (400, 404, 429, 503), P/D headers, in-flight
+counts, aggregated /v1/models."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import orjson
 import pytest
 import uvicorn
 
-from strata.http_headers import ENDPOINT_HEADER, PREFILLER_HEADER
+from strata.http_headers import ENDPOINT_HEADER, KV_PEER_TOKEN_HEADER, PREFILLER_HEADER
 from strata.router.endpoints import EndpointMetrics
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Picker
@@ -26,26 +27,33 @@ from tests.server_process import free_port
 
 A, B = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
 BODY = {"model": "m", "prompt": "Once upon a time", "max_tokens": 4}
+STALL = 0.2  # --stall-timeout in the stall tests
+SSE = {"content-type": "text/event-stream"}
 
 
 def make_router(*specs: str, waiting: tuple[float, ...] = (), fresh: bool = True,
-                saturation: float = 128) -> Router:
+                saturation: float = 128, kv_peer_token: str | None = None) -> Router:
     pool = EndpointPool(StaticSource(list(specs)))
     for i, endpoint in enumerate(pool.endpoints):
         endpoint.metrics = EndpointMetrics(num_waiting=waiting[i] if i < len(waiting) else 0,
                                            models={"m"}, block_size=16, num_blocks=100)
         endpoint.scraped_at = time.monotonic() + (60 if fresh else -60)
     return Router(pool, Picker(), ApproximatePrefixIndex(), RouterMetrics(lambda: pool.endpoints),
-                  saturation_queue=saturation)
+                  saturation_queue=saturation, kv_peer_token=kv_peer_token)
+
+
+def scrapes_stop(router: Router, url: str) -> None:
+    """As a SIGSTOPped replica: its /metrics stop answering, so it goes stale."""
+    next(e for e in router.pool.endpoints if e.url == url).scraped_at = time.monotonic() - 60
 
 
 @contextlib.asynccontextmanager
-async def serving(router: Router, upstream: Callable):
+async def serving(router: Router, upstream: Callable, stall_timeout: float = 10.0):
     """The proxy on a free port, its endpoints answered by upstream(request)."""
     client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(router, [], client), port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(router, [], client, stall_timeout),
+                                           port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
@@ -67,6 +75,22 @@ def reply(status: int, body: dict) -> httpx.Response:
 def retries(router: Router, url: str) -> float | None:
     return router.metrics.registry.get_sample_value("strata:router_retries_total",
                                                     {"endpoint": url})
+
+
+def upstream_failures(router: Router, url: str) -> float | None:
+    return router.metrics.registry.get_sample_value("strata:router_upstream_failures_total",
+                                                    {"endpoint": url})
+
+
+def sse_events(text: str) -> list[str]:
+    assert text.endswith("\n\n"), text  # whole events only
+    return text.removesuffix("\n\n").split("\n\n")
+
+
+def error_event(event: str) -> dict:
+    error = orjson.loads(event.removeprefix("data: "))["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
 
 
 def test_sse_streams_through_chunk_by_chunk():
@@ -160,6 +184,10 @@ def test_the_router_answers_bad_bodies_unknown_models_overload_and_no_endpoints(
              (make_router(A), b"[1, 2]", 400, None),
              (make_router(A), b'{"prompt": "x"}', 400, "model"),
              (make_router(A), b'{"model": "other", "prompt": "x"}', 404, "model"),
+             # clients do not drive P/D: the router's token would vouch for their transfer
+             (make_router(A), orjson.dumps({**BODY, "kv_transfer_params": {
+                 "do_remote_prefill": True, "remote_host": "203.0.113.9"}}), 400,
+              "kv_transfer_params"),
              (make_router(A, B, waiting=(9, 12), saturation=8), orjson.dumps(BODY), 429, None),
              (make_router(A, fresh=False), orjson.dumps(BODY), 503, None)]
     for router, body, status, param in cases:
@@ -198,22 +226,28 @@ def test_a_client_that_leaves_mid_stream_closes_the_upstream_answer():
     assert router.pool.endpoints[0].in_flight == 0
 
 
-def test_p_d_names_a_prefiller_only_for_long_uncached_prompts():
-    router = make_router(f"{A},role=decode", f"{B},role=prefill")
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_p_d_names_a_prefiller_only_for_long_uncached_prompts(token):
+    router = make_router(f"{A},role=decode", f"{B},role=prefill", kv_peer_token=token)
     seen = []
 
     async def upstream(request: httpx.Request) -> httpx.Response:
-        seen.append((request.url.host, request.headers.get(PREFILLER_HEADER)))
+        seen.append((request.url.host, request.headers.get(PREFILLER_HEADER),
+                     request.headers.get(KV_PEER_TOKEN_HEADER)))
         return reply(200, {})
 
     async def run() -> None:
         async with serving(router, upstream) as http:
             for prompt in ("short", "x" * 4 * 300):  # about 1 and 300 tokens
-                await http.post("/v1/completions", json={**BODY, "prompt": prompt},
-                                headers={PREFILLER_HEADER: "203.0.113.9:1"})  # a client's
+                # a client's own P/D headers, and a null kv_transfer_params (no P/D asked)
+                response = await http.post(
+                    "/v1/completions", json={**BODY, "prompt": prompt, "kv_transfer_params": None},
+                    headers={PREFILLER_HEADER: "203.0.113.9:1", KV_PEER_TOKEN_HEADER: "forged"})
+                assert response.status_code == 200
 
     asyncio.run(run())
-    assert seen == [("10.0.0.1", None), ("10.0.0.1", "10.0.0.2:8000")]
+    # the router's token goes only beside the prefiller it names; a client's never passes
+    assert seen == [("10.0.0.1", None, None), ("10.0.0.1", "10.0.0.2:8000", token)]
 
 
 def test_models_are_aggregated_and_health_follows_the_endpoints():
@@ -235,3 +269,121 @@ def test_models_are_aggregated_and_health_follows_the_endpoints():
     models, healthy, stale = asyncio.run(run())
     assert sorted(m["id"] for m in models.json()["data"]) == ["m", "other", "shared"]
     assert (healthy, stale) == (200, 503)
+
+
+def test_a_replica_that_dies_mid_sse_ends_the_stream_with_an_error_event_then_done():
+    router = make_router(A)
+
+    async def events():
+        yield b'data: {"text": "Once"}\n\n'
+        yield b'data: {"text": " up'  # half an event, then the connection resets
+        raise httpx.ReadError("connection reset by peer")
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=SSE, content=events())
+
+    async def run() -> httpx.Response:
+        async with serving(router, upstream) as http:
+            return await http.post("/v1/completions", json={**BODY, "stream": True})
+
+    response = asyncio.run(asyncio.wait_for(run(), 10))
+    assert response.status_code == 200  # the headers went out before the failure
+    first, error, done = sse_events(response.text)  # the half event is dropped
+    assert first == 'data: {"text": "Once"}' and done == "data: [DONE]"
+    error = error_event(error)
+    assert error["code"] == 503 and "ReadError" in error["message"]
+    assert upstream_failures(router, A) == 1
+    endpoint = router.pool.endpoints[0]
+    assert endpoint.in_flight == 0 and not endpoint.healthy()  # until a scrape succeeds
+
+
+def test_a_json_answer_cut_mid_body_is_no_clean_200():
+    router = make_router(A)
+
+    async def cut():
+        yield b'{"choices": [{"text": "Once upon'
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete "
+                                        "message body")
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=cut())
+
+    async def run() -> None:
+        async with serving(router, upstream) as http:
+            with pytest.raises(httpx.RemoteProtocolError):  # an incomplete body
+                await http.post("/v1/completions", json=BODY)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert upstream_failures(router, A) == 1 and router.pool.endpoints[0].in_flight == 0
+
+
+def test_a_silent_endpoint_is_waited_for_while_healthy_and_abandoned_once_not():
+    router = make_router(A, B, waiting=(0, 5))  # A ranks first
+    abandoned = asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "10.0.0.2":
+            return reply(200, {"choices": [{"text": "from B"}]})
+        if orjson.loads(request.content)["prompt"] == "slow":
+            await asyncio.sleep(4 * STALL)  # a long generation: nothing until it is done
+            return reply(200, {"choices": [{"text": "from A"}]})
+        scrapes_stop(router, A)  # as a SIGSTOPped replica
+        try:
+            await asyncio.Event().wait()  # never answers
+        finally:
+            abandoned.set()
+
+    async def run() -> tuple[httpx.Response, httpx.Response, float]:
+        async with serving(router, upstream, stall_timeout=STALL) as http:
+            slow = await http.post("/v1/completions", json={**BODY, "prompt": "slow"})
+            started = time.monotonic()
+            stalled = await http.post("/v1/completions", json=BODY)
+            elapsed = time.monotonic() - started
+            await asyncio.wait_for(abandoned.wait(), 5)  # the send to A was closed
+            return slow, stalled, elapsed
+
+    slow, stalled, elapsed = asyncio.run(asyncio.wait_for(run(), 10))
+    assert slow.json()["choices"][0]["text"] == "from A"  # several stall timeouts, healthy
+    assert stalled.json()["choices"][0]["text"] == "from B"
+    assert STALL <= elapsed < STALL + 2  # given up at the first wake-up that finds A stale
+    assert retries(router, A) == 1 and router.pool.endpoints[0].in_flight == 0
+
+
+def test_an_sse_answer_that_stalls_ends_with_an_error_event_once_its_endpoint_is_unhealthy():
+    router = make_router(A)
+    closed = asyncio.Event()
+
+    async def events(slow: bool):
+        try:
+            yield b'data: {"text": "Once"}\n\n'
+            if slow:  # healthy: waited for
+                await asyncio.sleep(4 * STALL)
+                yield b"data: [DONE]\n\n"
+                return
+            scrapes_stop(router, A)
+            await asyncio.Event().wait()  # never sends another byte
+        finally:
+            closed.set()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        slow = orjson.loads(request.content)["prompt"] == "slow"
+        return httpx.Response(200, headers=SSE, content=events(slow))
+
+    async def run() -> tuple[str, str, float]:
+        async with serving(router, upstream, stall_timeout=STALL) as http:
+            slow = await http.post("/v1/completions",
+                                   json={**BODY, "prompt": "slow", "stream": True})
+            closed.clear()
+            started = time.monotonic()
+            stalled = await http.post("/v1/completions", json={**BODY, "stream": True})
+            elapsed = time.monotonic() - started
+            await asyncio.wait_for(closed.wait(), 5)  # the upstream answer was closed
+            return slow.text, stalled.text, elapsed
+
+    slow, stalled, elapsed = asyncio.run(asyncio.wait_for(run(), 10))
+    assert sse_events(slow) == ['data: {"text": "Once"}', "data: [DONE]"]
+    first, error, done = sse_events(stalled)
+    assert first == 'data: {"text": "Once"}' and done == "data: [DONE]"
+    assert "sent nothing" in error_event(error)["message"]
+    assert STALL <= elapsed < STALL + 2
+    assert upstream_failures(router, A) == 1 and router.pool.endpoints[0].in_flight == 0

@@ -7,8 +7,10 @@ the chosen endpoint, best first with fallbacks after commas, twice with the same
 EPP protocol): in the header `x-gateway-destination-endpoint` and in the dynamic metadata
 `envoy.lb` / `x-gateway-destination-endpoint`. An ORIGINAL_DST cluster that reads the header
 takes a single address: serve it with max_endpoints=1. For P/D the prefiller goes in
-`x-prefiller-host-port`, llm-d's header for its decode sidecar. What the router answers
-itself (400, 404, 429, 503) becomes an ImmediateResponse with the OpenAI error body.
+`x-prefiller-host-port`, llm-d's header for its decode sidecar, with the router's
+`x-strata-kv-peer-token` when it has one; a client's own of either is removed. What the
+router answers itself (400, 404, 429, 503) becomes an ImmediateResponse with the OpenAI
+error body.
 
 Request body modes. Envoy names them in `protocol_config` on a stream's first message (Envoy
 1.34 on); without it, FULL_DUPLEX_STREAMED is assumed, the mode GIE's Envoy configuration
@@ -51,10 +53,9 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from strata.http_headers import PREFILLER_HEADER
 from strata.router.endpoints import Endpoint
 from strata.router.prompt import RouteError
-from strata.router.routing import Router
+from strata.router.routing import PD_HEADERS, Router
 
 SERVICE = DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 DESTINATION = "x-gateway-destination-endpoint"
@@ -173,10 +174,12 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                     ) -> tuple[CommonResponse, Struct]:
         value = ",".join(e.host_port for e in ranked[:self.max_endpoints])
         mutation = HeaderMutation(set_headers=[_header(DESTINATION, value)])
-        if prefiller is not None:
-            mutation.set_headers.append(_header(PREFILLER_HEADER, prefiller.host_port))
-        else:  # a client's own would send the decoder's prefill anywhere
-            mutation.remove_headers.append(PREFILLER_HEADER)
+        pd = self.router.pd_headers(prefiller)
+        for key in PD_HEADERS:  # the router's own, or none: a client's never pass
+            if key in pd:
+                mutation.set_headers.append(_header(key, pd[key]))
+            else:
+                mutation.remove_headers.append(key)
         metadata = Struct()
         metadata.update({METADATA_NAMESPACE: {DESTINATION: value}})
         # The route may match on the new header: Envoy must pick the route again.

@@ -4,6 +4,7 @@ nothing heavy)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -40,3 +41,11 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ext-proc-max-endpoints", type=int, default=1,
                         help="how many endpoints, best first, ext_proc names in "
                              "x-gateway-destination-endpoint (Envoy's ORIGINAL_DST reads one)")
+    parser.add_argument("--stall-timeout", type=float, default=10.0,
+                        help="an endpoint silent this many seconds is given up if its "
+                             "/metrics stopped answering too (a healthy one is waited for: "
+                             "long generations send nothing until done)")
+    parser.add_argument("--kv-peer-token", default=os.environ.get("STRATA_KV_PEER_TOKEN"),
+                        help="P/D: the decode servers' shared secret, sent in "
+                             "x-strata-kv-peer-token beside the prefiller the router names "
+                             "(env STRATA_KV_PEER_TOKEN); a client's own never passes")

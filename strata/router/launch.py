@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 import uvicorn
+import uvloop
 from starlette.applications import Starlette
 
 from strata.checkpoint import resolve_model_path
@@ -19,6 +20,7 @@ from strata.router.prefix_index import ApproximatePrefixIndex
 from strata.router.proxy import build_app
 from strata.router.routing import Router
 from strata.tokenizer import Tokenizer
+from strata.uvicorn_server import Server
 
 
 def _source(args: argparse.Namespace) -> EndpointSource:
@@ -51,14 +53,14 @@ def build(args: argparse.Namespace) -> Starlette:
                          "are hashes of token ids")
     router = Router(pool, policy, index, RouterMetrics(lambda: pool.endpoints), tokenizers,
                     args.pd_threshold_tokens, args.saturation_queue,
-                    args.prefix_caching_hash_seed)
+                    args.prefix_caching_hash_seed, args.kv_peer_token)
     background = [pool.run]
     if isinstance(index, KVEventIndex):
         background.append(lambda: index.run(lambda: pool.endpoints))
     if args.ext_proc_port:
         background.append(lambda: _serve_ext_proc(router, args.host, args.ext_proc_port,
                                                   args.ext_proc_max_endpoints))
-    return build_app(router, background)
+    return build_app(router, background, stall_timeout=args.stall_timeout)
 
 
 async def _serve_ext_proc(router: Router, host: str, port: int, max_endpoints: int) -> None:
@@ -76,6 +78,7 @@ def run_router(args: argparse.Namespace) -> int:
     ext_proc = f", Envoy ext_proc on {args.host}:{args.ext_proc_port}" if args.ext_proc_port else ""
     print(f"strata route: {args.policy}, {args.prefix_index} prefix index; HTTP on "
           f"{args.host}:{args.port}{ext_proc}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools")
-    return 0
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                   access_log=False, loop="uvloop", http="httptools"))
+    uvloop.run(server.serve())
+    return 0 if server.started else 1  # not started: its port or its startup failed

@@ -62,6 +62,10 @@ class RouterMetrics:
         self.retries = Counter("strata:router_retries",
                                "Sends that failed before the answer began, retried elsewhere",
                                ["endpoint"], registry=self.registry)
+        self.upstream_failures = Counter(
+            "strata:router_upstream_failures",
+            "Answers cut after their first byte: the endpoint died or stalled mid-answer",
+            ["endpoint"], registry=self.registry)
         self.rejected = Counter("strata:router_rejected", "Requests the router answered itself",
                                 ["code"], registry=self.registry)
         self.decision_seconds = Histogram("strata:router_decision_seconds",

@@ -3,27 +3,38 @@ best endpoint, and its answer (SSE included) streams back chunk by chunk as it a
 
 A send that fails before the answer's first byte (the endpoint is gone, or it answers 5xx)
 goes to the next endpoint of the ranking; once a byte has reached the client the answer is
-that endpoint's, to the end. A client that leaves, before or during the answer, closes the
-upstream request, so the engine aborts it and frees its blocks."""
+that endpoint's, to the end. An answer that breaks after that never looks like a success:
+an SSE answer ends with an error event and `data: [DONE]` (only whole events are forwarded),
+any other answer's connection is cut. A read timeout would cut long non-streamed generations
+(the server sends nothing until it is done), so the wait for bytes gives up only when the
+endpoint has been silent for the stall timeout and its /metrics stopped answering too. A
+client that leaves, before or during the answer, closes the upstream request, so the engine
+aborts it and frees its blocks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import httpx
+import orjson
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from strata.http_headers import ENDPOINT_HEADER, PREFILLER_HEADER
+from strata.http_headers import ENDPOINT_HEADER
 from strata.router.endpoints import Endpoint
 from strata.router.prompt import RouteError
-from strata.router.routing import Decision, Router
+from strata.router.routing import PD_HEADERS, Decision, Router
 
+logger = logging.getLogger("strata.router")
+T = TypeVar("T")
+STALL_TIMEOUT = 10.0
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
               "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection"}
 OWN_RESPONSE_HEADERS = {"date", "server"}  # the router's server writes its own
@@ -37,24 +48,71 @@ def error_response(error: RouteError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+class Stalled(httpx.TimeoutException):
+    """The endpoint sent nothing for the stall timeout, and its /metrics stopped answering."""
+
+
+async def watched(pending: Awaitable[T], endpoint: Endpoint, stall_timeout: float) -> T:
+    """pending's result, waited for as long as endpoint stays healthy in the pool. Giving up
+    (or being cancelled) cancels pending: an httpx read cancelled closes its response."""
+    task = asyncio.ensure_future(pending)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=stall_timeout)
+            if done:
+                return task.result()
+            if not endpoint.healthy():
+                raise Stalled(f"the endpoint sent nothing for {stall_timeout:g} s and its "
+                              f"/metrics stopped answering")
+    finally:
+        task.cancel()  # a no-op once it is done
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def _whole_events(held: bytes) -> tuple[bytes, bytes]:
+    """SSE bytes split after their last complete event: what can go, what must wait."""
+    end = held.rfind(b"\n\n") + 2
+    return (held[:end], held[end:]) if end > 1 else (b"", held)
+
+
+def _sse_event(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
 class Upstream:
     """One answer from an endpoint, its first chunk already read. close() ends it once,
     whichever comes first: the stream's end, or the response's background task."""
 
-    def __init__(self, endpoint: Endpoint, response: httpx.Response,
-                 chunks: AsyncIterator[bytes], first: bytes, on_close: Callable[[], None]
-                 ) -> None:
-        self.endpoint, self.response, self.chunks, self.first = endpoint, response, chunks, first
-        self.on_close: Callable[[], None] | None = on_close
+    def __init__(self, router: Router, endpoint: Endpoint, response: httpx.Response,
+                 chunks: AsyncIterator[bytes], first: bytes, stall_timeout: float) -> None:
+        self.router, self.endpoint, self.response = router, endpoint, response
+        self.chunks, self.first, self.stall_timeout = chunks, first, stall_timeout
+        self.on_close: Callable[[], None] | None = lambda: router.finished(endpoint)
 
     async def body(self) -> AsyncIterator[bytes]:
+        sse = self.response.headers.get("content-type", "").startswith("text/event-stream")
+        held = b""  # SSE: an event's start, forwarded once the event is whole
         try:
-            if self.first:
-                yield self.first
-            async for chunk in self.chunks:
-                yield chunk
-        except httpx.HTTPError:
-            pass  # the endpoint died mid-answer: the client sees the stream end
+            chunk = self.first
+            while chunk:
+                if sse:
+                    chunk, held = _whole_events(held + chunk)
+                if chunk:
+                    yield chunk
+                chunk = await watched(anext(self.chunks, b""), self.endpoint,
+                                      self.stall_timeout)
+            if held:
+                yield held  # the endpoint ended its answer there
+        except httpx.HTTPError as exc:
+            cause = f"{type(exc).__name__}: {exc}"
+            logger.warning("%s: answer cut mid-stream (%s)", self.endpoint.url, cause)
+            self.router.broke(self.endpoint)
+            if not sse:
+                raise  # cuts the client's connection: an incomplete body, never a clean 200
+            # The partial event is dropped; the error is the server's own for a dead engine.
+            error = RouteError(503, f"{self.endpoint.url} failed mid-answer ({cause})")
+            yield _sse_event(error.body()) + b"data: [DONE]\n\n"
         finally:
             await self.close()
 
@@ -72,9 +130,11 @@ class Upstream:
 
 
 class Proxy:
-    def __init__(self, router: Router, client: httpx.AsyncClient) -> None:
+    def __init__(self, router: Router, client: httpx.AsyncClient,
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
         self.router = router
         self.client = client
+        self.stall_timeout = stall_timeout
 
     async def forward(self, request: Request) -> Response:
         body = await request.body()
@@ -94,17 +154,16 @@ class Proxy:
         return sending.result()
 
     async def _send(self, request: Request, body: bytes, decision: Decision) -> Response:
-        # A client's own prefiller header would steer the decode instance: only ours goes.
-        headers = _forwarded(request.headers, HOP_BY_HOP | {PREFILLER_HEADER})
-        if decision.prefiller is not None:
-            headers[PREFILLER_HEADER] = decision.prefiller.host_port
+        headers = _forwarded(request.headers, HOP_BY_HOP | set(PD_HEADERS))
+        headers |= self.router.pd_headers(decision.prefiller)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         last_error = "no endpoint tried"
         for attempt, endpoint in enumerate(decision.ranked):
             last = attempt == len(decision.ranked) - 1
             self.router.routed(decision, endpoint)
             try:
-                upstream = await self._open(endpoint, path, body, headers)
+                upstream = await watched(self._open(endpoint, path, body, headers), endpoint,
+                                         self.stall_timeout)
             except httpx.HTTPError as exc:
                 last_error = f"{endpoint.url}: {type(exc).__name__}: {exc}"
                 self.router.failed(endpoint)
@@ -133,8 +192,7 @@ class Proxy:
         except BaseException:
             await response.aclose()
             raise
-        return Upstream(endpoint, response, chunks, first,
-                        lambda: self.router.finished(endpoint))
+        return Upstream(self.router, endpoint, response, chunks, first, self.stall_timeout)
 
     async def models(self, request: Request) -> Response:
         """Every ready endpoint's models, each id once."""
@@ -167,12 +225,14 @@ async def _disconnected(request: Request) -> None:
 
 
 def build_app(router: Router, background: list[Callable[[], Awaitable[None]]],
-              client: httpx.AsyncClient | None = None) -> Starlette:
+              client: httpx.AsyncClient | None = None,
+              stall_timeout: float = STALL_TIMEOUT) -> Starlette:
     """The proxy app; background runs beside it (the scraper, a KV events subscriber)."""
+    # No read timeout: the stall timeout watches the endpoint's health instead.
     client = client or httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
                                          limits=httpx.Limits(max_connections=None,
                                                              max_keepalive_connections=256))
-    proxy = Proxy(router, client)
+    proxy = Proxy(router, client, stall_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from strata.http_headers import KV_PEER_TOKEN_HEADER, PREFILLER_HEADER
 from strata.router.endpoints import Endpoint
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Pick, PickRequest
@@ -16,6 +17,9 @@ from strata.router.prompt import Prompt, RouteError, parse_body, read_prompt
 from strata.tokenizer import Tokenizer
 
 DEFAULT_BLOCK_SIZE = 16
+# Headers that steer a decode endpoint's P/D or vouch for it: only the router sets them, and
+# a client's own never pass (they would send its prefill anywhere, on the router's word).
+PD_HEADERS = (PREFILLER_HEADER, KV_PEER_TOKEN_HEADER)
 
 
 class Policy(Protocol):
@@ -55,6 +59,7 @@ class Router:
     pd_threshold_tokens: int = 256
     saturation_queue: float = 128  # every endpoint with this many waiting: 429
     hash_seed: int = 0
+    kv_peer_token: str | None = field(default=None, repr=False)  # the decoders' P/D secret
 
     def decide(self, body: bytes) -> Decision:
         """Raises RouteError for what the router answers itself (400, 404, 429, 503)."""
@@ -70,6 +75,10 @@ class Router:
         return decision
 
     def _decide(self, data: dict) -> Decision:
+        if data.get("kv_transfer_params") is not None:
+            # P/D is the router's to drive: its token would vouch for a client's transfer.
+            raise RouteError(400, "clients do not set kv_transfer_params: the router drives "
+                                  "P/D", "kv_transfer_params")
         model = data["model"]
         endpoints = self.pool.endpoints
         healthy = [e for e in endpoints if e.healthy()]
@@ -107,6 +116,15 @@ class Router:
             return None
         return self.policy.pick(self._request(prompt, "prefill"), prefillers).endpoint
 
+    def pd_headers(self, prefiller: Endpoint | None) -> dict[str, str]:
+        """The PD_HEADERS the decode endpoint gets: the prefiller, and the router's token."""
+        if prefiller is None:
+            return {}
+        headers = {PREFILLER_HEADER: prefiller.host_port}
+        if self.kv_peer_token:
+            headers[KV_PEER_TOKEN_HEADER] = self.kv_peer_token
+        return headers
+
     def routed(self, decision: Decision, endpoint: Endpoint) -> None:
         """The request goes to endpoint (and its prefiller): count it where it went. Each
         call is ended by one of finished() or failed()."""
@@ -125,3 +143,9 @@ class Router:
         self.finished(endpoint)
         endpoint.mark_down()
         self.metrics.retries.labels(endpoint.url).inc()
+
+    def broke(self, endpoint: Endpoint) -> None:
+        """An answer from endpoint broke after its first byte (it died or stalled): counted,
+        and no new requests go there until a scrape succeeds. finished() still ends it."""
+        endpoint.mark_down()
+        self.metrics.upstream_failures.labels(endpoint.url).inc()
