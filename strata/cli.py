@@ -61,17 +61,20 @@ def generate(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from strata.config import EngineConfig
+    from strata.server.kv_peers import KVPeers
     from strata.server.launch import serve as run_server
     from strata.server.serving import ServerLimits
 
     model = args.model_tag or args.model
     config = EngineConfig.create(model, **engine_kwargs(args), **kv_events_kwargs(args),
                                  **kv_transfer_kwargs(args))
+    limits = ServerLimits(max_waiting_requests=args.max_waiting_requests,
+                          max_samples_per_request=args.max_samples_per_request)
     return run_server(config, host=args.host, port=args.port,
                       served_model_names=args.served_model_name or [model],
-                      api_key=args.api_key, chat_template=args.chat_template,
-                      limits=ServerLimits(max_waiting_requests=args.max_waiting_requests),
+                      api_key=args.api_key, chat_template=args.chat_template, limits=limits,
                       max_body_bytes=args.max_request_body_bytes,
+                      kv_peers=KVPeers.parse(args.kv_peers, args.kv_peer_token),
                       access_log=not args.disable_uvicorn_access_log)
 
 
@@ -118,7 +121,9 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--api-key", default=os.environ.get("STRATA_API_KEY"),
                         help="require `Authorization: Bearer KEY` on /v1 (env STRATA_API_KEY)")
     parser.add_argument("--max-waiting-requests", type=int, default=1024,
-                        help="answer 429 while this many requests wait to be scheduled")
+                        help="answer 429 while this many samples wait to be scheduled")
+    parser.add_argument("--max-samples-per-request", type=int, default=256,
+                        help="answer 400 to a request of more samples (prompts x n)")
     parser.add_argument("--max-request-body-bytes", type=int, default=32 * 2**20,
                         help="answer 413 to a larger request body")
     parser.add_argument("--chat-template", default=None,
@@ -141,6 +146,14 @@ def add_serve_parser(commands) -> None:
                         help="how long a finished prefill's blocks wait to be read")
     parser.add_argument("--kv-transfer-timeout", type=float, default=10.0,
                         help="seconds a silent prefiller gets before a read falls back")
+    parser.add_argument("--kv-peers", action="append", default=[],
+                        metavar="HOST|CIDR[,...]",
+                        help="the only hosts this server trades KV blocks with for P/D "
+                             "(prefillers it may contact, addresses in kv_transfer_params); "
+                             "default none: P/D fields in a request get a 400")
+    parser.add_argument("--kv-peer-token", default=os.environ.get("STRATA_KV_PEER_TOKEN"),
+                        help="P/D fields count only on requests carrying this secret in "
+                             "x-strata-kv-peer-token (env STRATA_KV_PEER_TOKEN)")
     parser.add_argument("--kv-events-config", default=None,
                         help='vLLM\'s form: \'{"enable_kv_cache_events": true, '
                              '"endpoint": "tcp://*:5557", "topic": "kv-events"}\'')

@@ -48,6 +48,13 @@ class Tokenizer:
         return self.backend.decode([token_id], skip_special_tokens=False)
 
     @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for (its longest vocabulary entry;
+        byte-level entries spell each byte, so never fewer): a longer text than max_model_len
+        times this cannot fit, and need not be tokenized to know it."""
+        return max(map(len, self.backend.get_vocab(with_added_tokens=True)))
+
+    @functools.cached_property
     def _anchor(self) -> tuple[int, str]:
         token = self.encode("a", add_special_tokens=False)[-1]
         return token, self.backend.decode([token], skip_special_tokens=False)

@@ -3,32 +3,78 @@ the router (`strata route`) in front of them.
 
 The router listens on --port and the replicas on the ports after it; the command prints
 where they listen once all are healthy, and stops them all (each drains first) on Ctrl-C
-or SIGTERM. If one dies on its own, the others are stopped too and the command exits
-non-zero, so a broken set never half-runs unnoticed.
+or SIGTERM, then exits 0. A set that cannot start (a child exits, or is not healthy in
+time) is stopped, and the command exits non-zero.
+
+Once started, it supervises: a child that dies (a replica, a prefill or decode instance, or
+the router) is logged to stderr and started again on the same port, after a delay of 1 s
+that doubles, up to 30 s, while its restarts keep dying within a minute. Meanwhile the
+router routes around a dead engine by itself: its scrapes of the engine's /metrics fail, so
+it sends there no more until the restarted engine answers them.
+
+Each child has its own process group, so a Ctrl-C reaches only this command, which then
+stops each child once. And the kernel sends each child SIGTERM when this command dies
+(PR_SET_PDEATHSIG), however it dies: a SIGKILL of `strata up` leaves nothing running.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from strata.config import DEFAULT_MODEL
 from strata.health import ServerExited, wait_healthy
 
 STARTUP_TIMEOUT = 600.0
 STOP_TIMEOUT = 60.0
+RESTART_DELAY = 1.0  # before a dead child's restart; doubles while its restarts die quickly
+MAX_RESTART_DELAY = 30.0
+RECOVERED_AFTER = 60.0  # up this long since its start: its next death is a first one again
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_libc = ctypes.CDLL(None)  # loaded here: a preexec_fn should not load libraries
 
 
 @dataclass
-class Replica:
+class Child:
+    """One `strata serve` or `strata route` process, and when to restart it."""
+
     index: int
+    role: str  # replica | prefill | decode | router
     url: str
-    process: subprocess.Popen
-    role: str = "replica"  # replica | prefill | decode | router
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen = field(init=False)
+    started_at: float = 0.0
+    restart_delay: float = RESTART_DELAY
+    restart_at: float | None = None  # set while it is dead
+
+    def start(self) -> None:
+        # Own process group: a Ctrl-C reaches only `strata up`, which then stops each child once.
+        self.process = subprocess.Popen(self.command, start_new_session=True, env=self.env,
+                                        preexec_fn=_terminated_with(os.getpid()))
+        self.started_at = time.monotonic()
+
+    def died(self, now: float) -> None:
+        if now - self.started_at >= RECOVERED_AFTER:
+            self.restart_delay = RESTART_DELAY
+        self.restart_at = now + self.restart_delay
+        print(f"strata up: {self.role} {self.index} (pid {self.process.pid}) exited with code "
+              f"{self.process.returncode}; restarting it in {self.restart_delay:.0f} s",
+              file=sys.stderr, flush=True)
+        self.restart_delay = min(2 * self.restart_delay, MAX_RESTART_DELAY)
+
+    def restart(self) -> None:
+        self.restart_at = None
+        self.start()
+        print(f"strata up: {self.role} {self.index} restarted (pid {self.process.pid})",
+              file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -49,6 +95,12 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
             raise ValueError("--prefill and --decode need at least one instance each")
         if "--kv-connector" not in serve_args:
             serve_args = [*serve_args, "--kv-connector", "tcp"]
+        # The instances trade KV blocks with each other only, and take P/D fields only from
+        # the router and each other: a fresh secret per run, in the environment every child
+        # inherits (a flag would show it to anyone who lists processes).
+        if not any(arg.startswith("--kv-peers") for arg in serve_args):
+            serve_args = [*serve_args, "--kv-peers", host]
+        os.environ.setdefault("STRATA_KV_PEER_TOKEN", secrets.token_urlsafe(32))
         roles = ["prefill"] * prefill + ["decode"] * decode
     elif replicas < 1:
         raise ValueError("--replicas must be at least 1")
@@ -93,16 +145,10 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
             return 1
         print(f"strata up: {len(started)} process(es) ready (Ctrl-C stops them all)",
               flush=True)
-        for replica in started:
-            print(f"  {replica.role} {replica.index}: {replica.url}  (pid {replica.process.pid})",
+        for child in started:
+            print(f"  {child.role} {child.index}: {child.url}  (pid {child.process.pid})",
                   flush=True)
-        while not stop_requested:
-            dead = [r for r in started if r.process.poll() is not None]
-            if dead:
-                print(f"strata up: {dead[0].role} {dead[0].index} exited with code "
-                      f"{dead[0].process.returncode}; stopping the others", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        _supervise(started, lambda: stop_requested)
         return 0
     finally:
         _stop(started)
@@ -125,31 +171,56 @@ def _serve(model: str | None, host: str, port: int, serve_args: list[str]) -> li
 
 
 def _start(index: int, role: str, host: str, port: int, command: list[str],
-           threads: int | None = None) -> Replica:
+           threads: int | None = None) -> Child:
     env = dict(os.environ)
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    # Own process group: a Ctrl-C reaches only `strata up`, which then stops each child once.
-    process = subprocess.Popen(command, start_new_session=True, env=env)
-    return Replica(index, f"http://{host}:{port}", process, role)
+    child = Child(index, role, f"http://{host}:{port}", command, env)
+    child.start()
+    return child
 
 
-def _wait_healthy(replicas: list[Replica], stopping) -> bool:
+def _terminated_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM (and drains) when `parent` dies, even by SIGKILL,
+    which its own process group would otherwise hide from it. The signal comes when the
+    thread that started the child ends: here, the main one."""
+
+    def preexec() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before prctl: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
+def _supervise(children: list[Child], stopping: Callable[[], bool]) -> None:
+    """Until `stopping()`: restart each child that dies, once its restart delay is over."""
+    while not stopping():
+        now = time.monotonic()
+        for child in children:
+            if child.restart_at is None and child.process.poll() is not None:
+                child.died(now)
+            elif child.restart_at is not None and now >= child.restart_at:
+                child.restart()
+        time.sleep(0.2)
+
+
+def _wait_healthy(children: list[Child], stopping: Callable[[], bool]) -> bool:
     try:
-        return all(wait_healthy(r.url, r.process, STARTUP_TIMEOUT, stopping) for r in replicas)
+        return all(wait_healthy(c.url, c.process, STARTUP_TIMEOUT, stopping) for c in children)
     except (ServerExited, TimeoutError) as exc:
         print(f"strata up: {exc}", file=sys.stderr)
         return False
 
 
-def _stop(replicas: list[Replica]) -> None:
-    for replica in replicas:
-        if replica.process.poll() is None:
-            replica.process.send_signal(signal.SIGTERM)  # drains in-flight requests
+def _stop(children: list[Child]) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)  # drains in-flight requests
     deadline = time.monotonic() + STOP_TIMEOUT
-    for replica in replicas:
+    for child in children:
         try:
-            replica.process.wait(max(0.0, deadline - time.monotonic()))
+            child.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            replica.process.kill()
-            replica.process.wait()
+            child.process.kill()
+            child.process.wait()

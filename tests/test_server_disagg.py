@@ -1,32 +1,42 @@
 """Disaggregation through HTTP, as llm-d drives it: a decode instance given the header
 `x-prefiller-host-port` has the prefiller compute the prompt, reads its KV blocks (NIXL or
-TCP), and answers with the tokens a colocated server gives; with the prefiller dead, every
-request still completes and the fallbacks are counted."""
+TCP), and answers with the tokens a colocated server gives; with the prefiller dead, silent
+or naming a stranger, every request still completes and the fallbacks are counted. P/D
+fields count only from callers with the peer token, toward hosts in --kv-peers."""
 
 from __future__ import annotations
 
 import json
 import random
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from tests.conftest import CONNECTORS
+from tests.listener import Listener
 from tests.metrics_scrape import scrape, wait_idle
 from tests.server_process import ServerProcess
 
 BODY = {"model": "stories", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
         "return_token_ids": True}
+TOKEN = "peer-s3cret"
+TRANSFER_TIMEOUT = 3.0
+# The deployment's own headers: what the router sends a decode instance.
+TRUSTED = {"x-strata-kv-peer-token": TOKEN}
 
 
 @pytest.fixture(scope="module", params=CONNECTORS)
 def pd_pair(request, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("disagg")
-    prefill = ServerProcess(log_dir, "--kv-connector", request.param)
-    decode = ServerProcess(log_dir, "--kv-connector", request.param)
+    trust = ["--kv-peers", "127.0.0.1", "--kv-peer-token", TOKEN,
+             "--kv-transfer-timeout", str(TRANSFER_TIMEOUT)]
+    prefill = ServerProcess(log_dir, "--kv-connector", request.param, *trust)
+    decode = ServerProcess(log_dir, "--kv-connector", request.param, *trust)
     yield prefill, decode
     for server in (decode, prefill):
         server.stop()
@@ -56,7 +66,7 @@ def test_disaggregated_tokens_equal_colocated(pd_pair, strata_server, length, st
     prompt = [random.Random(f"{length}-{stream}").randrange(3, 512) for _ in range(length)]
     expected = token_ids(strata_server.url, prompt, stream=False)
     before = scrape(decode.url)
-    header = {"x-prefiller-host-port": f"127.0.0.1:{prefill.port}"}
+    header = TRUSTED | {"x-prefiller-host-port": f"127.0.0.1:{prefill.port}"}
     assert token_ids(decode.url, prompt, stream, header) == expected
     after = wait_idle(decode.url)
     assert after["strata:kv_transfers_total"] == before["strata:kv_transfers_total"] + 1
@@ -66,14 +76,96 @@ def test_disaggregated_tokens_equal_colocated(pd_pair, strata_server, length, st
     assert wait_idle(prefill.url)["vllm:kv_cache_usage_perc"] == 0  # read: lease ended
 
 
-def test_a_prefill_answer_names_its_blocks(pd_pair):
+def test_a_prefill_answer_names_its_blocks_to_trusted_callers_only(pd_pair):
     prefill, _ = pd_pair
-    response = httpx.post(f"{prefill.url}/v1/completions", timeout=60, json={
-        "model": "stories", "prompt": list(range(3, 40)), "max_tokens": 1,
-        "kv_transfer_params": {"do_remote_decode": True}}).json()
+    body = {"model": "stories", "prompt": list(range(3, 40)), "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True}}
+    for headers in ({}, {"x-strata-kv-peer-token": "guess"}):
+        refused = httpx.post(f"{prefill.url}/v1/completions", json=body, headers=headers,
+                             timeout=60)
+        assert refused.status_code == 403 and "remote_host" not in refused.text
+    assert wait_idle(prefill.url)["vllm:kv_cache_usage_perc"] == 0  # nothing pinned
+    response = httpx.post(f"{prefill.url}/v1/completions", json=body, headers=TRUSTED,
+                          timeout=60).json()
     params = response["kv_transfer_params"]
     assert params["do_remote_prefill"] and len(params["remote_block_ids"]) == 3
     assert params["remote_port"] > 0 and params["remote_host"] == "127.0.0.1"
+
+
+def test_p_d_fields_reach_only_listed_peers_from_trusted_callers(pd_pair):
+    _, decode = pd_pair
+    url = f"{decode.url}/v1/completions"
+    body = BODY | {"prompt": [5, 6, 7]}
+    with Listener("127.0.0.2") as outsider, Listener("127.0.0.1") as insider:
+        remote = {"do_remote_prefill": True, "remote_engine_id": "x",
+                  "remote_host": outsider.host, "remote_port": outsider.port,
+                  "remote_block_ids": [0]}
+        for headers, json, status in [
+                (TRUSTED | {"x-prefiller-host-port": outsider.address}, body, 400),
+                (TRUSTED, body | {"kv_transfer_params": remote}, 400),
+                ({"x-prefiller-host-port": insider.address}, body, 403),
+                ({"x-prefiller-host-port": insider.address, "x-strata-kv-peer-token": "x"},
+                 body, 403),
+                (TRUSTED | {"x-prefiller-host-port": f"{insider.address}/x"}, body, 400)]:
+            response = httpx.post(url, json=json, headers=headers, timeout=60)
+            assert response.status_code == status, (headers, response.text)
+        assert outsider.connections == [] and insider.connections == []
+
+
+@pytest.fixture()
+def fake_prefiller():
+    """An HTTP prefiller whose answer names a host that is not a peer."""
+    outsider = Listener("127.0.0.2")
+    answer = json.dumps({"kv_transfer_params": {
+        "do_remote_prefill": True, "remote_engine_id": "x", "remote_host": outsider.host,
+        "remote_port": outsider.port, "remote_request_id": "r",
+        "remote_block_ids": list(range(8))}}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_port}", outsider
+    server.shutdown()
+    outsider.close()
+
+
+def test_a_prefillers_answer_naming_a_stranger_is_a_fallback(pd_pair, strata_server,
+                                                               fake_prefiller):
+    _, decode = pd_pair
+    address, outsider = fake_prefiller
+    prompt = [random.Random(9).randrange(3, 512) for _ in range(100)]
+    before = scrape(decode.url)
+    header = TRUSTED | {"x-prefiller-host-port": address}
+    assert token_ids(decode.url, prompt, False, header) == \
+        token_ids(strata_server.url, prompt, False)
+    assert outsider.connections == []
+    assert wait_idle(decode.url)["strata:kv_transfer_fallbacks_total"] == \
+        before["strata:kv_transfer_fallbacks_total"] + 1
+
+
+def test_a_silent_prefiller_costs_at_most_the_transfer_timeout(pd_pair, strata_server):
+    """A prefiller that accepts the connection and says nothing (as a SIGSTOPped one does)."""
+    _, decode = pd_pair
+    prompt = [random.Random(11).randrange(3, 512) for _ in range(60)]
+    expected = token_ids(strata_server.url, prompt, stream=False)
+    with Listener() as silent:
+        header = TRUSTED | {"x-prefiller-host-port": silent.address}
+        started = time.monotonic()
+        assert token_ids(decode.url, prompt, False, header) == expected
+        elapsed = time.monotonic() - started
+        assert len(silent.connections) == 1
+    assert TRANSFER_TIMEOUT <= elapsed < TRANSFER_TIMEOUT + 3, elapsed
 
 
 def test_a_dead_prefiller_costs_a_fallback_not_a_request(pd_pair, strata_server):
@@ -81,7 +173,7 @@ def test_a_dead_prefiller_costs_a_fallback_not_a_request(pd_pair, strata_server)
     prompt = [random.Random(5).randrange(3, 512) for _ in range(40)]
     expected = token_ids(strata_server.url, prompt, stream=False)
     before = scrape(decode.url)
-    header = {"x-prefiller-host-port": "127.0.0.1:1"}  # nothing listens there
+    header = TRUSTED | {"x-prefiller-host-port": "127.0.0.1:1"}  # nothing listens there
     for stream in (False, True):
         assert token_ids(decode.url, prompt, stream, header) == expected
     after = wait_idle(decode.url)
@@ -93,8 +185,10 @@ def test_killing_the_prefiller_mid_load_loses_no_request(tmp_path, strata_server
     """Twelve requests through a decode instance; the prefiller (both its processes) is
     SIGKILLed while they run. Each request either read its blocks or fell back to a local
     prefill: all complete, with the colocated tokens, and none hangs."""
-    prefill = ServerProcess(tmp_path, "--kv-connector", "tcp")
-    decode = ServerProcess(tmp_path, "--kv-connector", "tcp", "--kv-transfer-timeout", "2")
+    # Peers trusted by network alone: no token.
+    prefill = ServerProcess(tmp_path, "--kv-connector", "tcp", "--kv-peers", "127.0.0.1")
+    decode = ServerProcess(tmp_path, "--kv-connector", "tcp", "--kv-transfer-timeout", "2",
+                           "--kv-peers", "127.0.0.1")
     try:
         prompts = [[random.Random(f"kill-{i}").randrange(3, 512) for _ in range(200)]
                    for i in range(12)]

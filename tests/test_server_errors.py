@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -80,6 +82,19 @@ def test_401_without_the_api_key(guarded_server):
     assert httpx.get(f"{guarded_server.url}/health").status_code == 200  # probes need no key
 
 
+def test_the_api_key_guards_every_route_but_health_and_metrics(guarded_server):
+    url = guarded_server.url
+    for method, path, body in [("POST", "/tokenize", {"prompt": "Hi"}),
+                               ("POST", "/detokenize", {"tokens": [1, 2]}),
+                               ("GET", "/docs", None), ("GET", "/openapi.json", None),
+                               ("GET", "/version", None), ("GET", "/v1/models", None)]:
+        assert_openai_error(httpx.request(method, url + path, json=body), 401)
+        authorized = httpx.request(method, url + path, json=body,
+                                   headers={"Authorization": f"Bearer {SECRET}"})
+        assert authorized.status_code == 200, (path, authorized.text)
+    assert httpx.get(f"{url}/metrics").status_code == 200
+
+
 def test_413_for_a_body_over_the_limit(guarded_server):
     url = f"{guarded_server.url}/v1/completions"
     headers = {"Authorization": f"Bearer {SECRET}"}
@@ -136,9 +151,14 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     assert server.process.wait(30) == 0, server.log_text()
 
 
+def socket_dirs(pid: int) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"strata-{pid}-*"))
+
+
 def test_503_and_exit_when_the_engine_dies(tmp_path):
     server = ServerProcess(tmp_path)
     url = server.url
+    assert socket_dirs(server.process.pid) == []  # gone once the engine connected
     with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
             "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}) as stream:
         lines = stream.iter_lines()
@@ -146,9 +166,33 @@ def test_503_and_exit_when_the_engine_dies(tmp_path):
         os.kill(server.engine_pid(), signal.SIGKILL)
         tail = [line for line in lines if line.startswith("data:")]
     assert '"code":503' in tail[-2] and tail[-1] == "data: [DONE]"  # the stream ends, no hang
+    assert "exit code -9" in tail[-2]
     assert_openai_error(httpx.post(f"{url}/v1/completions", json={"prompt": "Hi"}), 503)
     assert_openai_error(httpx.get(f"{url}/health"), 503)
     assert server.process.wait(30) != 0
+
+
+def engine_running(pid: int) -> bool:
+    try:  # a zombie (exited, not yet reaped) has an empty command line
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_frontend_leaves_no_busy_engine_behind(tmp_path):
+    server = ServerProcess(tmp_path)
+    engine = server.engine_pid()
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
+            "prompt": "Once", "max_tokens": 500, "ignore_eos": True, "n": 64,
+            "stream": True}) as stream:
+        next(line for line in stream.iter_lines() if line.startswith("data:"))
+        server.process.kill()  # the engine is mid-generation: 64 samples x 500 tokens
+        server.process.wait(10)
+    deadline = time.monotonic() + 10
+    while engine_running(engine):
+        assert time.monotonic() < deadline, "the engine outlived its frontend"
+        time.sleep(0.05)
+    assert socket_dirs(server.process.pid) == []
 
 
 def test_fuzz_openapi_spec_gives_no_server_error(strata_server):

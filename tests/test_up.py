@@ -1,13 +1,17 @@
 """`strata up`: N replicas on the ports after the router's, all healthy, all stopped by one
-Ctrl-C."""
+Ctrl-C; a dead one restarted; nothing left running when `strata up` is killed."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -56,6 +60,97 @@ def test_up_starts_replicas_behind_the_router_and_stops_them_all(tmp_path):
             pass
 
 
+def descendants(pid: int) -> set[int]:
+    """The processes under `pid`: its children, theirs, and so on."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # it ended while we read
+            for child in map(int, (task / "children").read_text().split()):
+                found |= {child} | descendants(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie that its parent has yet to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def child_serving(parent: int, port: int) -> int | None:
+    """The pid of the process under `parent` started with --port PORT."""
+    for pid in descendants(parent):
+        with contextlib.suppress(OSError):
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--port" in args and args[args.index(b"--port") + 1] == str(port).encode():
+                return pid
+    return None
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_up_restarts_a_dead_replica_and_leaves_nothing_when_killed(tmp_path):
+    """A replica SIGKILLed mid-stream: the client's stream ends with an error event, not as
+    a success; the replica is restarted on its port while the router routes around it. A
+    SIGKILLed `strata up` takes every process under it down with it."""
+    port = free_port(consecutive=3)
+    process, urls = start_up(tmp_path, "--replicas", "2", "--port", str(port), processes=3)
+    router = urls["router 2"]
+    seen = descendants(process.pid)
+    try:
+        with httpx.stream("POST", f"{router}/v1/completions", timeout=60, json={
+                "model": str(STORIES), "prompt": "Once", "max_tokens": 500, "ignore_eos": True,
+                "stream": True}) as stream:
+            lines = (line for line in stream.iter_lines() if line.startswith("data:"))
+            next(lines)
+            replica = stream.headers[ENDPOINT_HEADER]
+            killed = child_serving(process.pid, int(replica.rsplit(":", 1)[1]))
+            os.kill(killed, signal.SIGKILL)
+            tail = list(lines)
+        assert tail[-1] == "data: [DONE]" and '"code":503' in tail[-2], tail[-3:]
+        deadline = time.monotonic() + 120
+        for i in itertools.count():  # the router serves every request while the replica restarts
+            response = httpx.post(f"{router}/v1/completions", timeout=60,
+                                  json={"model": str(STORIES), "prompt": f"{i} Once upon",
+                                        "max_tokens": 2})
+            assert response.status_code == 200, response.text
+            restarted = child_serving(process.pid, int(replica.rsplit(":", 1)[1]))
+            if restarted not in (None, killed) and healthy(replica):
+                break
+            assert process.poll() is None, "strata up exited"
+            assert time.monotonic() < deadline, "the replica was not restarted in time"
+            time.sleep(0.1)
+        assert process.poll() is None
+        assert re.search(rf"replica \d \(pid {killed}\) exited with code -9",
+                         (tmp_path / "up.log").read_text())
+
+        running = descendants(process.pid)  # the killed replica's engine is no longer under it
+        seen |= running
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 60
+        while left := {pid for pid in running if alive(pid)}:
+            assert time.monotonic() < deadline, f"still running: {left}"
+            time.sleep(0.1)
+        for url in urls.values():
+            with contextlib.suppress(httpx.ConnectError):
+                httpx.get(f"{url}/health", timeout=1)
+                raise AssertionError(f"{url} still answers")
+    finally:  # leave nothing behind, whatever failed
+        seen |= descendants(process.pid)
+        process.kill()
+        process.wait()
+        for pid in filter(alive, seen):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_up_disaggregated_serves_through_the_router(tmp_path, strata_server):
     """--prefill 1 --decode 1: the router sends each request to the decode instance with the
     prefiller named; the tokens are a colocated server's, and the blocks did move."""
@@ -77,6 +172,14 @@ def test_up_disaggregated_serves_through_the_router(tmp_path, strata_server):
         assert response.status_code == 200
         streamed = [line for line in response.iter_lines() if line.startswith("data:")]
     assert streamed[-1] == "data: [DONE]" and len(streamed) > 2
+    # P/D fields count only from the router: `strata up` gave the set a secret of its own.
+    direct = httpx.post(f"{roles['decode']}/v1/completions", json=body, timeout=60,
+                        headers={"x-prefiller-host-port": roles["prefill"].removeprefix(
+                            "http://")})
+    assert direct.status_code == 403, direct.text
+    refused = httpx.post(f"{roles['router']}/v1/completions", timeout=60,
+                         json=body | {"kv_transfer_params": {"do_remote_decode": True}})
+    assert refused.status_code == 400, refused.text
     metrics = httpx.get(f"{roles['decode']}/metrics", timeout=10).text
     assert re.search(r"strata:kv_transfers_total\{[^}]*\} 2\.0", metrics), metrics[-2000:]
     process.send_signal(signal.SIGINT)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +54,8 @@ class EngineInfo:
 
 # What a request's queue receives: its outputs in order, or the error that ended it.
 Sink = asyncio.Queue
+SOCKET_DIR_PREFIX = "strata-"  # then the frontend's pid: a folder of a dead one is an orphan
+STARTUP_CONNECT_MS = 5000
 
 
 class AsyncEngineClient:
@@ -66,12 +70,17 @@ class AsyncEngineClient:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromEngine)
         self._tasks: list[asyncio.Task] = []
-        self._added_since_stats = 0
+        self._num_sent = 0  # AddRequests sent, against the engine's count of those received
+        self._num_in_transit = 0
 
-    @property
-    def num_waiting(self) -> int:
-        """The engine's waiting queue as of its last step, plus what was sent since."""
-        return self.stats.num_waiting + self._added_since_stats
+    def num_queued(self, num_new: int = 0) -> int:
+        """Requests that would wait to be scheduled once the engine has taken in those in
+        transit to it and `num_new` more: it admits them into its batch while that has room
+        (max_num_seqs) and nothing waits before them; otherwise they queue."""
+        pending = self._num_in_transit + num_new
+        if self.stats.num_waiting:
+            return self.stats.num_waiting + pending
+        return max(0, pending - (self.info.max_num_seqs - self.stats.num_running))
 
     @property
     def pid(self) -> int:
@@ -79,8 +88,8 @@ class AsyncEngineClient:
 
     async def start(self) -> EngineInfo:
         """Start the engine process and wait until its model is loaded."""
-        self._socket_dir = tempfile.TemporaryDirectory(prefix="strata-")
-        base = Path(self._socket_dir.name)
+        _remove_orphaned_socket_dirs()
+        base = Path(tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-"))
         self._context = zmq.asyncio.Context()
         self._to_engine = self._context.socket(zmq.PUSH)
         self._to_engine.bind(f"ipc://{base / 'input'}")
@@ -90,8 +99,15 @@ class AsyncEngineClient:
         self._process = spawn.Process(
             target=run_engine_core, name="strata-engine-core", daemon=True,
             args=(self.config, f"ipc://{base / 'input'}", f"ipc://{base / 'output'}"))
-        self._process.start()
-        ready = await self._wait_ready()
+        try:
+            self._process.start()
+            ready = await self._wait_ready()
+            # Both sockets are connected once the engine's first message is in and the input
+            # side has a peer: the socket files have served, and a process killed from now on
+            # leaves none behind.
+            await self._to_engine.poll(STARTUP_CONNECT_MS, zmq.POLLOUT)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
         if ready.error:
             raise RuntimeError(f"the engine could not start: {ready.error}")
         self.info = EngineInfo(ready.max_model_len, ready.vocab_size, ready.num_blocks,
@@ -117,7 +133,8 @@ class AsyncEngineClient:
         if self.dead:
             raise EngineDeadError("the engine process is not running")
         self._sinks[request_id] = sink
-        self._added_since_stats += 1
+        self._num_sent += 1
+        self._num_in_transit += 1
         self._send(AddRequest(request_id, prompt_token_ids, params, cache_salt,
                               kv_transfer_params))
 
@@ -142,7 +159,7 @@ class AsyncEngineClient:
                 if sink is not None:
                     sink.put_nowait(EngineRejectedError(reason))
             self.stats = message.stats
-            self._added_since_stats = 0
+            self._num_in_transit = self._num_sent - message.num_received
             self.on_stats(message.stats)
 
     def _deliver(self, output: EngineCoreOutput) -> None:
@@ -155,6 +172,7 @@ class AsyncEngineClient:
 
     def _engine_died(self) -> None:
         asyncio.get_running_loop().remove_reader(self._process.sentinel)
+        self._process.join(1.0)  # the sentinel closes just before the exit code can be read
         self.dead = True
         error = EngineDeadError(f"the engine process died (exit code {self._process.exitcode})")
         for sink in self._sinks.values():
@@ -172,4 +190,22 @@ class AsyncEngineClient:
             if self._process.is_alive():
                 self._process.terminate()
         self._context.destroy(linger=0)
-        self._socket_dir.cleanup()
+
+
+def _remove_orphaned_socket_dirs() -> None:
+    """Socket folders of frontends killed while their engine started (the only window in
+    which the folder exists)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SOCKET_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(SOCKET_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True

@@ -45,6 +45,9 @@ class EngineStep(msgspec.Struct, tag=True):
     outputs: list[EngineCoreOutput]
     rejected: list[tuple[str, str]]  # (request id, reason)
     stats: EngineStats
+    # AddRequests taken off the socket so far: what the frontend sent beyond this is in transit,
+    # not yet in the engine's waiting queue.
+    num_received: int = 0
 
 
 ToEngine = AddRequest | AbortRequests | Shutdown

@@ -74,14 +74,15 @@ class EngineLoop:
         self.decoder = msgspec.msgpack.Decoder(ToEngine)
         self.encoder = msgspec.msgpack.Encoder()
         self.rejected: list[tuple[str, str]] = []
-        self.last_stats = None
+        self.num_received = 0
+        self.last_stats, self.last_received = None, 0
 
     def run(self) -> None:
         while True:
+            if os.getppid() != self.parent_pid:
+                return  # the frontend died without telling us: stop, busy or not
             idle = not self.core.has_unfinished_requests
             if idle and not self.inputs.poll(IDLE_POLL_MS):
-                if os.getppid() != self.parent_pid:
-                    return  # the frontend died without telling us: do not linger
                 self.core.poll_transfers()  # leases end while idle too: report the freed blocks
                 self.send([])
                 continue
@@ -98,9 +99,11 @@ class EngineLoop:
     def send(self, outputs: list) -> None:
         """The step's outputs and the engine's state, unless there is nothing new to say."""
         stats = self.core.stats()
-        if outputs or self.rejected or stats != self.last_stats:
-            self.outputs.send(self.encoder.encode(EngineStep(outputs, self.rejected, stats)))
-            self.rejected, self.last_stats = [], stats
+        if outputs or self.rejected or stats != self.last_stats or self.num_received != \
+                self.last_received:
+            self.outputs.send(self.encoder.encode(
+                EngineStep(outputs, self.rejected, stats, self.num_received)))
+            self.rejected, self.last_stats, self.last_received = [], stats, self.num_received
 
     def handle_inputs(self) -> bool:
         """Apply every message waiting on the socket; False on Shutdown."""
@@ -119,6 +122,7 @@ class EngineLoop:
             if isinstance(message, AbortRequests):
                 self.core.abort_requests(message.request_ids)
             elif isinstance(message, AddRequest):
+                self.num_received += 1
                 try:
                     self.core.add_request(message.request_id, message.prompt_token_ids,
                                           message.params, message.cache_salt,

@@ -72,18 +72,21 @@ def build_app(serving: OpenAIServing, api_key: str | None = None,
         if body.messages is not None:
             if not body.messages:
                 raise APIError(400, "messages is empty", "messages")
-            prompt = serving.chat_prompt(body.messages, body.add_generation_prompt)
+            prompt = await serving.chat_prompt(body.messages, body.add_generation_prompt)
         else:
-            prompt = serving.text_prompt(body.prompt, body.add_special_tokens)
+            [prompt] = await serving.text_prompts([body.prompt], body.add_special_tokens)
         return json_response({"count": len(prompt.token_ids), "tokens": prompt.token_ids,
                               "max_model_len": serving.info.max_model_len})
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
         serving.check_model(body.model)
-        vocab = serving.info.vocab_size
-        if any(t >= vocab for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
-        return json_response({"prompt": serving.tokenizer.decode(body.tokens)})
+        info = serving.info
+        if len(body.tokens) > info.max_model_len:
+            raise APIError(400, f"at most max_model_len ({info.max_model_len}) tokens at once",
+                           "tokens")
+        if any(t >= info.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {info.vocab_size})", "tokens")
+        return json_response({"prompt": await serving.decode(body.tokens)})
 
     return app

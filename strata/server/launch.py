@@ -9,11 +9,9 @@ with a non-zero code shortly after, so a supervisor restarts it instead of it ha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
-import signal
 from pathlib import Path
 
 import uvicorn
@@ -23,33 +21,21 @@ from strata.checkpoint import resolve_model_path
 from strata.config import EngineConfig
 from strata.engine.client import AsyncEngineClient
 from strata.server.app import build_app
+from strata.server.disagg import DisaggFrontend
+from strata.server.kv_peers import KVPeers
 from strata.server.metrics import ServerMetrics
 from strata.server.serving import FALLBACK_CHAT_TEMPLATE, OpenAIServing, ServerLimits
 from strata.tokenizer import Tokenizer
+from strata.uvicorn_server import Server
 
 logger = logging.getLogger("strata.server")
 DEAD_ENGINE_GRACE_SECONDS = 2.0  # long enough for in-flight clients and probes to see the 503
 
 
-class _Server(uvicorn.Server):
-    """Uvicorn's server, minus re-raising SIGTERM after the drain: that would kill this process
-    before it stops the engine, and turn a clean drain into exit code 143."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.handle_exit, sig, None)
-        try:
-            yield
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-
 def serve(config: EngineConfig, *, host: str, port: int, served_model_names: list[str],
           api_key: str | None, limits: ServerLimits, max_body_bytes: int,
-          chat_template: str | None = None, access_log: bool = True) -> int:
+          kv_peers: KVPeers, chat_template: str | None = None,
+          access_log: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_path = resolve_model_path(config.model)
     tokenizer = Tokenizer(resolve_model_path(config.tokenizer or config.model))
@@ -61,12 +47,13 @@ def serve(config: EngineConfig, *, host: str, port: int, served_model_names: lis
     return uvloop.run(_serve(config, str(model_path), tokenizer, host=host, port=port,
                              served_model_names=served_model_names, api_key=api_key,
                              limits=limits, max_body_bytes=max_body_bytes,
-                             access_log=access_log))
+                             kv_peers=kv_peers, access_log=access_log))
 
 
 async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *, host: str,
                  port: int, served_model_names: list[str], api_key: str | None,
-                 limits: ServerLimits, max_body_bytes: int, access_log: bool) -> int:
+                 limits: ServerLimits, max_body_bytes: int, kv_peers: KVPeers,
+                 access_log: bool) -> int:
     client = AsyncEngineClient(config)
     info = await client.start()
     gc.freeze()  # the tokenizer and the app live forever: keep them out of later collections
@@ -74,10 +61,14 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
                 info.num_blocks, info.block_size, info.max_model_len, client.pid)
     metrics = ServerMetrics(served_model_names[0], info.block_size, info.num_blocks)
     client.on_stats = metrics.update_engine
-    serving = OpenAIServing(client, tokenizer, served_model_names, model_path, metrics, limits)
+    disagg = DisaggFrontend(kv_peers, config.kv_connector is not None,
+                            config.kv_transfer_timeout, api_key,
+                            metrics.kv_transfer_fallbacks.inc)
+    serving = OpenAIServing(client, tokenizer, served_model_names, model_path, metrics, limits,
+                            disagg)
     app = build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes)
-    server = _Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
-                                           timeout_keep_alive=30, log_level="info"))
+    server = Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
+                                   timeout_keep_alive=30, log_level="info"))
     exit_code = 0
 
     def engine_died() -> None:
@@ -91,6 +82,7 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
     try:
         await server.serve()
     finally:
+        await disagg.http.aclose()
         await client.shutdown()
     if server.started is False and exit_code == 0:
         exit_code = 1  # could not bind the port

@@ -10,6 +10,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strata.server.errors import error_body
 
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
 
 async def _send_error(send: Send, status: int, message: str,
                       headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -49,14 +51,16 @@ class BodySizeLimit:
 
 
 class APIKeyCheck:
-    """401 on /v1/ routes without `Authorization: Bearer <key>` (health and metrics stay open,
-    as in vLLM, so probes and scrapers need no secret)."""
+    """401 without `Authorization: Bearer <key>` on every route but /health and /metrics,
+    which stay open so that probes and scrapers need no secret (their answers say nothing of
+    what clients sent). vLLM guards only /v1/; /tokenize and /docs would tell a stranger the
+    model's vocabulary and the server's fields, and make it work for free."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") \
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS \
                 and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):

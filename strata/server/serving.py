@@ -1,18 +1,20 @@
 """What every endpoint shares: the engine client, the tokenizer, the served names, and the
-checks a request passes before it reaches the engine (model, prompt length, capacity)."""
+checks a request passes before it reaches the engine (model, samples, prompt length,
+capacity). Every check whose cost does not grow with the request runs before any work that
+does; tokenizing and templating run off the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 
-import httpx
 import jinja2
 
 from strata.engine.client import AsyncEngineClient, EngineInfo
 from strata.engine.request import validate_request
 from strata.sampling_params import SamplingParams
-from strata.server.disagg import remote_prefill
+from strata.server.disagg import DisaggFrontend
 from strata.server.errors import APIError
 from strata.server.generation import Generation, Prompt
 from strata.server.metrics import ServerMetrics
@@ -28,29 +30,21 @@ FALLBACK_CHAT_TEMPLATE = (
 
 @dataclass
 class ServerLimits:
-    max_waiting_requests: int = 1024
+    max_waiting_requests: int = 1024  # samples waiting to be scheduled
+    max_samples_per_request: int = 256  # prompts x n
     retry_after_seconds: int = 1
-    remote_prefill_timeout: float = 60.0  # seconds a prefiller may take before a fallback
 
 
 class OpenAIServing:
     def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, served_names: list[str],
-                 model_path: str, metrics: ServerMetrics, limits: ServerLimits) -> None:
+                 model_path: str, metrics: ServerMetrics, limits: ServerLimits,
+                 disagg: DisaggFrontend) -> None:
         self.client, self.tokenizer, self.metrics, self.limits = client, tokenizer, metrics, limits
         self.served_names = served_names
         self.model_path = model_path
         self.info: EngineInfo = client.info
-        # Prefill calls to other instances (disaggregation); connections are kept alive.
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(limits.remote_prefill_timeout))
-
-    async def kv_transfer_params(self, body, request, model: str, prompts: list[Prompt],
-                                 n: int) -> dict | None:
-        """The client's own kv_transfer_params, or a remote prefill's when the request names
-        a prefiller (x-prefiller-host-port), or None."""
-        if body.kv_transfer_params:
-            return body.kv_transfer_params
-        return await remote_prefill(self.http, request, model, prompts, n, body.cache_salt,
-                                    self.metrics.kv_transfer_fallbacks.inc)
+        self.disagg = disagg
+        self.max_prompt_chars = self.info.max_model_len * tokenizer.max_token_chars
 
     def check_model(self, name: str | None) -> str:
         """The served name a request addresses; 404 for one this server does not serve."""
@@ -64,22 +58,67 @@ class OpenAIServing:
         if self.client.dead:
             raise APIError(503, "the engine process is not running")
 
-    def text_prompt(self, text: str, add_special_tokens: bool = True) -> Prompt:
+    def check_samples(self, num_samples: int, param: str) -> None:
+        """400 for more samples (prompts x n) than one request may ask for, or than could ever
+        be queued; 429 while the samples waiting to be scheduled would pass
+        --max-waiting-requests. Cheap: run before any work on the request, and again as it
+        is queued."""
+        limits = self.limits
+        if num_samples > limits.max_samples_per_request:
+            raise APIError(400, f"the request asks for {num_samples} samples (prompts x n); "
+                           f"the limit is {limits.max_samples_per_request}", param)
+        if num_samples - self.info.max_num_seqs > limits.max_waiting_requests:
+            raise APIError(400, f"the request asks for {num_samples} samples, more than this "
+                           "server can run and queue at once", param)
+        if self.client.num_queued(num_samples) > limits.max_waiting_requests:
+            raise APIError(429, f"the server is at capacity ({self.client.num_queued()} "
+                           "samples waiting); retry later",
+                           headers={"Retry-After": str(limits.retry_after_seconds)})
+
+    def check_text(self, text: str, param: str) -> None:
+        """Bound a text before any work grows with it: longer than max_model_len tokens of the
+        longest the vocabulary has, it cannot fit, whatever it tokenizes to."""
+        if len(text) > self.max_prompt_chars:
+            raise APIError(400, f"the prompt is {len(text)} characters long: it cannot fit this "
+                           f"model's maximum context length of {self.info.max_model_len} "
+                           f"tokens (at most {self.max_prompt_chars} characters)", param)
         try:
             text.encode()
         except UnicodeEncodeError as exc:  # JSON can carry lone surrogates; tokenizers cannot
-            raise APIError(400, f"the prompt is not valid Unicode: {exc.reason}", "prompt") from exc
-        return Prompt(self.tokenizer.encode(text, add_special_tokens) if text else [], text)
+            raise APIError(400, f"the prompt is not valid Unicode: {exc.reason}", param) from exc
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    template_kwargs: dict | None = None) -> Prompt:
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [m.template_dict() for m in messages], add_generation_prompt,
-                **(template_kwargs or {}))
-        except (jinja2.TemplateError, TypeError, ValueError) as exc:
-            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-        return self.text_prompt(text, add_special_tokens=self.tokenizer.chat_needs_bos(text))
+    async def text_prompts(self, texts: list[str], add_special_tokens: bool = True) -> list[Prompt]:
+        """Tokenized off the event loop (the tokenizer lets go of the GIL), after the bound."""
+        params = ["prompt"] if len(texts) == 1 else [f"prompt[{i}]" for i in range(len(texts))]
+        for text, param in zip(texts, params):
+            self.check_text(text, param)
+
+        def encode() -> list[Prompt]:
+            return [Prompt(self.tokenizer.encode(text, add_special_tokens) if text else [], text)
+                    for text in texts]
+
+        return await asyncio.to_thread(encode)
+
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          template_kwargs: dict | None = None) -> Prompt:
+        """The chat template and the tokenizer, off the event loop."""
+        dicts = [m.template_dict() for m in messages]
+        self.check_text("".join(m["content"] for m in dicts), "messages")
+
+        def render() -> str:
+            try:
+                return self.tokenizer.apply_chat_template(dicts, add_generation_prompt,
+                                                          **(template_kwargs or {}))
+            except (jinja2.TemplateError, TypeError, ValueError) as exc:
+                raise APIError(400, f"cannot apply the chat template: {exc}",
+                               "messages") from exc
+
+        text = await asyncio.to_thread(render)
+        return (await self.text_prompts(
+            [text], add_special_tokens=self.tokenizer.chat_needs_bos(text)))[0]
+
+    async def decode(self, token_ids: list[int]) -> str:
+        return await asyncio.to_thread(self.tokenizer.decode, token_ids)
 
     def new_generation(self, prefix: str, prompts: list[Prompt], params: SamplingParams,
                        cache_salt: str | None = None,
@@ -103,16 +142,8 @@ class OpenAIServing:
         if kv_transfer_params and (len(prompts) != 1 or params.n != 1):
             raise APIError(400, "kv_transfer_params need one prompt and n = 1",
                            "kv_transfer_params")
-        self.check_capacity(len(prompts) * params.n)
+        self.check_samples(len(prompts) * params.n, "prompt")
         generation = Generation(f"{prefix}-{uuid.uuid4().hex}", prompts, params, self.client,
                                 self.tokenizer, self.metrics, cache_salt, kv_transfer_params)
         generation.start()
         return generation
-
-    def check_capacity(self, num_new: int) -> None:
-        """429 when the requests not yet running would pass --max-waiting-requests."""
-        waiting = self.client.num_waiting
-        if waiting > 0 and waiting + num_new > self.limits.max_waiting_requests:
-            raise APIError(429, f"the server is at capacity ({waiting} requests waiting); "
-                           "retry later", headers={"Retry-After":
-                                                   str(self.limits.retry_after_seconds)})

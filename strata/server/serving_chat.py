@@ -26,11 +26,13 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens, logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
-    prompt = serving.chat_prompt(body.messages, body.add_generation_prompt,
-                                 body.chat_template_kwargs)
+    serving.check_samples(params.n, "n")
+    pd = serving.disagg.check(request, body.kv_transfer_params)
+    prompt = await serving.chat_prompt(body.messages, body.add_generation_prompt,
+                                       body.chat_template_kwargs)
     generation = serving.new_generation(
         "chatcmpl", [prompt], params, body.cache_salt,
-        await serving.kv_transfer_params(body, request, model, [prompt], params.n))
+        await serving.disagg.kv_transfer_params(pd, model, [prompt], params.n, body.cache_salt))
     header = {"id": generation.request_id, "object": "chat.completion",
               "created": int(time.time()), "model": model}
     if body.stream:

@@ -25,10 +25,12 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest,
         params = body.sampling_params(body.max_tokens, body.logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
-    prompts = _prompts(serving, body.prompt)
+    serving.check_samples(_num_prompts(body.prompt) * params.n, "prompt")
+    pd = serving.disagg.check(request, body.kv_transfer_params)
+    prompts = await _prompts(serving, body.prompt)
     generation = serving.new_generation(
         "cmpl", prompts, params, body.cache_salt,
-        await serving.kv_transfer_params(body, request, model, prompts, params.n))
+        await serving.disagg.kv_transfer_params(pd, model, prompts, params.n, body.cache_salt))
     created = int(time.time())
     header = {"id": generation.request_id, "object": "text_completion", "created": created,
               "model": model}
@@ -37,23 +39,29 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest,
     return await cancel_on_disconnect(request, _complete(serving, generation, body, header))
 
 
-def _prompts(serving: OpenAIServing, prompt) -> list[Prompt]:
+def _num_prompts(prompt) -> int:
+    return 1 if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) \
+        else len(prompt)
+
+
+async def _prompts(serving: OpenAIServing, prompt) -> list[Prompt]:
     if isinstance(prompt, str):
-        return [serving.text_prompt(prompt)]
+        return await serving.text_prompts([prompt])
     if not prompt:
         raise APIError(400, "the prompt is empty", "prompt")
     if isinstance(prompt[0], int):
         return [Prompt(list(prompt))]
     if isinstance(prompt[0], str):
-        return [serving.text_prompt(text) for text in prompt]
+        return await serving.text_prompts(prompt)
     return [Prompt(list(ids)) for ids in prompt]
 
 
-def _echo(serving: OpenAIServing, sample: Sample, body: CompletionRequest) -> str:
+async def _echo(serving: OpenAIServing, sample: Sample, body: CompletionRequest) -> str:
+    """The prompt's text, if echoed (prompts given as ids are decoded off the event loop)."""
     if not body.echo:
         return ""
     prompt = sample.prompt
-    return prompt.text if prompt.text is not None else serving.tokenizer.decode(prompt.token_ids)
+    return prompt.text if prompt.text is not None else await serving.decode(prompt.token_ids)
 
 
 async def _complete(serving: OpenAIServing, generation: Generation, body: CompletionRequest,
@@ -62,7 +70,7 @@ async def _complete(serving: OpenAIServing, generation: Generation, body: Comple
     for sample in await generation.run_to_end():
         state = sample.state
         choices.append({
-            "index": sample.choice_index, "text": _echo(serving, sample, body) + state.text,
+            "index": sample.choice_index, "text": await _echo(serving, sample, body) + state.text,
             "logprobs": _logprobs(state.logprobs, state.token_ids, 0)
             if state.logprobs is not None else None,
             "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
@@ -83,7 +91,7 @@ async def _stream(serving: OpenAIServing, generation: Generation, body: Completi
         text = delta.text
         if sample.choice_index not in echoed:
             echoed.add(sample.choice_index)
-            text = _echo(serving, sample, body) + text
+            text = await _echo(serving, sample, body) + text
         token_ids = unsent_ids.setdefault(sample.choice_index, [])
         token_ids.extend(delta.token_ids)
         if not text and delta.finish_reason is None and delta.logprobs is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable
 
 import orjson
@@ -12,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 from strata.server.errors import APIError, error_body
 
 DONE = b"data: [DONE]\n\n"
+logger = logging.getLogger("strata.server")
 
 
 def event(payload: dict) -> bytes:
@@ -24,8 +26,8 @@ def json_response(payload: dict) -> Response:
 
 def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
     """SSE of each chunk, then [DONE]. An error after the headers went out can no longer be a
-    status code: it is sent as an error event. A client that disconnects closes the iterator,
-    which aborts its engine requests."""
+    status code: it is sent as an error event, in OpenAI's shape, before [DONE]. A client that
+    disconnects closes the iterator, which aborts its engine requests."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -33,6 +35,9 @@ def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
                 yield event(chunk)
         except APIError as exc:
             yield event(error_body(exc.status, exc.message, exc.param))
+        except Exception as exc:  # a bug must not pass for a complete answer either
+            logger.exception("a stream failed")
+            yield event(error_body(500, f"internal error: {type(exc).__name__}"))
         yield DONE
 
     return StreamingResponse(body(), media_type="text/event-stream",
