@@ -49,10 +49,12 @@ def start_setups(stack: contextlib.ExitStack, model: Path, port: int, logs: Path
         prefill_port, decode_port, proxy_port = port + offset, port + offset + 1, \
             port + offset + 2
         prefill = stack.enter_context(process(
-            serve(model, prefill_port, "--kv-connector", kind), logs / f"prefill-{kind}.log",
+            serve(model, prefill_port, "--kv-connector", kind, "--kv-peers", "127.0.0.1"),
+            logs / f"prefill-{kind}.log",
             f"http://127.0.0.1:{prefill_port}", cores="0", threads=1))
         decode = stack.enter_context(process(
-            serve(model, decode_port, "--kv-connector", kind), logs / f"decode-{kind}.log",
+            serve(model, decode_port, "--kv-connector", kind, "--kv-peers", "127.0.0.1"),
+            logs / f"decode-{kind}.log",
             f"http://127.0.0.1:{decode_port}", cores="1", threads=1))
         urls[f"pd-{kind}"] = stack.enter_context(process(
             [sys.executable, "-m", "strata.cli", "route", "--port", str(proxy_port),
