@@ -69,11 +69,11 @@ def serve(args: argparse.Namespace) -> int:
     config = EngineConfig.create(model, **engine_kwargs(args), **kv_events_kwargs(args),
                                  **kv_transfer_kwargs(args))
     limits = ServerLimits(max_waiting_requests=args.max_waiting_requests,
-                          max_samples_per_request=args.max_samples_per_request)
+                          max_samples_per_request=args.max_samples_per_request,
+                          max_request_body_bytes=args.max_request_body_bytes)
     return run_server(config, host=args.host, port=args.port,
                       served_model_names=args.served_model_name or [model],
                       api_key=args.api_key, chat_template=args.chat_template, limits=limits,
-                      max_body_bytes=args.max_request_body_bytes,
                       kv_peers=KVPeers.parse(args.kv_peers, args.kv_peer_token),
                       access_log=not args.disable_uvicorn_access_log)
 
@@ -124,8 +124,10 @@ def add_serve_parser(commands) -> None:
                         help="answer 429 while this many samples wait to be scheduled")
     parser.add_argument("--max-samples-per-request", type=int, default=256,
                         help="answer 400 to a request of more samples (prompts x n)")
-    parser.add_argument("--max-request-body-bytes", type=int, default=32 * 2**20,
-                        help="answer 413 to a larger request body")
+    parser.add_argument("--max-request-body-bytes", type=int, default=None,
+                        help="answer 413 to a larger request body (default: room for "
+                             "--max-samples-per-request prompts of max_model_len token ids, "
+                             "1-32 MiB)")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template, or a file holding one")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")

@@ -16,7 +16,7 @@ from tests.metrics_scrape import wait_idle
 from tests.server_process import ServerProcess
 from tests.test_server_errors import assert_openai_error
 
-HUGE_TEXT = "x " * 15_000_000  # 30 MB, under the 32 MiB body limit
+HUGE_TEXT = "x " * 15_000_000  # 30 MB
 
 
 class HealthProbe:
@@ -66,19 +66,28 @@ def test_prompt_lists_count_prompts_times_n(strata_server):
     assert wait_idle(strata_server.url)["vllm:kv_cache_usage_perc"] == 0
 
 
-def test_huge_texts_are_refused_before_tokenizing(strata_server):
+def test_huge_bodies_and_texts_are_refused_before_any_work(strata_server):
+    """30 MB bodies: a 413 by their Content-Length (the default limit is room for 256
+    prompts of 512 token ids); texts under it but past 512 tokens of the vocabulary's
+    longest: a 400 without tokenizing; /health answers throughout."""
     url = strata_server.url
-    cases = [("/v1/completions", {"prompt": HUGE_TEXT}),
-             ("/v1/completions", {"prompt": ["Hi", HUGE_TEXT]}),
-             ("/v1/chat/completions", {"messages": [{"role": "user", "content": HUGE_TEXT}]}),
-             ("/tokenize", {"prompt": HUGE_TEXT}),
-             ("/detokenize", {"tokens": [5] * 2_000_000})]
+    long_text = "x " * 50_000
+    cases = [("/v1/completions", {"prompt": HUGE_TEXT}, 413),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": HUGE_TEXT}]},
+              413),
+             ("/detokenize", {"tokens": [5] * 2_000_000}, 413),
+             ("/v1/completions", {"prompt": long_text}, 400),
+             ("/v1/completions", {"prompt": ["Hi", long_text]}, 400),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": long_text}]},
+              400),
+             ("/tokenize", {"prompt": long_text}, 400),
+             ("/detokenize", {"tokens": [5] * 600}, 400)]
     with HealthProbe(url) as probe:
-        for path, body in cases:
+        for path, body, status in cases:
             response, seconds = timed_post(url + path, body)
-            error = assert_openai_error(response, 400)
+            error = assert_openai_error(response, status)
             assert seconds < 1.5, (path, seconds)
-            assert "512" in error["message"], error  # names the model's context length
+            assert ("1048576" if status == 413 else "512") in error["message"], error
     assert probe.latencies and probe.slowest < 0.5, probe.slowest
 
 

@@ -30,6 +30,11 @@ from strata.engine.messages import (
 logger = logging.getLogger("strata.engine")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its frontend is still alive
 TRANSFER_POLL_MS = 1  # how often an engine waiting only on KV reads looks at them
+SEND_TIMEOUT_MS = 1000  # how often a send blocked on a full queue checks the frontend lives
+
+
+class FrontendGone(Exception):
+    """The process that started the engine is gone: nobody reads its outputs any more."""
 
 
 def run_engine_core(config: EngineConfig, input_address: str, output_address: str) -> None:
@@ -43,6 +48,10 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     inputs = context.socket(zmq.PULL)
     inputs.connect(input_address)
     outputs = context.socket(zmq.PUSH)
+    # A send to a frontend that died waits for a peer that will never come: give up waiting
+    # now and then to look (EngineLoop.send), and drop what it was sent on exit.
+    outputs.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+    outputs.setsockopt(zmq.LINGER, 0)
     outputs.connect(output_address)
     encoder = msgspec.msgpack.Encoder()
     publisher = None
@@ -78,9 +87,15 @@ class EngineLoop:
         self.last_stats, self.last_received = None, 0
 
     def run(self) -> None:
+        try:
+            self._loop()
+        except FrontendGone:
+            logger.warning("the frontend is gone: the engine stops")
+
+    def _loop(self) -> None:
         while True:
             if os.getppid() != self.parent_pid:
-                return  # the frontend died without telling us: stop, busy or not
+                raise FrontendGone  # it died without telling us: stop, busy or not
             idle = not self.core.has_unfinished_requests
             if idle and not self.inputs.poll(IDLE_POLL_MS):
                 self.core.poll_transfers()  # leases end while idle too: report the freed blocks
@@ -101,8 +116,15 @@ class EngineLoop:
         stats = self.core.stats()
         if outputs or self.rejected or stats != self.last_stats or self.num_received != \
                 self.last_received:
-            self.outputs.send(self.encoder.encode(
-                EngineStep(outputs, self.rejected, stats, self.num_received)))
+            frame = self.encoder.encode(
+                EngineStep(outputs, self.rejected, stats, self.num_received))
+            while True:
+                try:
+                    self.outputs.send(frame)
+                    break
+                except zmq.Again:  # the queue to the frontend is full (SNDTIMEO)
+                    if os.getppid() != self.parent_pid:
+                        raise FrontendGone from None
             self.rejected, self.last_stats, self.last_received = [], stats, self.num_received
 
     def handle_inputs(self) -> bool:

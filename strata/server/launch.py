@@ -33,7 +33,7 @@ DEAD_ENGINE_GRACE_SECONDS = 2.0  # long enough for in-flight clients and probes 
 
 
 def serve(config: EngineConfig, *, host: str, port: int, served_model_names: list[str],
-          api_key: str | None, limits: ServerLimits, max_body_bytes: int,
+          api_key: str | None, limits: ServerLimits,
           kv_peers: KVPeers, chat_template: str | None = None,
           access_log: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -46,13 +46,13 @@ def serve(config: EngineConfig, *, host: str, port: int, served_model_names: lis
     tokenizer.hf.chat_template = template or FALLBACK_CHAT_TEMPLATE
     return uvloop.run(_serve(config, str(model_path), tokenizer, host=host, port=port,
                              served_model_names=served_model_names, api_key=api_key,
-                             limits=limits, max_body_bytes=max_body_bytes,
+                             limits=limits,
                              kv_peers=kv_peers, access_log=access_log))
 
 
 async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *, host: str,
                  port: int, served_model_names: list[str], api_key: str | None,
-                 limits: ServerLimits, max_body_bytes: int, kv_peers: KVPeers,
+                 limits: ServerLimits, kv_peers: KVPeers,
                  access_log: bool) -> int:
     client = AsyncEngineClient(config)
     info = await client.start()
@@ -66,7 +66,8 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
                             metrics.kv_transfer_fallbacks.inc)
     serving = OpenAIServing(client, tokenizer, served_model_names, model_path, metrics, limits,
                             disagg)
-    app = build_app(serving, api_key=api_key, max_body_bytes=max_body_bytes)
+    app = build_app(serving, api_key=api_key,
+                    max_body_bytes=limits.body_bytes(info.max_model_len))
     server = Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
                                    timeout_keep_alive=30, log_level="info"))
     exit_code = 0
