@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -156,9 +157,13 @@ def socket_dirs(pid: int) -> list[Path]:
 
 
 def test_503_and_exit_when_the_engine_dies(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tempfile.mkdtemp(prefix=f"strata-{dead.pid}-")  # a frontend killed at start-up
     server = ServerProcess(tmp_path)
     url = server.url
     assert socket_dirs(server.process.pid) == []  # gone once the engine connected
+    assert not Path(orphan).exists()  # swept by the next start
     with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
             "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}) as stream:
         lines = stream.iter_lines()
