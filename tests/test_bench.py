@@ -211,7 +211,9 @@ def test_concurrency_limit(fake):
 
 def test_no_hidden_concurrency_cap(fake):
     state, url = fake
-    bench(url, {"ttft": 0.8}, num_prompts=120, random_output_len=1)
+    # Each answer takes 2 s: long enough for all 120 to start on a loaded machine (0.8 s
+    # was not, twice, in full runs here).
+    bench(url, {"ttft": 2.0}, num_prompts=120, random_output_len=1)
     assert state.max_in_flight > 100  # httpx's default pool would hold it to 100 connections
 
 

@@ -61,6 +61,11 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
                 info.num_blocks, info.block_size, info.max_model_len, client.pid)
     metrics = ServerMetrics(served_model_names[0], info.block_size, info.num_blocks)
     client.on_stats = metrics.update_engine
+    if config.kv_connector is not None and not kv_peers.configured:
+        logger.warning("P/D fields are refused (400) until --kv-peers lists this server's peers")
+    elif config.kv_connector is not None and kv_peers.token is None:
+        logger.warning("no --kv-peer-token: any caller that reaches this server may send P/D "
+                       "fields naming the --kv-peers")
     disagg = DisaggFrontend(kv_peers, config.kv_connector is not None,
                             config.kv_transfer_timeout, api_key,
                             metrics.kv_transfer_fallbacks.inc)
