@@ -42,8 +42,8 @@ class ServerLimits:
     def body_bytes(self, max_model_len: int) -> int:
         """The body limit: by default, room for a list of --max-samples-per-request prompts
         of max_model_len token ids (1-32 MiB). A larger body cannot be a request this server
-        would take, and refusing it by its Content-Length spares the event loop the read and
-        the parse, which no thread can take off it (JSON parsers hold the GIL)."""
+        would take, and refusing it by its Content-Length spares the event loop buffering and
+        parsing it, which no thread can take off it (JSON parsers hold the GIL)."""
         if self.max_request_body_bytes is not None:
             return self.max_request_body_bytes
         need = self.max_samples_per_request * max_model_len * BYTES_PER_TOKEN_ID
