@@ -71,6 +71,23 @@ def test_published_blocks_arrive_intact_and_the_prefiller_hears_of_it(pair):
     assert "no blocks are published" in wait_for(decode).error
 
 
+def test_bfloat16_blocks_arrive_intact(kind):
+    """The GPU's default dtype, which numpy cannot hold: the TCP connector copied blocks
+    through numpy, so every bfloat16 (and CUDA) read failed and fell back."""
+    make = connector_class(kind)
+    prefill, decode = make("prefill", timeout=2), make("decode", timeout=2)
+    try:
+        prefill.register(torch.randn(SHAPE).to(torch.bfloat16), layout(dtype="bfloat16"))
+        decode.register(torch.zeros(SHAPE, dtype=torch.bfloat16), layout(dtype="bfloat16"))
+        prefill.publish("r", [1, 6])
+        decode.start_read("d", remote(prefill, [1, 6]), [4, 2])
+        assert wait_for(decode).error is None
+        assert torch.equal(decode.kv_cache[:, :, [4, 2]], prefill.kv_cache[:, :, [1, 6]])
+    finally:
+        prefill.close()
+        decode.close()
+
+
 def test_runs_of_consecutive_blocks_arrive_intact(pair):
     """NIXL moves a run of consecutive blocks as one region: runs, breaks and lone blocks."""
     prefill, decode = pair

@@ -165,8 +165,12 @@ class TcpKVConnector(KVConnector):
                              f"{read.request_id!r} are not published"
             if not read.block_ids or not read.send_blocks:  # nothing to send (yet)
                 return b"", None
-            blocks = self.kv_cache[:, :, torch.tensor(read.block_ids, dtype=torch.int64)]
-        return memoryview(blocks.numpy()).cast("B"), None
+            blocks = self.kv_cache[:, :, self._index(read.block_ids)]
+        # Through host memory as raw bytes: numpy has no bfloat16, and CUDA tensors have none.
+        return memoryview(blocks.cpu().view(torch.uint8).numpy()).cast("B"), None
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.int64, device=self.kv_cache.device)
 
     # -- decode side: read from peers ------------------------------------------------------
 
@@ -228,7 +232,7 @@ class TcpKVConnector(KVConnector):
             return 0
         shape = (*self.kv_cache.shape[:2], len(local_ids), *self.kv_cache.shape[3:])
         blocks = torch.frombuffer(bytearray(frames[1].buffer), dtype=self.kv_cache.dtype)
-        self.kv_cache[:, :, torch.tensor(local_ids, dtype=torch.int64)] = blocks.view(shape)
+        self.kv_cache[:, :, self._index(local_ids)] = blocks.view(shape).to(self.kv_cache.device)
         return expected
 
     def _exchange(self, socket: zmq.Socket, message: Handshake | Read,

@@ -16,6 +16,7 @@ routers drive Strata as they drive vLLM:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from strata.disagg.connector import KVConnector, RemoteBlocks
 from strata.engine.kv_cache import cdiv
 from strata.engine.request import Request
 from strata.engine.scheduler import Scheduler
+
+logger = logging.getLogger("strata.engine")
 
 
 @dataclass
@@ -80,8 +83,8 @@ class KVTransfer:
             start = request.num_computed_tokens // self.block_size
             end = cdiv(request.num_tokens - 1, self.block_size)
             if len(remote.block_ids) < end:
-                self.scheduler.finish_transfer(request.request_id, ok=False)
-                self.stats.num_fallbacks += 1
+                self._fell_back(request.request_id, f"the prefiller named {len(remote.block_ids)}"
+                                f" blocks, {end} needed")
                 continue
             self.connector.start_read(
                 request.request_id,
@@ -93,20 +96,25 @@ class KVTransfer:
         """Apply what the connector finished, and end leases that ran out."""
         results, read_done = self.connector.poll()
         for result in results:
-            ok = result.error is None
-            self.scheduler.finish_transfer(result.request_id, ok)
-            if ok:
-                self.stats.num_reads += 1
-                self.stats.num_bytes += result.num_bytes
-                self.stats.new_durations.append(result.seconds)
-            else:
-                self.stats.num_fallbacks += 1
+            if result.error is not None:
+                self._fell_back(result.request_id, result.error)
+                continue
+            self.scheduler.finish_transfer(result.request_id, ok=True)
+            self.stats.num_reads += 1
+            self.stats.num_bytes += result.num_bytes
+            self.stats.new_durations.append(result.seconds)
         for request_id in read_done:
             self._end_lease(request_id)
         now = time.monotonic()
         for request_id in [r for r, deadline in self.leases.items() if deadline <= now]:
             self.connector.release(request_id)
             self._end_lease(request_id)
+
+    def _fell_back(self, request_id: str, cause: str) -> None:
+        """The read failed: the request computes its prompt here (counted, and said why)."""
+        logger.warning("KV read for %s failed, prefilling here: %s", request_id, cause)
+        self.scheduler.finish_transfer(request_id, ok=False)
+        self.stats.num_fallbacks += 1
 
     def _end_lease(self, request_id: str) -> None:
         if self.leases.pop(request_id, None) is not None:
