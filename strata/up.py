@@ -19,7 +19,7 @@ stops each child once. And the kernel sends each child SIGTERM when this command
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
 import secrets
 import signal
@@ -31,14 +31,13 @@ from dataclasses import dataclass, field
 
 from strata.config import DEFAULT_MODEL
 from strata.health import ServerExited, wait_healthy
+from strata.parent_death import die_with_parent
 
 STARTUP_TIMEOUT = 600.0
 STOP_TIMEOUT = 60.0
 RESTART_DELAY = 1.0  # before a dead child's restart; doubles while its restarts die quickly
 MAX_RESTART_DELAY = 30.0
 RECOVERED_AFTER = 60.0  # up this long since its start: its next death is a first one again
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_libc = ctypes.CDLL(None)  # loaded here: a preexec_fn should not load libraries
 
 
 @dataclass
@@ -58,7 +57,8 @@ class Child:
     def start(self) -> None:
         # Own process group: a Ctrl-C reaches only `strata up`, which then stops each child once.
         self.process = subprocess.Popen(self.command, start_new_session=True, env=self.env,
-                                        preexec_fn=_terminated_with(os.getpid()))
+                                        preexec_fn=functools.partial(die_with_parent,
+                                                                     os.getpid()))
         self.started_at = time.monotonic()
 
     def died(self, now: float) -> None:
@@ -178,19 +178,6 @@ def _start(index: int, role: str, host: str, port: int, command: list[str],
     child = Child(index, role, f"http://{host}:{port}", command, env)
     child.start()
     return child
-
-
-def _terminated_with(parent: int) -> Callable[[], None]:
-    """A preexec_fn: the child gets SIGTERM (and drains) when `parent` dies, even by SIGKILL,
-    which its own process group would otherwise hide from it. The signal comes when the
-    thread that started the child ends: here, the main one."""
-
-    def preexec() -> None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # it died before prctl: no signal will come
-            os._exit(1)
-
-    return preexec
 
 
 def _supervise(children: list[Child], stopping: Callable[[], bool]) -> None:

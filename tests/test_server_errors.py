@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -16,8 +19,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from tests.conftest import STORIES
 from tests.metrics_scrape import wait_idle
-from tests.server_process import SERVED_NAME, ServerProcess
+from tests.server_process import SERVED_NAME, ServerProcess, free_port
+from tests.test_up import alive, descendants
 
 SECRET = "s3cret"
 
@@ -218,3 +223,45 @@ def test_fuzz_openapi_spec_gives_no_server_error(strata_server):
 
         fuzz()
     assert wait_idle(strata_server.url)["vllm:kv_cache_usage_perc"] == 0
+
+
+@pytest.fixture()
+def kernel_builds_held():
+    """Hold the kernels' build locks: an engine that starts now waits on them, as one stuck
+    in its start-up would."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(get_default_build_root()) / f"strata-torch{torch.__version__}"
+    root.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        for name in ("strata_skinny_linear", "strata_paged_decode"):
+            lock = held.enter_context(open(root / f"{name}.flock", "w"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_server_stopped_while_its_engine_starts_leaves_nothing(tmp_path, signum,
+                                                                 kernel_builds_held):
+    """SIGKILL or SIGTERM while the engine is stuck starting: the frontend goes at once, and
+    the kernel takes the engine with it (before, it waited on there, parent pid 1)."""
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed below)
+    frontend = subprocess.Popen(
+        [sys.executable, "-m", "strata.cli", "serve", str(STORIES), "--port", str(free_port())],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (engines := [p for p in descendants(frontend.pid) if engine_running(p)]):
+            assert frontend.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        frontend.send_signal(signum)
+        assert frontend.wait(10) != 0
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in engines):
+            assert time.monotonic() < deadline, "the engine outlived its frontend"
+            time.sleep(0.05)
+    finally:
+        frontend.kill()
+        frontend.wait()
+        log.close()

@@ -98,7 +98,8 @@ class AsyncEngineClient:
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(
             target=run_engine_core, name="strata-engine-core", daemon=True,
-            args=(self.config, f"ipc://{base / 'input'}", f"ipc://{base / 'output'}"))
+            args=(self.config, f"ipc://{base / 'input'}", f"ipc://{base / 'output'}",
+                  os.getpid()))
         try:
             self._process.start()
             ready = await self._wait_ready()

@@ -26,6 +26,7 @@ from strata.engine.messages import (
     Shutdown,
     ToEngine,
 )
+from strata.parent_death import die_with_parent
 
 logger = logging.getLogger("strata.engine")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its frontend is still alive
@@ -37,13 +38,16 @@ class FrontendGone(Exception):
     """The process that started the engine is gone: nobody reads its outputs any more."""
 
 
-def run_engine_core(config: EngineConfig, input_address: str, output_address: str) -> None:
+def run_engine_core(config: EngineConfig, input_address: str, output_address: str,
+                    parent: int) -> None:
     """Entry point of the engine process (started with multiprocessing's spawn)."""
+    # Gone with the frontend, however and whenever it dies: even while the model loads,
+    # when the step loop's own check of its parent cannot run.
+    die_with_parent(parent)
     # Ctrl-C reaches the whole process group; the frontend decides when the engine
     # stops (after draining), so the engine ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parent = os.getppid()
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
     inputs.connect(input_address)

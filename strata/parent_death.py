@@ -1,0 +1,22 @@
+"""A child that goes when its parent goes, however the parent dies (Linux's
+PR_SET_PDEATHSIG): what a process group or a signal handler cannot promise for SIGKILL."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Loaded at import: a preexec_fn (between fork and exec) should not load libraries.
+_libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """The kernel sends `sig` to this process when the thread that started it ends (its
+    parent's main thread, here); exits at once if `parent` is already gone."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:  # it died before prctl: no signal will come
+        os._exit(1)
