@@ -84,6 +84,7 @@ def test_a_prefill_answer_names_its_blocks_to_trusted_callers_only(pd_pair):
         refused = httpx.post(f"{prefill.url}/v1/completions", json=body, headers=headers,
                              timeout=60)
         assert refused.status_code == 403 and "remote_host" not in refused.text
+        assert refused.json()["error"]["type"] == "PermissionDeniedError"
     assert wait_idle(prefill.url)["vllm:kv_cache_usage_perc"] == 0  # nothing pinned
     response = httpx.post(f"{prefill.url}/v1/completions", json=body, headers=TRUSTED,
                           timeout=60).json()

@@ -14,6 +14,7 @@ import jinja2
 import orjson
 
 from strata.block_hash import prompt_block_ids
+from strata.openai_errors import error_body
 from strata.tokenizer import Tokenizer
 
 CHARS_PER_BLOCK = 64  # about one 16-token KV block of English text
@@ -28,10 +29,7 @@ class RouteError(Exception):
         self.status, self.message, self.param = status, message, param
 
     def body(self) -> dict:
-        kinds = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError",
-                 503: "ServiceUnavailableError"}
-        return {"error": {"message": self.message, "type": kinds.get(self.status, "Error"),
-                          "param": self.param, "code": self.status}}
+        return error_body(self.status, self.message, self.param)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from strata.http_disconnect import disconnected
 from strata.http_headers import ENDPOINT_HEADER
 from strata.router.endpoints import Endpoint
 from strata.router.prompt import RouteError
@@ -143,7 +144,7 @@ class Proxy:
         except RouteError as error:
             return error_response(error)
         sending = asyncio.ensure_future(self._send(request, body, decision))
-        left = asyncio.ensure_future(_disconnected(request))
+        left = asyncio.ensure_future(disconnected(request))
         await asyncio.wait({sending, left}, return_when=asyncio.FIRST_COMPLETED)
         if not sending.done():  # the client left first: closing the send aborts it upstream
             sending.cancel()
@@ -216,12 +217,6 @@ class Proxy:
     async def metrics(self, request: Request) -> Response:
         return Response(self.router.metrics.render(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes its connection (its body was read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def build_app(router: Router, background: list[Callable[[], Awaitable[None]]],

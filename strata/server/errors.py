@@ -1,4 +1,4 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+"""The server's errors: APIError, and handlers that answer every error in OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-logger = logging.getLogger("strata.server")
+from strata.openai_errors import error_body
 
-ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               405: "MethodNotAllowedError", 413: "RequestTooLargeError",
-               429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+logger = logging.getLogger("strata.server")
 
 
 class APIError(Exception):
@@ -22,11 +20,6 @@ class APIError(Exception):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "Error"),
-                      "param": param, "code": status}}
 
 
 def error_response(status: int, message: str, param: str | None = None,

@@ -8,7 +8,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from strata.server.errors import error_body
+from strata.openai_errors import error_body
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 

@@ -10,7 +10,9 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from strata.server.errors import APIError, error_body
+from strata.http_disconnect import disconnected
+from strata.openai_errors import error_body
+from strata.server.errors import APIError
 
 DONE = b"data: [DONE]\n\n"
 logger = logging.getLogger("strata.server")
@@ -48,15 +50,10 @@ async def cancel_on_disconnect(request: Request, handler: Awaitable[Response]) -
     """Run a non-streaming handler, cancelling it (and so aborting its generation) if the client
     disconnects first: the body has been read, so the next ASGI message is the disconnect."""
     work = asyncio.ensure_future(handler)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(disconnected(request))
     done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     if work in done:
         watcher.cancel()
         return work.result()
     work.cancel()
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -1,0 +1,14 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: one home for
+the server and the router, which import nothing of each other."""
+
+from __future__ import annotations
+
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError",
+               403: "PermissionDeniedError", 404: "NotFoundError",
+               405: "MethodNotAllowedError", 413: "RequestTooLargeError",
+               429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "Error"),
+                      "param": param, "code": status}}
