@@ -91,7 +91,9 @@ class DisaggFrontend:
                 raise ValueError(f"no remote prefill in its answer: {params!r}")
             self.peers.check_remote(params)
             return params
-        except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        # Any failure falls back, the transport's own bugs too: httpcore was seen raising
+        # AttributeError (a socket gone mid-connect) when a prefiller was killed.
+        except Exception as exc:
             logger.warning("prefiller %s failed (%s: %s): prefilling here", pd.prefiller,
                            type(exc).__name__, exc)
             self.on_fallback()
