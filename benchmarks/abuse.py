@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import functools
 import json
 import multiprocessing
 import os
@@ -62,6 +62,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from strata.bench import BenchConfig
 from strata.bench.cli import run_benchmark_async
 from strata.health import wait_healthy
+from strata.parent_death import die_with_parent
 
 SETUPS = ("clean", "abused")
 INPUT_LEN, OUTPUT_LEN = 32, 128
@@ -87,14 +88,10 @@ def start_server(args) -> subprocess.Popen:
     if args.server_cores:
         command = ["taskset", "-c", args.server_cores, *command]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def die_with_parent() -> None:  # runs in the child before exec; no threads exist yet
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
     log = open(args.log_dir / "abuse-server.log", "w")  # noqa: SIM115 (the server's for life)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, preexec_fn=die_with_parent)
+                            start_new_session=True,
+                            preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
 
 def stop_server(server: subprocess.Popen) -> None:
