@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from strata.engine.core import EngineCoreOutput
+from strata.engine.messages import EngineCoreOutput
 from strata.outputs import Logprob
 from strata.sampling_params import SamplingParams
 from strata.tokenizer import IncrementalDetokenizer, Tokenizer

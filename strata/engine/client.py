@@ -22,11 +22,12 @@ import zmq
 import zmq.asyncio
 
 from strata.config import EngineConfig
-from strata.engine.core import EngineCoreOutput, EngineStats
 from strata.engine.messages import (
     AbortRequests,
     AddRequest,
+    EngineCoreOutput,
     EngineReady,
+    EngineStats,
     EngineStep,
     FromEngine,
     Shutdown,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
 
 import torch
 
@@ -14,51 +13,15 @@ from strata.disagg.connector import KVLayout
 from strata.disagg.tcp import TcpKVConnector
 from strata.engine.kv_cache import KVCacheManager
 from strata.engine.kv_transfer import KVTransfer
-from strata.engine.request import Request, RequestStatus, validate_request
+from strata.engine.messages import EngineCoreOutput, EngineStats, TokenLogprobs
+from strata.engine.request import Request, RequestStatus
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
+from strata.engine.validation import validate_request
 from strata.kv_events import KVEvent
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata.engine")
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs of one sampled token: its own, its rank, and the top-N of the step."""
-
-    logprob: float
-    rank: int
-    top_ids: list[int]
-    top_logprobs: list[float]
-
-
-@dataclass
-class EngineCoreOutput:
-    request_id: str
-    new_token_id: int
-    logprobs: TokenLogprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None
-    queue_time: float | None = None  # seconds it waited to be scheduled; on its first token
-    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache; likewise
-    kv_transfer_params: dict | None = None  # a finished prefill: where its blocks can be read
-
-
-@dataclass
-class EngineStats:
-    """The engine's state after a step, for the frontend's metrics."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions: int = 0  # cumulative
-    prefix_cache_queries: int = 0  # cumulative, in tokens
-    prefix_cache_hits: int = 0
-    kv_transfers: int = 0  # cumulative: KV reads from prefill instances that succeeded
-    kv_transfer_bytes: int = 0
-    kv_transfer_fallbacks: int = 0  # reads that failed; the prompt was computed here
-    kv_transfer_durations: list[float] = field(default_factory=list)  # reads since last stats
 
 
 class EngineCore:

@@ -1,15 +1,52 @@
 """What the frontend and the EngineCore process say to each other over ZMQ.
 
-msgspec structs, tagged so one decoder reads every kind: typed decoding, and
-never pickle, for bytes that come off a socket.
+msgspec structs, the top-level ones tagged so one decoder reads every kind: typed
+decoding, and never pickle, for bytes that come off a socket. Nothing here imports
+torch, so the HTTP frontend runs without it.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from strata.engine.core import EngineCoreOutput, EngineStats
 from strata.sampling_params import SamplingParams
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Logprobs of one sampled token: its own, its rank, and the top-N of the step."""
+
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One request's new token after a step, and on its last, why it finished."""
+
+    request_id: str
+    new_token_id: int
+    logprobs: TokenLogprobs | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    queue_time: float | None = None  # seconds it waited to be scheduled; on its first token
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache; likewise
+    kv_transfer_params: dict | None = None  # a finished prefill: where its blocks can be read
+
+
+class EngineStats(msgspec.Struct):
+    """The engine's state after a step, for the frontend's metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0  # cumulative
+    prefix_cache_queries: int = 0  # cumulative, in tokens
+    prefix_cache_hits: int = 0
+    kv_transfers: int = 0  # cumulative: KV reads from prefill instances that succeeded
+    kv_transfer_bytes: int = 0
+    kv_transfer_fallbacks: int = 0  # reads that failed; the prompt was computed here
+    kv_transfer_durations: list[float] = []  # reads since the last stats
 
 
 class AddRequest(msgspec.Struct, tag=True):

@@ -11,13 +11,12 @@ import gc
 import logging
 import os
 import signal
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
 
 from strata.config import EngineConfig
-from strata.engine.core import EngineCore
-from strata.engine.kv_event_publisher import KVEventPublisher
 from strata.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -27,6 +26,10 @@ from strata.engine.messages import (
     ToEngine,
 )
 from strata.parent_death import die_with_parent
+
+if TYPE_CHECKING:  # the frontend imports this module to spawn it, and must not load torch
+    from strata.engine.core import EngineCore
+    from strata.engine.kv_event_publisher import KVEventPublisher
 
 logger = logging.getLogger("strata.engine")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its frontend is still alive
@@ -48,6 +51,9 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     # stops (after draining), so the engine ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from strata.engine.core import EngineCore
+    from strata.engine.kv_event_publisher import KVEventPublisher
+
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
     inputs.connect(input_address)

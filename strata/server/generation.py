@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from strata.engine.client import AsyncEngineClient, EngineDeadError, EngineRejectedError
-from strata.engine.core import EngineCoreOutput
+from strata.engine.messages import EngineCoreOutput
 from strata.outputs import Logprob
 from strata.sample_state import SampleState
 from strata.sampling_params import SamplingParams

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import jinja2
 
 from strata.engine.client import AsyncEngineClient, EngineInfo
-from strata.engine.request import validate_request
+from strata.engine.validation import validate_request
 from strata.sampling_params import SamplingParams
 from strata.server.disagg import DisaggFrontend
 from strata.server.errors import APIError
