@@ -42,7 +42,6 @@ import functools
 import json
 import multiprocessing
 import os
-import platform
 import random
 import signal
 import socket
@@ -52,11 +51,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import numpy as np
-from harness import comparison_parser, markdown_table
+from harness import commit, comparison_parser, machine, markdown_table
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.bench import BenchConfig
@@ -547,32 +545,6 @@ def report(rounds: list[dict], listener: Listener | None) -> str:
 
 
 # ---------------------------------------------------------------- main
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    l3 = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        l3 = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                   if line.startswith("L3")), l3)
-    return (f"Machine: {cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-            f"L3 {l3}")
-
-
-def commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return "Commit: unknown"
-    return f"Commit: {head or 'unknown'}" + (
-        f" plus uncommitted changes in {len(dirty)} files" if dirty else "")
-
 
 def progress(index: int, total: int, setup: str, run: dict) -> str:
     health = probe_stats([run])

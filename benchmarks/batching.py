@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from strata import LLM, SamplingParams
 from strata.engine.core import EngineCore
-from strata.engine.kv_cache import cdiv
 from strata.engine.request import Request
+from strata.math_utils import cdiv
 
 BLOCK_SIZE = 16
 MAX_BATCHED_TOKENS = 2048

@@ -126,9 +126,9 @@ def connector_bandwidth(model: Path, reads: int = 10) -> str:
     model's KV shape, alternating connectors read by read."""
     import torch
 
-    from strata.disagg.connector import KVLayout, RemoteBlocks
-    from strata.disagg.nixl import NixlKVConnector
-    from strata.disagg.tcp import TcpKVConnector
+    from strata.engine.kv_connector.connector import KVLayout, RemoteBlocks
+    from strata.engine.kv_connector.nixl import NixlKVConnector
+    from strata.engine.kv_connector.tcp import TcpKVConnector
 
     config = json.loads((model / "config.json").read_text())
     heads = config.get("num_key_value_heads", config["num_attention_heads"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -99,3 +100,29 @@ def comparison_table(rounds: list[dict], titles: tuple[str, str], groups, varian
                       for _, key, over_baseline in ratios]
             rows.append(cells)
     return markdown_table(header, rows)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    l3 = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        l3 = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                   if line.startswith("L3")), l3)
+    return (f"Machine: {cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+            f"L3 {l3}")
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "Commit: unknown"
+    return f"Commit: {head or 'unknown'}" + (
+        f" plus uncommitted changes in {len(dirty)} files" if dirty else "")

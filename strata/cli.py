@@ -75,7 +75,8 @@ def serve(args: argparse.Namespace) -> int:
                       served_model_names=args.served_model_name or [model],
                       api_key=args.api_key, chat_template=args.chat_template, limits=limits,
                       kv_peers=KVPeers.parse(args.kv_peers, args.kv_peer_token),
-                      access_log=not args.disable_uvicorn_access_log)
+                      access_log=not args.disable_uvicorn_access_log,
+                      drain_timeout=args.drain_timeout)
 
 
 def kv_events_kwargs(args: argparse.Namespace) -> dict:
@@ -110,6 +111,8 @@ def kv_transfer_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_serve_parser(commands) -> None:
+    from strata.uvicorn_server import add_drain_timeout_arg
+
     parser = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
     parser.add_argument("model_tag", nargs="?", default=None,
                         help="checkpoint folder or hub id (default: --model)")
@@ -131,6 +134,7 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template, or a file holding one")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    add_drain_timeout_arg(parser)
     parser.add_argument("--kv-events-endpoint", default=None,
                         help="publish KV cache events (vLLM's format) on a ZMQ PUB socket "
                              "bound here, e.g. tcp://*:5557")
@@ -188,6 +192,8 @@ def add_route_parser(commands) -> None:
 
 
 def add_up_parser(commands) -> None:
+    from strata.router.flags import add_policy_args
+
     parser = commands.add_parser(
         "up", help="start several `strata serve` replicas on this machine, the router in front",
         description="Start N replicas (or --prefill and --decode instances) on the ports "
@@ -202,13 +208,7 @@ def add_up_parser(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000,
                         help="the router's port; the engines take the ports after it")
-    parser.add_argument("--policy", choices=("picker", "round-robin"), default="picker",
-                        help="the router's policy")
-    parser.add_argument("--prefix-index", choices=("approximate", "precise"),
-                        default="approximate",
-                        help="precise: the engines publish KV events and the router reads them")
-    parser.add_argument("--pd-threshold-tokens", type=int, default=256,
-                        help="P/D: prompts with more uncached tokens than this get a prefiller")
+    add_policy_args(parser)
     parser.set_defaults(handler=up)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,20 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kib": 2**10, "mib":
 
 
 def parse_size(value: int | float | str) -> int:
-    """Bytes from an int or a string such as '512MiB', '4GiB', '2e9'."""
-    if isinstance(value, int | float):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", value)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read a memory size from {value!r} (try '512MiB' or '4GiB')")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    """Bytes, at least one, from a number or a string such as '512MiB', '4GiB', '2e9'."""
+    size = value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", value)
+        try:
+            size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        except (AttributeError, KeyError, ValueError):  # no match, unknown unit, not a number
+            raise ValueError(f"cannot read a memory size from {value!r} "
+                             f"(try '512MiB' or '4GiB')") from None
+    # 0 must not pass: a budget of 0 would silently mean "the default".
+    if not math.isfinite(size) or size < 1:
+        raise ValueError(f"a memory size must be a finite number of bytes, at least 1, "
+                         f"not {value!r}")
+    return int(size)
 
 
 @dataclass

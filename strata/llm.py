@@ -10,8 +10,9 @@ from tqdm.auto import tqdm
 from strata.checkpoint import resolve_model_path
 from strata.config import DEFAULT_MODEL, EngineConfig
 from strata.engine.core import EngineCore
-from strata.outputs import CompletionOutput, RequestOutput
-from strata.sample_state import SampleState
+from strata.inputs import TokenizedPrompt
+from strata.output_processor import OutputProcessor
+from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
 from strata.tokenizer import Tokenizer
 
@@ -44,54 +45,38 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
         # Tokenize and validate everything before the first request is queued.
         encoded = [self._encode(p) for p in prompts]
-        for (_, token_ids), params in zip(encoded, sampling_params, strict=True):
-            self.engine.validate(token_ids, params)
+        for prompt, params in zip(encoded, sampling_params, strict=True):
+            self.engine.validate(prompt.token_ids, params)
 
-        outputs: dict[str, RequestOutput] = {}
-        samples: dict[str, SampleState] = {}
-        for (text, token_ids), params in zip(encoded, sampling_params, strict=True):
-            request_id = str(next(self._request_ids))
-            outputs[request_id] = RequestOutput(request_id, text, token_ids)
-            for index in range(params.n):
-                child = params.for_sample(index)
-                samples[f"{request_id}-{index}"] = SampleState.create(
-                    index, child, self.tokenizer, token_ids)
-                self.engine.add_request(f"{request_id}-{index}", token_ids, child)
+        outputs = OutputProcessor(self.tokenizer)
+        for prompt, params in zip(encoded, sampling_params, strict=True):
+            for sample in outputs.add_prompt(str(next(self._request_ids)), prompt, params):
+                self.engine.add_request(sample.engine_id, prompt.token_ids, sample.params)
 
-        progress = tqdm(total=len(samples), desc="Generating", disable=not use_tqdm)
+        progress = tqdm(total=len(outputs.samples), desc="Generating", disable=not use_tqdm)
         try:
             while self.engine.has_unfinished_requests:
                 stopped = []
-                for out in self.engine.step():
-                    sample = samples[out.request_id]
-                    sample.absorb(out)
-                    if sample.finish_reason is not None:
+                for delta in filter(None, map(outputs.process, self.engine.step())):
+                    if delta.finish_reason is not None:
                         progress.update(1)
-                        if out.finish_reason is None:  # a stop string: the engine goes on
-                            stopped.append(out.request_id)
+                    if delta.abort:
+                        stopped.append(delta.sample.engine_id)
                 self.engine.abort_requests(stopped)
-        except BaseException:
-            self.engine.abort_requests(list(samples))  # no blocks outlive an interrupt
+        except BaseException:  # no blocks outlive an interrupt
+            self.engine.abort_requests([s.engine_id for s in outputs.abort_unfinished()])
             raise
         finally:
             progress.close()
+        return outputs.request_outputs()
 
-        for sample_id, sample in samples.items():
-            output = outputs[sample_id.rsplit("-", 1)[0]]
-            output.num_cached_tokens = sample.num_cached_tokens if not output.outputs else min(
-                output.num_cached_tokens, sample.num_cached_tokens)
-            output.outputs.append(CompletionOutput(
-                sample.index, sample.text, sample.token_ids, sample.logprobs,
-                sample.finish_reason, sample.stop_reason))
-        return list(outputs.values())
-
-    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _encode(self, prompt: PromptType) -> TokenizedPrompt:
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return TokenizedPrompt(list(prompt["prompt_token_ids"]), prompt.get("prompt"))
         text = prompt["prompt"] if isinstance(prompt, dict) else prompt
         if not isinstance(text, str):
             raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, "
                              f"got {type(prompt).__name__}")
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
-        return text, self.tokenizer.encode(text) if text else []
+        return TokenizedPrompt(self.tokenizer.encode(text) if text else [], text)

@@ -5,12 +5,22 @@ Imports neither torch nor the engine: the router runs in a small pod without the
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator
 
 import uvicorn
+
+DEFAULT_DRAIN_TIMEOUT = 5.0
+
+
+def add_drain_timeout_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
+                        help="on SIGTERM, seconds to let in-flight requests finish before they "
+                             "are cut (a client that stops reading cannot hold the server up); "
+                             "set it to the pod's terminationGracePeriodSeconds less a margin")
 
 
 class Server(uvicorn.Server):

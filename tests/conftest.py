@@ -27,12 +27,13 @@ ARCHITECTURES = {
 }
 
 
-def build_checkpoint(out: Path, arch: str, seed: int = 0) -> Path:
-    """A random-weight HF checkpoint (float32) with stories260K's tokenizer (vocab 512)."""
+def build_checkpoint(out: Path, arch: str, seed: int = 0, **config_overrides) -> Path:
+    """A random-weight HF checkpoint (float32) with stories260K's tokenizer (vocab 512);
+    config_overrides change its config (e.g. sliding_window=8)."""
     import transformers
 
     config_name, model_name, extra = ARCHITECTURES[arch]
-    config = getattr(transformers, config_name)(**(_COMMON | extra))
+    config = getattr(transformers, config_name)(**(_COMMON | extra | config_overrides))
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():  # sharper than the default init, so greedy ids are far from ties
@@ -44,6 +45,21 @@ def build_checkpoint(out: Path, arch: str, seed: int = 0) -> Path:
         if (STORIES / name).exists():
             shutil.copy(STORIES / name, out / name)
     return out
+
+
+def transformers_greedy(path: Path, prompt: list[int], new_tokens: int, **config_overrides
+                        ) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy ids for a prompt (float32, CPU) and its last step's logits;
+    config_overrides change the config it loads (e.g. sliding_window=None)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, **config_overrides).eval()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[0, len(prompt):].tolist(), out.logits[-1][0]
 
 
 @pytest.fixture(scope="session", params=list(ARCHITECTURES))
@@ -74,10 +90,10 @@ CONNECTORS = ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
 
 def connector_class(kind: str):
     if kind == "nixl":
-        from strata.disagg.nixl import NixlKVConnector
+        from strata.engine.kv_connector.nixl import NixlKVConnector
 
         return NixlKVConnector
-    from strata.disagg.tcp import TcpKVConnector
+    from strata.engine.kv_connector.tcp import TcpKVConnector
 
     return TcpKVConnector
 
@@ -88,9 +104,9 @@ def assert_all_blocks_free(llm) -> None:
 
     engine = llm.engine
     assert not engine.has_unfinished_requests
-    check_kv_books(engine.kv_cache, [])
-    assert engine.kv_cache.usage == 0
-    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+    check_kv_books(engine.kv_cache_manager, [])
+    assert engine.kv_cache_manager.usage == 0
+    assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.num_blocks
 
 
 def record_logits(llm) -> list[torch.Tensor]:

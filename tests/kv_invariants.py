@@ -23,13 +23,13 @@ def check_kv_books(kv: KVCacheManager, live: list[Request]) -> None:
     pool = kv.pool
     holders = Counter(b for r in live for b in r.block_ids)
     cached: list[int] = []
-    if kv.cache is not None:
-        nodes = tree_nodes(kv.cache.root)
+    if kv.prefix_cache is not None:
+        nodes = tree_nodes(kv.prefix_cache.root)
         cached = [b for n in nodes for b in n.block_ids]
         locks = Counter()
         for request in live:
             node = request.cache_node
-            while node is not None and node is not kv.cache.root:
+            while node is not None and node is not kv.prefix_cache.root:
                 locks[id(node)] += 1
                 node = node.parent
         for node in nodes:
@@ -38,12 +38,12 @@ def check_kv_books(kv: KVCacheManager, live: list[Request]) -> None:
             assert len(node.block_hashes) == node.num_blocks
             assert node.lock_ref == locks[id(node)], "lock_ref disagrees with the live requests"
             assert node.parent.children[node.key] is node
-        assert kv.cache.num_cached_blocks == len(cached)
-        assert kv.cache.num_evictable_blocks == sum(n.num_blocks for n in nodes
-                                                    if n.lock_ref == 0)
+        assert kv.prefix_cache.num_cached_blocks == len(cached)
+        assert kv.prefix_cache.num_evictable_blocks == sum(n.num_blocks for n in nodes
+                                                           if n.lock_ref == 0)
         for request in live:  # a request's cached prefix is exactly its first blocks
             assert request.block_ids[:request.num_cached_blocks] == _path_blocks(
-                request.cache_node, kv.cache.root)
+                request.cache_node, kv.prefix_cache.root)
     assert len(set(cached)) == len(cached), "a block is cached twice"
     free = list(pool.free_queue)
     assert len(set(free)) == len(free), "a block is in the free queue twice"

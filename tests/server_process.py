@@ -57,6 +57,8 @@ class ServerProcess:
         try:
             wait_healthy(self.url, self.process, STARTUP_TIMEOUT)
         except (ServerExited, TimeoutError) as exc:
+            self.process.kill()  # a server that never became healthy is not left running
+            self.process.wait()
             raise RuntimeError(f"{exc}:\n{self.log_text()}") from exc
 
     def log_text(self) -> str:

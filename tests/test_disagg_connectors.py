@@ -9,8 +9,13 @@ import time
 import pytest
 import torch
 
-from strata.disagg.connector import KVLayout, RemoteBlocks, TransferResult, model_fingerprint
-from strata.disagg.tcp import TcpKVConnector
+from strata.engine.kv_connector.connector import (
+    KVLayout,
+    RemoteBlocks,
+    TransferResult,
+    model_fingerprint,
+)
+from strata.engine.kv_connector.tcp import TcpKVConnector
 from tests.conftest import CONNECTORS, build_checkpoint, connector_class
 
 SHAPE = (2, 2, 16, 4, 2, 8)  # layers, K/V, blocks, block size, KV heads, head dim
@@ -60,8 +65,8 @@ def test_published_blocks_arrive_intact_and_the_prefiller_hears_of_it(pair):
     decode.start_read("d1", remote(prefill, [3, 5, 7], "r1"), [0, 9, 2])
     result = wait_for(decode)
     assert result.error is None and result.num_bytes == 3 * 2 * 2 * 4 * 2 * 8 * 4
-    assert torch.equal(decode.kv_cache[:, :, [0, 9, 2]], prefill.kv_cache[:, :, [3, 5, 7]])
-    assert decode.kv_cache[:, :, 1].abs().sum() == 0  # nothing else was touched
+    assert torch.equal(decode.kv_caches[:, :, [0, 9, 2]], prefill.kv_caches[:, :, [3, 5, 7]])
+    assert decode.kv_caches[:, :, 1].abs().sum() == 0  # nothing else was touched
     deadline = time.monotonic() + 5
     done: list[str] = []
     while not done and time.monotonic() < deadline:
@@ -82,7 +87,7 @@ def test_bfloat16_blocks_arrive_intact(kind):
         prefill.publish("r", [1, 6])
         decode.start_read("d", remote(prefill, [1, 6]), [4, 2])
         assert wait_for(decode).error is None
-        assert torch.equal(decode.kv_cache[:, :, [4, 2]], prefill.kv_cache[:, :, [1, 6]])
+        assert torch.equal(decode.kv_caches[:, :, [4, 2]], prefill.kv_caches[:, :, [1, 6]])
     finally:
         prefill.close()
         decode.close()
@@ -94,8 +99,8 @@ def test_runs_of_consecutive_blocks_arrive_intact(pair):
     prefill.publish("r", [3, 4, 5, 9, 10, 11])
     decode.start_read("d", remote(prefill, [3, 4, 5, 9, 10, 11]), [0, 1, 2, 6, 8, 9])
     assert wait_for(decode).error is None
-    assert torch.equal(decode.kv_cache[:, :, [0, 1, 2, 6, 8, 9]],
-                       prefill.kv_cache[:, :, [3, 4, 5, 9, 10, 11]])
+    assert torch.equal(decode.kv_caches[:, :, [0, 1, 2, 6, 8, 9]],
+                       prefill.kv_caches[:, :, [3, 4, 5, 9, 10, 11]])
 
 
 def test_a_read_of_no_blocks_ends_the_lease(pair):
@@ -122,7 +127,7 @@ def test_mismatched_layouts_are_refused_at_handshake(kind):
         decode.start_read("r", remote(prefill, [1]), [1])
         error = wait_for(decode).error
         assert "refused" in error and "block_size" in error
-        assert decode.kv_cache.abs().sum() == 0
+        assert decode.kv_caches.abs().sum() == 0
     finally:
         prefill.close()
         decode.close()

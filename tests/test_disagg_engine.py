@@ -5,6 +5,7 @@ prefill that still gives the same tokens."""
 from __future__ import annotations
 
 import random
+import socket
 import time
 
 import pytest
@@ -12,6 +13,9 @@ import pytest
 from strata import LLM, SamplingParams
 from strata.config import EngineConfig
 from strata.engine.core import EngineCore
+from strata.engine.kv_connector.connector import RemoteBlocks, TransferResult
+from strata.engine.kv_transfer import FinishedTransfers, KVTransfer
+from strata.engine.request import Request
 from tests.conftest import CONNECTORS, STORIES
 from tests.kv_invariants import check_kv_books
 
@@ -33,7 +37,7 @@ def engines(kind):
     prefill, decode = engine(kind), engine(kind)
     yield prefill, decode
     for core in (prefill, decode):
-        core.kv_transfer.connector.close()
+        core.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +70,10 @@ def disaggregated(prefill: EngineCore, decode: EngineCore, prompt: list[int], ta
 
 def idle_usage(core: EngineCore, timeout: float = 5) -> float:
     deadline = time.monotonic() + timeout
-    while core.kv_cache.usage > 0 and time.monotonic() < deadline:
+    while core.kv_cache_manager.usage > 0 and time.monotonic() < deadline:
         core.poll_transfers()
         time.sleep(0.01)
-    return core.kv_cache.usage
+    return core.kv_cache_manager.usage
 
 
 @pytest.mark.parametrize("length", [5, 16, 17, 40, 300])
@@ -83,8 +87,8 @@ def test_decode_side_tokens_equal_colocated(engines, colocated, length):
     assert decode.kv_transfer.stats.num_reads == reads_before + 1
     assert decode.kv_transfer.stats.num_fallbacks == 0
     assert idle_usage(prefill) == 0 and idle_usage(decode) == 0  # read: the lease ended
-    check_kv_books(prefill.kv_cache, [])
-    check_kv_books(decode.kv_cache, [])
+    check_kv_books(prefill.kv_cache_manager, [])
+    check_kv_books(decode.kv_cache_manager, [])
 
 
 def test_decode_side_reads_only_the_blocks_its_cache_lacks(engines, colocated):
@@ -104,12 +108,12 @@ def test_a_lease_nobody_reads_ends_and_frees_the_blocks(kind):
     prefill = engine(kind, kv_lease_seconds=0.3)
     try:
         run(prefill, "p", list(range(3, 60)), HANDOFF, {"do_remote_decode": True})
-        assert prefill.kv_cache.usage > 0  # held for the decode side
+        assert prefill.kv_cache_manager.usage > 0  # held for the decode side
         time.sleep(0.4)
         assert idle_usage(prefill) == 0
-        check_kv_books(prefill.kv_cache, [])
+        check_kv_books(prefill.kv_cache_manager, [])
     finally:
-        prefill.kv_transfer.connector.close()
+        prefill.shutdown()
 
 
 def test_a_dead_prefiller_falls_back_to_local_prefill(kind, engines, colocated):
@@ -118,7 +122,7 @@ def test_a_dead_prefiller_falls_back_to_local_prefill(kind, engines, colocated):
     [reference] = colocated.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
     dead = engine(kind)
     host, port = dead.kv_transfer.connector.address
-    dead.kv_transfer.connector.close()
+    dead.shutdown()
     decode.kv_transfer.connector.timeout = 1
     fallbacks = decode.kv_transfer.stats.num_fallbacks
     tokens, _ = run(decode, "orphan", prompt, GREEDY, {
@@ -140,8 +144,8 @@ def test_mismatched_block_sizes_are_refused_and_fall_back(kind, colocated):
         assert decode.kv_transfer.stats.num_fallbacks == 1
         assert decode.kv_transfer.stats.num_reads == 0
     finally:
-        prefill.kv_transfer.connector.close()
-        decode.kv_transfer.connector.close()
+        prefill.shutdown()
+        decode.shutdown()
 
 
 def test_kv_transfer_params_need_a_connector_and_the_right_fields(engines):
@@ -151,3 +155,66 @@ def test_kv_transfer_params_need_a_connector_and_the_right_fields(engines):
     _, decode = engines
     with pytest.raises(ValueError, match="remote_host"):
         decode.add_request("y", [1, 2], GREEDY, kv_transfer_params={"do_remote_prefill": True})
+
+
+def test_shutdown_closes_the_connector_and_may_be_called_twice():
+    core = engine("tcp")
+    host, port = core.kv_transfer.connector.address
+    socket.create_connection((host, port), timeout=5).close()  # served while the core lives
+    core.shutdown()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, port), timeout=5)
+    core.shutdown()  # harmless
+    assert not any(t.is_alive() for t in core.kv_transfer.connector._threads)
+
+
+class FakeConnector:
+    """Records what KVTransfer asks of it; poll() returns what the test put in."""
+
+    engine_id, address = "fake", ("127.0.0.1", 1)
+
+    def __init__(self) -> None:
+        self.reads, self.released, self.results, self.read_done = [], [], [], []
+
+    def publish(self, request_id: str, block_ids: list[int]) -> None:
+        pass
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
+
+    def start_read(self, request_id: str, remote: RemoteBlocks, local: list[int]) -> None:
+        self.reads.append((request_id, remote.block_ids, local))
+
+    def poll(self):
+        polled = self.results, self.read_done
+        self.results, self.read_done = [], []
+        return polled
+
+
+def test_kv_transfer_polls_reads_failures_and_leases_without_a_scheduler():
+    connector = FakeConnector()
+    transfer = KVTransfer(connector, block_size=4, lease_seconds=0.05)
+
+    def request(request_id: str, block_ids: list[int], remote_ids: list[int] | None = None):
+        made = Request(request_id, list(range(3, 12)), HANDOFF, max_total_tokens=100)
+        made.block_ids = block_ids
+        if remote_ids is not None:
+            made.remote_prefill = RemoteBlocks("p", "h", 1, f"p-{request_id}", remote_ids)
+        return made
+
+    # 9 tokens, 4 to a block: the K/V of the first 8 is read, 2 blocks.
+    transfer.start_reads([request("short", [1, 2], [0]), request("ok", [1, 2], [5, 6])])
+    assert connector.reads == [("ok", [5, 6], [1, 2])]  # "short" named too few: refused
+    connector.results = [TransferResult("ok", None, 96, 0.01)]
+    params = transfer.handoff(request("held", [8, 9, 10]))
+    assert params["remote_block_ids"] == [8, 9, 10] and params["remote_request_id"] == "held"
+    transfer.handoff(request("expired", [11, 12, 13]))
+    connector.read_done = ["held", "never-leased"]
+    time.sleep(0.06)
+    assert transfer.poll() == FinishedTransfers(
+        reads=["ok"], failed_reads=[("short", "the prefiller named 1 blocks, 2 needed")],
+        leases=["held", "expired"])
+    assert connector.released == ["expired"]  # a lease that ran out is no longer served
+    assert (transfer.stats.num_reads, transfer.stats.num_bytes, transfer.stats.num_fallbacks) \
+        == (1, 96, 1)
+    assert transfer.poll() == FinishedTransfers()

@@ -41,7 +41,7 @@ def test_abort_mid_generation_frees_every_block():
                            SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
     for _ in range(5):
         engine.step()
-    assert engine.kv_cache.usage > 0
+    assert engine.kv_cache_manager.usage > 0
     engine.abort_requests(["r0", "r3", "missing"])
     engine.step()
     engine.abort_requests([f"r{i}" for i in range(6)])
@@ -59,7 +59,8 @@ def test_finished_requests_free_their_blocks_in_the_same_step():
             if out.request_id == "short" and out.finish_reason:
                 finished_at = step
                 assert [r.request_id for r in engine.scheduler.running] == ["long"]
-                assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks - 1
+                manager = engine.kv_cache_manager
+                assert manager.num_free_blocks == manager.num_blocks - 1
     assert finished_at == 1
     engine.abort_requests(["long"])
     assert_all_blocks_free(llm)

@@ -10,6 +10,7 @@ from strata import LLM, SamplingParams
 from strata.config import SchedulerConfig
 from strata.engine.kv_cache import KVCacheManager
 from strata.engine.request import Request
+from strata.engine.runner import ModelRunnerOutput
 from strata.engine.scheduler import Scheduler
 from tests.conftest import STORIES, assert_all_blocks_free
 from tests.kv_invariants import check_kv_books
@@ -42,7 +43,7 @@ def generate_checked(llm: LLM, prompts: list[list[int]], params: SamplingParams
     while engine.has_unfinished_requests:
         for out in engine.step():
             tokens[out.request_id].append(out.new_token_id)
-        check_kv_books(engine.kv_cache, list(engine.scheduler.requests.values()))
+        check_kv_books(engine.kv_cache_manager, list(engine.scheduler.requests.values()))
     assert_all_blocks_free(llm)
     return [tokens[i] for i in ids]
 
@@ -102,7 +103,7 @@ def test_a_small_pool_evicts_and_recomputes_with_the_same_tokens():
     args = dict(num_kv_blocks=24, max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4)
     on, off = LLM(str(STORIES), **args), LLM(str(STORIES), enable_prefix_caching=False, **args)
     evicted = 0
-    evict = on.engine.kv_cache.cache.evict
+    evict = on.engine.kv_cache_manager.prefix_cache.evict
 
     def counting_evict(num_blocks: int) -> int:
         nonlocal evicted
@@ -110,7 +111,7 @@ def test_a_small_pool_evicts_and_recomputes_with_the_same_tokens():
         evicted += freed
         return freed
 
-    on.engine.kv_cache.cache.evict = counting_evict
+    on.engine.kv_cache_manager.prefix_cache.evict = counting_evict
     rng = random.Random(4)
     groups = [random_ids(rng, 60) for _ in range(3)]
     prompts = [groups[i % 3] + random_ids(rng, 10) for i in range(12)]
@@ -143,7 +144,9 @@ def make_request(request_id: str, tokens: list[int]) -> Request:
 def fake_step(scheduler: Scheduler) -> list[str]:
     """One step with a model that samples token 0; returns the ids scheduled."""
     out = scheduler.schedule()
-    scheduler.update_from_output(out, {r.request_id: 0 for r in out.requests})
+    scheduler.update_from_output(out, ModelRunnerOutput(
+        [0 for r, n in zip(out.requests, out.num_new_tokens)
+         if r.num_computed_tokens + n == r.num_tokens]))
     return [r.request_id for r in out.requests]
 
 

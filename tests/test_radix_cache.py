@@ -9,6 +9,7 @@ from strata.block_hash import prompt_block_ids
 from strata.config import SchedulerConfig
 from strata.engine.kv_cache import KVCacheManager
 from strata.engine.request import Request
+from strata.engine.runner import ModelRunnerOutput
 from strata.engine.scheduler import Scheduler
 from strata.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from strata.sampling_params import SamplingParams
@@ -33,14 +34,14 @@ def run_prefill(kv: KVCacheManager, request: Request) -> None:
 
 
 def cached_ids(kv: KVCacheManager) -> set[int]:
-    return {h for node in tree_nodes(kv.cache.root) for h in node.block_hashes}
+    return {h for node in tree_nodes(kv.prefix_cache.root) for h in node.block_hashes}
 
 
 def test_match_takes_whole_blocks_and_leaves_the_last_token_to_compute():
     kv = KVCacheManager(16, BS, enable_prefix_caching=True)
     first = make_request("a", list(range(10)))  # 2 full blocks + 2 tokens
     run_prefill(kv, first)
-    assert kv.cache.num_cached_blocks == 2
+    assert kv.prefix_cache.num_cached_blocks == 2
     for tokens, expected in (([0, 1, 2, 3, 4, 5, 6, 7, 8], 2),  # 9 tokens: blocks 0-1 cached
                              ([0, 1, 2, 3, 4, 5, 6, 7], 1),  # the last token is recomputed
                              ([0, 1, 2, 3, 4, 5, 9, 9, 9], 1),  # differs in block 1
@@ -58,7 +59,7 @@ def test_partial_match_splits_a_node_and_both_requests_share_the_common_blocks()
     run_prefill(kv, b)
     assert b.num_cached_tokens == 0 and b.block_ids[:2] == a.block_ids[:2]
     assert b.num_computed_tokens == 17 and b.block_ids[2] != a.block_ids[2]
-    assert kv.cache.num_cached_blocks == 6  # 2 shared + 2 of a + 2 of b
+    assert kv.prefix_cache.num_cached_blocks == 6  # 2 shared + 2 of a + 2 of b
     check_kv_books(kv, [a, b])
     kv.free(a)
     kv.free(b)
@@ -75,7 +76,7 @@ def test_a_block_computed_twice_is_deduplicated_on_insert():
         request.num_computed_tokens = 9
         kv.cache_blocks(request)
     assert b.block_ids[:2] == a.block_ids[:2]  # b now reads a's copy; its own went free
-    assert kv.cache.num_cached_blocks == 2
+    assert kv.prefix_cache.num_cached_blocks == 2
     check_kv_books(kv, [a, b])
 
 
@@ -88,12 +89,12 @@ def test_eviction_takes_least_recently_used_unlocked_leaves_and_never_held_block
     run_prefill(kv, held)
     kv.free(old)
     kv.free(new)  # freed last: more recently used than old
-    assert kv.pool.num_free_blocks == 3 and kv.cache.num_evictable_blocks == 4
+    assert kv.pool.num_free_blocks == 3 and kv.prefix_cache.num_evictable_blocks == 4
     hungry = make_request("hungry", [7] * 16)
     assert kv.allocate_slots(hungry, 16, kv.get_computed_blocks(hungry))  # needs 1 eviction
-    blocks_by_first_token = {n.token_ids[0]: n.num_blocks for n in tree_nodes(kv.cache.root)}
+    blocks_by_first_token = {n.token_ids[0]: n.num_blocks for n in tree_nodes(kv.prefix_cache.root)}
     assert blocks_by_first_token == {1: 1, 2: 2, 3: 2}  # old lost its tail block, first
-    assert kv.cache.num_cached_blocks == 5
+    assert kv.prefix_cache.num_cached_blocks == 5
     assert not kv.allocate_slots(make_request("x", [8] * 40), 40)  # held blocks stay
     check_kv_books(kv, [held, hungry])
 
@@ -108,7 +109,7 @@ def test_lru_order_between_leaves():
     kv.get_computed_blocks(make_request("touch", [0] * 9))  # ...but looked up since
     hungry = make_request("hungry", [5] * 16)
     assert kv.allocate_slots(hungry, 16)  # 2 free + 2 evicted
-    assert {n.token_ids[0] for n in tree_nodes(kv.cache.root)} == {0}
+    assert {n.token_ids[0] for n in tree_nodes(kv.prefix_cache.root)} == {0}
 
 
 def test_salts_split_the_tree():
@@ -130,7 +131,7 @@ def test_events_name_blocks_by_chained_hash_and_clear_sends_one_event():
     assert events == [BlockStored(expected, None, list(range(12)), BS, None, None)]
     assert not kv.reset_prefix_cache()  # a request holds the blocks
     kv.free(request)
-    assert kv.reset_prefix_cache() and kv.cache.num_cached_blocks == 0
+    assert kv.reset_prefix_cache() and kv.prefix_cache.num_cached_blocks == 0
     assert events[-1] == AllBlocksCleared()
     check_kv_books(kv, [])
     # The seed changes every id; the same seed gives the same ids in any process.
@@ -164,10 +165,9 @@ def test_random_scheduling_keeps_the_books_and_the_event_index_exact(seed):
         if scheduler.requests and rng.random() < 0.05:
             scheduler.abort_requests([rng.choice(list(scheduler.requests))])
         out = scheduler.schedule()
-        sampled = {r.request_id: rng.randrange(50)
-                   for r, n in zip(out.requests, out.num_new_tokens)
-                   if r.num_computed_tokens + n == r.num_tokens}
-        scheduler.update_from_output(out, sampled)
+        sampled = [rng.randrange(50) for r, n in zip(out.requests, out.num_new_tokens)
+                   if r.num_computed_tokens + n == r.num_tokens]
+        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
         check_kv_books(kv, list(scheduler.requests.values()))
         for event in events:
             if isinstance(event, BlockStored):

@@ -25,6 +25,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from strata.http_headers import ENDPOINT_HEADER
 from strata.router.endpoints import parse_metrics
 from tests.conftest import SHARED_MODELS, STORIES
+from tests.polling import async_wait_until, wait_until
 from tests.server_process import RouterProcess, ServerProcess, free_port
 from tests.test_router_extproc import DESTINATION, body_parts, destination, headers, read_all
 
@@ -46,6 +47,7 @@ class Fleet:
     precise: RouterProcess
     log_dir: object
     ext_proc_port: int  # the approximate router's Envoy ext_proc
+    precise_ext_proc_port: int  # the precise router's: where it would route, nothing sent
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +65,15 @@ def fleet(tmp_path_factory):
                  for r, address in zip(replicas, events)] + [f"--endpoint={model_b.url}"]
     tokenizers = ["--tokenizer", f"stories={STORIES}", "--tokenizer",
                   f"tiny-b={SHARED_MODELS / 'TinyStories-656K'}"]
-    ext_proc_port = free_port()
+    ext_proc_port, precise_ext_proc_port = free_port(), free_port()
     approximate = RouterProcess(log_dir, *endpoints, "--ext-proc-port", str(ext_proc_port))
-    precise = RouterProcess(log_dir, *endpoints, *tokenizers, "--prefix-index", "precise")
-    time.sleep(1.0)  # the precise router's subscribers connect
-    fleet = Fleet(replicas, events, model_b, approximate, precise, log_dir, ext_proc_port)
+    precise = RouterProcess(log_dir, *endpoints, *tokenizers, "--prefix-index", "precise",
+                            "--ext-proc-port", str(precise_ext_proc_port))
+    fleet = Fleet(replicas, events, model_b, approximate, precise, log_dir, ext_proc_port,
+                  precise_ext_proc_port)
+    for replica in replicas:
+        wait_until(lambda replica=replica: events_reach_the_precise_router(fleet, replica),
+                   f"the precise router to subscribe to {replica.url}'s KV events", 60, 0)
     yield fleet
     for process in [*fleet.replicas, model_b, approximate, precise]:
         process.stop()
@@ -89,9 +95,43 @@ def complete(url: str, prompt: str, model: str = "stories", max_tokens: int = 2
     return response.headers.get(ENDPOINT_HEADER, url), cached
 
 
-def router_gauge(router: RouterProcess, name: str) -> float:
-    text = httpx.get(f"{router.url}/metrics", timeout=10).text
+def gauge(text: str, name: str) -> float:
     return float(re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+
+
+def router_gauge(router: RouterProcess, name: str) -> float:
+    return gauge(httpx.get(f"{router.url}/metrics", timeout=10).text, name)
+
+
+async def ext_proc_replies(port: int, model: str, prompt: str = "Once upon a time") -> list:
+    """Envoy's side of ext_proc: the router's replies to a request's headers and body."""
+    body = orjson.dumps({"model": model, "prompt": prompt, "max_tokens": 2})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = ExternalProcessorStub(channel).Process(iter([headers(), *body_parts(body)]))
+        return await asyncio.wait_for(read_all(call), 5)
+
+
+def precise_prefix_score(fleet: Fleet, prompt: str, url: str) -> float:
+    """What the precise router's index (the replicas' KV events) says `url` holds of the
+    prompt: its prefix scorer's value after a decision asked over ext_proc (nothing sent)."""
+    asyncio.run(ext_proc_replies(fleet.precise_ext_proc_port, "stories", prompt))
+    text = httpx.get(f"{fleet.precise.url}/metrics", timeout=10).text
+    found = re.search(rf'^strata:router_scorer_value\{{endpoint="{re.escape(url)}",'
+                      rf'scorer="prefix"\}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def events_reach_the_precise_router(fleet: Fleet, replica: ServerProcess) -> bool:
+    """Whether a prefix computed on the replica now shows in the precise router's index.
+    Events sent before its subscriber connected are lost, so each try computes a new one."""
+    prompt = system_prompt(f"subscription check {replica.url} {time.monotonic()}")
+    complete(replica.url, prompt)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        if precise_prefix_score(fleet, prompt, replica.url) > 0:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_requests_sharing_a_prefix_go_to_the_replica_that_holds_it(fleet):
@@ -113,9 +153,11 @@ def test_precise_mode_routes_to_the_replica_whose_events_show_the_prefix(fleet):
     replica's KV events can tell the precise router where it is."""
     for replica in fleet.replicas:
         system = system_prompt(f"precise tenant of {replica.url}")
+        question = system + " Question?"
         complete(replica.url, system + " Warm up.")
-        time.sleep(0.3)  # the events reach the router
-        endpoint, cached = complete(fleet.precise.url, system + " Question?")
+        wait_until(lambda q=question, url=replica.url: precise_prefix_score(fleet, q, url) >= 0.5,
+                   "the replica's KV events to reach the precise router")
+        endpoint, cached = complete(fleet.precise.url, question)
         assert endpoint == replica.url
         assert cached >= 128
 
@@ -129,12 +171,17 @@ def test_a_replica_with_a_long_queue_gets_fewer_requests(fleet):
                     "ignore_eos": True}
             flood = [asyncio.create_task(client.post(f"{busy.url}/v1/completions", json=hold))
                      for _ in range(24)]
-            deadline = time.monotonic() + 30
-            while parse_metrics((await client.get(f"{busy.url}/metrics")).text
-                                ).num_waiting < 10:
-                assert time.monotonic() < deadline, "the busy replica never queued"
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)  # the routers scrape it
+
+            async def busy_queued() -> bool:
+                text = (await client.get(f"{busy.url}/metrics")).text
+                return parse_metrics(text).num_waiting >= 10
+
+            async def router_sees_the_queue() -> bool:  # busy's queue, in the pool's mean
+                text = (await client.get(f"{fleet.approximate.url}/metrics")).text
+                return gauge(text, "inference_pool_average_queue_size") >= 8 / 4
+
+            await async_wait_until(busy_queued, "ten requests waiting on the busy replica")
+            await async_wait_until(router_sees_the_queue, "the router to scrape the queue")
             counts = Counter()
             for i in range(12):
                 response = await client.post(f"{fleet.approximate.url}/v1/completions", json={
@@ -167,22 +214,15 @@ def test_model_b_goes_only_to_model_b_and_models_are_aggregated(fleet):
 
 def test_ext_proc_names_a_live_endpoint_of_the_model(fleet):
     """Envoy's side of the protocol against the running router: headers, then the body."""
-
-    async def ask(model: str) -> list:
-        body = orjson.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 2})
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{fleet.ext_proc_port}") as channel:
-            call = ExternalProcessorStub(channel).Process(iter([headers(), *body_parts(body)]))
-            return await asyncio.wait_for(read_all(call), 5)
-
     for model, servers in (("stories", fleet.replicas), ("tiny-b", [fleet.model_b])):
-        replies = asyncio.run(ask(model))
+        replies = asyncio.run(ext_proc_replies(fleet.ext_proc_port, model))
         set_, metadata = destination(replies[0])
         assert set_[DESTINATION] == metadata
         assert f"http://{metadata}" in [s.url for s in servers]
         response = httpx.post(f"http://{metadata}/v1/completions", timeout=30,
                               json={"model": model, "prompt": "Once", "max_tokens": 2})
         assert response.status_code == 200
-    replies = asyncio.run(ask("nope"))
+    replies = asyncio.run(ext_proc_replies(fleet.ext_proc_port, "nope"))
     assert replies[0].immediate_response.status.code == 404
 
 
@@ -196,12 +236,20 @@ def test_a_replica_killed_mid_load_loses_no_request_and_comes_back(fleet):
             tasks = [asyncio.create_task(client.post(f"{router.url}/v1/completions", json={
                 "model": "stories", "prompt": f"Story {i}: once upon a time",
                 "max_tokens": 200, "ignore_eos": True})) for i in range(24)]
-            await asyncio.sleep(0.5)
+
+            async def victim_busy() -> bool:  # it has requests in flight when it dies
+                text = (await client.get(f"{victim.url}/metrics")).text
+                return parse_metrics(text).num_running > 0
+
+            async def excluded() -> bool:
+                text = (await client.get(f"{router.url}/metrics")).text
+                return gauge(text, "inference_pool_ready_pods") == 3  # of 4
+
+            await async_wait_until(victim_busy, "the victim to run some of the requests")
             os.kill(victim.engine_pid(), signal.SIGKILL)
             victim.process.kill()
             killed = time.monotonic()
-            while router_gauge(router, "inference_pool_ready_pods") != 3:  # of 4
-                await asyncio.sleep(0.05)
+            await async_wait_until(excluded, "the router to exclude the killed replica", 10)
             excluded_after = time.monotonic() - killed
             return await asyncio.gather(*tasks), excluded_after
 
@@ -217,9 +265,7 @@ def test_a_replica_killed_mid_load_loses_no_request_and_comes_back(fleet):
     back = ServerProcess(fleet.log_dir, *REPLICA_ARGS, "--kv-events-endpoint",
                          fleet.events[victim_index], env=ONE_THREAD, port=victim.port)
     fleet.replicas[victim_index] = back
-    deadline = time.monotonic() + 10
-    while router_gauge(router, "inference_pool_ready_pods") != 4:
-        assert time.monotonic() < deadline, "the replica was not taken back"
-        time.sleep(0.05)
+    wait_until(lambda: router_gauge(router, "inference_pool_ready_pods") == 4,
+               "the router to take the replica back", 10)
     served = {complete(router.url, f"Back again {i}")[0] for i in range(30)}
     assert back.url in served

@@ -118,6 +118,23 @@ def test_seeded_sampling_is_reproducible(client):
     assert sample() == sample()
 
 
+def test_context_length_error_is_the_offline_one(strata_server, stories_llm):
+    """One rule in one place: the server's 400 says what LLM.generate raises."""
+    prompt = [1] + [300] * 499
+    with pytest.raises(ValueError) as offline:
+        stories_llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=20),
+                             use_tqdm=False)
+    message = str(offline.value)
+    assert "you requested 520 tokens (500 in the prompt, 20 in the completion)" in message
+    response = httpx.post(f"{strata_server.url}/v1/completions", timeout=60, json={
+        "model": SERVED_NAME, "prompt": prompt, "max_tokens": 20})
+    assert response.status_code == 400 and response.json()["error"]["message"] == message
+    chat = httpx.post(f"{strata_server.url}/v1/chat/completions", timeout=60, json={
+        "model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 600})
+    assert chat.status_code == 400
+    assert "maximum context length is 512 tokens" in chat.json()["error"]["message"]
+
+
 def test_models_tokenize_detokenize_version(strata_server, client, stories_llm):
     models = client.models.list()
     assert [m.id for m in models.data] == [SERVED_NAME]

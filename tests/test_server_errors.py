@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from tests.conftest import STORIES
-from tests.metrics_scrape import wait_idle
+from tests.metrics_scrape import scrape, wait_idle
+from tests.polling import wait_until
 from tests.server_process import SERVED_NAME, ServerProcess, free_port
 from tests.test_up import alive, descendants
 
@@ -117,23 +117,35 @@ def test_413_for_a_body_over_the_limit(guarded_server):
 
 
 def test_429_with_retry_after_when_the_queue_is_full(guarded_server):
+    """Two run and two wait (--max-num-seqs 2, --max-waiting-requests 2); once the server
+    says so, more requests get 429s while those four go on to complete."""
     url = f"{guarded_server.url}/v1/completions"
     headers = {"Authorization": f"Bearer {SECRET}"}
-    body = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
-    responses: list[httpx.Response] = []
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    holders: list[httpx.Response] = []
+    later: list[httpx.Response] = []
 
-    def send():
-        responses.append(httpx.post(url, json=body, headers=headers, timeout=120))
+    def send(into: list):
+        into.append(httpx.post(url, json=body, headers=headers, timeout=120))
 
-    threads = [threading.Thread(target=send) for _ in range(10)]
+    def queue_full() -> bool:
+        metrics = scrape(guarded_server.url)
+        return (metrics["vllm:num_requests_running"], metrics["vllm:num_requests_waiting"]) \
+            == (2, 2)
+
+    threads = [threading.Thread(target=send, args=(holders,)) for _ in range(4)]
     for thread in threads:
         thread.start()
-        time.sleep(0.05)
-    for thread in threads:
+    wait_until(queue_full, "two requests running and two waiting")
+    more = [threading.Thread(target=send, args=(later,)) for _ in range(6)]
+    for thread in more:
+        thread.start()
+    for thread in threads + more:
         thread.join()
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) >= 4 and 429 in statuses, statuses
-    rejected = next(r for r in responses if r.status_code == 429)
+    assert [r.status_code for r in holders] == [200] * 4
+    statuses = [r.status_code for r in later]
+    assert set(statuses) <= {200, 429} and 429 in statuses, statuses
+    rejected = next(r for r in later if r.status_code == 429)
     assert_openai_error(rejected, 429)
     assert int(rejected.headers["Retry-After"]) >= 1
     assert wait_idle(guarded_server.url)["vllm:kv_cache_usage_perc"] == 0
@@ -149,7 +161,8 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    time.sleep(0.3)
+    wait_until(lambda: scrape(server.url)["vllm:num_requests_running"] == 1,
+               "the request to run")
     server.process.send_signal(signal.SIGTERM)
     thread.join()
     assert result["response"].status_code == 200
@@ -198,10 +211,7 @@ def test_a_killed_frontend_leaves_no_busy_engine_behind(tmp_path):
         next(line for line in stream.iter_lines() if line.startswith("data:"))
         server.process.kill()  # the engine is mid-generation: 64 samples x 500 tokens
         server.process.wait(10)
-    deadline = time.monotonic() + 10
-    while engine_running(engine):
-        assert time.monotonic() < deadline, "the engine outlived its frontend"
-        time.sleep(0.05)
+    wait_until(lambda: not engine_running(engine), "the engine to follow its frontend", 10)
     assert socket_dirs(server.process.pid) == []
 
 
@@ -250,17 +260,17 @@ def test_a_server_stopped_while_its_engine_starts_leaves_nothing(tmp_path, signu
     frontend = subprocess.Popen(
         [sys.executable, "-m", "strata.cli", "serve", str(STORIES), "--port", str(free_port())],
         stdout=log, stderr=subprocess.STDOUT)
+
+    def engines_started() -> list[int]:
+        assert frontend.poll() is None, "the frontend exited before its engine started"
+        return [p for p in descendants(frontend.pid) if engine_running(p)]
+
     try:
-        deadline = time.monotonic() + 120
-        while not (engines := [p for p in descendants(frontend.pid) if engine_running(p)]):
-            assert frontend.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+        engines = wait_until(engines_started, "the engine process to start", 120, 0.01)
         frontend.send_signal(signum)
         assert frontend.wait(10) != 0
-        deadline = time.monotonic() + 5
-        while any(alive(pid) for pid in engines):
-            assert time.monotonic() < deadline, "the engine outlived its frontend"
-            time.sleep(0.05)
+        wait_until(lambda: not any(alive(pid) for pid in engines),
+                   "the engine to follow its frontend", 5)
     finally:
         frontend.kill()
         frontend.wait()

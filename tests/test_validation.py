@@ -29,8 +29,8 @@ def llm():
 @pytest.mark.parametrize("prompt, message", [
     ("", "empty"),
     ({"prompt_token_ids": []}, "empty"),
-    ({"prompt_token_ids": [1] * 128}, "max_model_len 128"),
-    ("word " * 300, "max_model_len 128"),
+    ({"prompt_token_ids": [1] * 128}, "maximum context length is 128"),
+    ("word " * 300, "maximum context length is 128"),
     ({"prompt_token_ids": [1, 99999]}, "token ids must be in"),
     (42, "must be a string"),
 ])
@@ -39,7 +39,21 @@ def test_bad_prompts_raise_before_scheduling(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
         llm.generate(["Once upon a time", prompt], SamplingParams(), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests
-    assert llm.engine.kv_cache.usage == 0
+    assert llm.engine.kv_cache_manager.usage == 0
+
+
+def test_prompt_plus_max_tokens_past_max_model_len_names_both(llm):
+    """The server's rule, with its message: a prompt that fits is refused if its max_tokens
+    cannot (what the engine could not finish as asked)."""
+    with pytest.raises(ValueError, match=r"maximum context length is 128 tokens\. However, you "
+                       r"requested 130 tokens \(120 in the prompt, 10 in the completion\)"):
+        llm.generate({"prompt_token_ids": [1] * 120}, SamplingParams(max_tokens=10),
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="the prompt has 128 tokens, which leaves no room"):
+        llm.generate({"prompt_token_ids": [1] * 128}, SamplingParams(max_tokens=None),
+                     use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests
+    llm.engine.validate([1] * 120, SamplingParams(max_tokens=8))  # exactly max_model_len fits
 
 
 def test_params_mutated_after_construction_are_checked(llm):

@@ -9,12 +9,12 @@ import torch
 
 from strata.checkpoint import load_json, resolve_model_path
 from strata.config import EngineConfig
-from strata.disagg.connector import KVLayout
-from strata.disagg.tcp import TcpKVConnector
 from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_connector.connector import KVLayout
+from strata.engine.kv_connector.tcp import TcpKVConnector
 from strata.engine.kv_transfer import KVTransfer
-from strata.engine.messages import EngineCoreOutput, EngineStats, TokenLogprobs
-from strata.engine.request import Request, RequestStatus
+from strata.engine.messages import EngineCoreOutput, EngineStats
+from strata.engine.request import Request
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
 from strata.engine.validation import validate_request
@@ -32,36 +32,40 @@ class EngineCore:
         self.max_model_len = self.runner.max_model_len
         if config.kv_events_endpoint and not config.cache.enable_prefix_caching:
             logger.warning("KV events need the prefix cache: none will be published")
-        self.kv_events: list[KVEvent] = []  # taken by the publisher after each step
-        self.kv_cache = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size,
-            enable_prefix_caching=config.cache.enable_prefix_caching,
-            hash_seed=config.cache.prefix_caching_hash_seed,
-            on_event=self.kv_events.append if config.kv_events_endpoint else None,
-            medium="GPU" if self.runner.device.type == "cuda" else "CPU")
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self.kv_transfer = self._kv_transfer(config)
         if (not config.scheduler.enable_chunked_prefill
                 and config.scheduler.max_num_batched_tokens < self.max_model_len):
             raise ValueError("without chunked prefill, max_num_batched_tokens must be at least "
                              f"max_model_len ({self.max_model_len})")
         self.eos_token_ids = _eos_token_ids(self.model_path)
+        self.kv_events: list[KVEvent] = []  # taken by the publisher after each step
+        self.kv_cache_manager = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+            hash_seed=config.cache.prefix_caching_hash_seed,
+            on_event=self.kv_events.append if config.kv_events_endpoint else None,
+            medium="GPU" if self.runner.device.type == "cuda" else "CPU")
+        # Last: from here on the core holds a connector's sockets and threads (shutdown).
+        self.kv_transfer = self._kv_transfer(config)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.kv_transfer)
 
     def _kv_transfer(self, config: EngineConfig) -> KVTransfer | None:
         if config.kv_connector is None:
             return None
-        if config.kv_connector == "nixl":
-            from strata.disagg.nixl import NixlKVConnector as Connector  # optional install
+        if config.kv_connector == "nixl":  # an optional install: imported only when asked for
+            from strata.engine.kv_connector.nixl import NixlKVConnector as Connector
         elif config.kv_connector == "tcp":
             Connector = TcpKVConnector
         else:
             raise ValueError(f"unknown KV connector {config.kv_connector!r} (nixl or tcp)")
         connector = Connector(f"strata-{uuid.uuid4().hex[:12]}", config.kv_connector_host,
                               config.kv_connector_port, config.kv_transfer_timeout)
-        connector.register(self.runner.kv_cache,
-                           KVLayout.of(self.runner.kv_cache, self.model_path))
-        return KVTransfer(connector, self.scheduler, config.cache.block_size,
-                          config.kv_lease_seconds)
+        try:
+            connector.register(self.runner.kv_caches,
+                               KVLayout.of(self.runner.kv_caches, self.model_path))
+        except BaseException:
+            connector.close()
+            raise
+        return KVTransfer(connector, config.cache.block_size, config.kv_lease_seconds)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_token_ids, params, self.max_model_len, self.runner.vocab_size)
@@ -95,12 +99,12 @@ class EngineCore:
             self.step()
         self.scheduler.num_prompt_tokens_admitted = 0
         self.scheduler.num_cached_tokens_admitted = 0
-        self.kv_cache.reset_prefix_cache()
+        self.kv_cache_manager.reset_prefix_cache()
         self.kv_events.clear()
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (vLLM's reset_prefix_cache); False while one is in use."""
-        return self.kv_cache.reset_prefix_cache()
+        return self.kv_cache_manager.reset_prefix_cache()
 
     def take_kv_events(self) -> list[KVEvent]:
         events = self.kv_events[:]
@@ -117,39 +121,31 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """Schedule, run the model once, and report each request's new token."""
         self.poll_transfers()
-        scheduled = self.scheduler.schedule()
-        if scheduled.remote_reads:
-            self.kv_transfer.start_reads(scheduled.remote_reads)
-        if not scheduled.requests:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.remote_reads:
+            self.kv_transfer.start_reads(scheduler_output.remote_reads)
+        if not scheduler_output.requests:
             return []
-        sampling_requests, sampled = self.runner.execute(scheduled)
-        if sampled is None:
-            self.scheduler.update_from_output(scheduled, {})
-            return []
-        token_ids = sampled.token_ids.tolist()
-        logprobs = _logprobs_per_row(sampled, sampling_requests)
-        by_id = {r.request_id: t for r, t in zip(sampling_requests, token_ids, strict=True)}
-        updates = self.scheduler.update_from_output(scheduled, by_id)
-        row_of = {r.request_id: row for row, r in enumerate(sampling_requests)}
-        outputs = []
-        for request, status in updates:
-            first = len(request.output_token_ids) == 1
-            outputs.append(EngineCoreOutput(
-                request.request_id, request.output_token_ids[-1],
-                logprobs[row_of[request.request_id]],
-                finish_reason=status.value if status else None,
-                stop_reason=request.stop_reason if status == RequestStatus.FINISHED_STOPPED
-                else None,
-                queue_time=request.first_scheduled_time - request.arrival_time if first else None,
-                num_cached_tokens=request.num_cached_tokens if first else None,
-                kv_transfer_params=self.kv_transfer.handoff(request)
-                if status is not None and request.request_id in self.scheduler.held else None))
-        return outputs
+        model_output = self.runner.execute(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, model_output)
 
     def poll_transfers(self) -> None:
         """Apply finished KV reads and end finished or expired leases (also while idle)."""
+        if self.kv_transfer is None:
+            return
+        finished = self.kv_transfer.poll()
+        for request_id in finished.reads:
+            self.scheduler.finish_transfer(request_id, ok=True)
+        for request_id, _ in finished.failed_reads:
+            self.scheduler.finish_transfer(request_id, ok=False)
+        for request_id in finished.leases:
+            self.scheduler.release_held(request_id)
+
+    def shutdown(self) -> None:
+        """Release what the core holds outside its own memory: the KV connector's sockets,
+        threads and NIXL registration. Safe to call twice; the core takes no step after."""
         if self.kv_transfer is not None:
-            self.kv_transfer.poll()
+            self.kv_transfer.close()
 
     @property
     def waiting_on_transfers(self) -> bool:
@@ -160,7 +156,7 @@ class EngineCore:
         scheduler = self.scheduler
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-            kv_cache_usage=self.kv_cache.usage, num_preemptions=scheduler.num_preemptions,
+            kv_cache_usage=self.kv_cache_manager.usage, num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=scheduler.num_prompt_tokens_admitted,
             prefix_cache_hits=scheduler.num_cached_tokens_admitted,
             **self._transfer_stats())
@@ -173,19 +169,6 @@ class EngineCore:
         return dict(kv_transfers=stats.num_reads, kv_transfer_bytes=stats.num_bytes,
                     kv_transfer_fallbacks=stats.num_fallbacks,
                     kv_transfer_durations=durations)
-
-
-def _logprobs_per_row(sampled, requests: list[Request]) -> list[TokenLogprobs | None]:
-    if sampled.sampled_logprobs is None:
-        return [None] * len(requests)
-    columns = (sampled.sampled_logprobs.tolist(), sampled.sampled_ranks.tolist(),
-               sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
-    rows = []
-    for request, (logprob, rank, ids, values) in zip(requests, zip(*columns), strict=True):
-        wanted = request.sampling_params.logprobs
-        rows.append(None if wanted is None else
-                    TokenLogprobs(logprob, rank, ids[:wanted], values[:wanted]))
-    return rows
 
 
 def _eos_token_ids(model_path) -> frozenset[int]:

@@ -10,10 +10,7 @@ from strata.engine.block_pool import BlockPool
 from strata.engine.radix_cache import PrefixMatch, RadixCache
 from strata.engine.request import Request
 from strata.kv_events import KVEvent
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from strata.math_utils import cdiv
 
 
 class KVCacheManager:
@@ -23,7 +20,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.hash_seed = hash_seed
         self.pool = BlockPool(num_blocks)
-        self.cache = (RadixCache(self.pool, block_size, on_event, medium)
+        self.prefix_cache = (RadixCache(self.pool, block_size, on_event, medium)
                       if enable_prefix_caching else None)
 
     @property
@@ -33,7 +30,7 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks a request could get: free ones, and cached ones no request holds."""
-        evictable = self.cache.num_evictable_blocks if self.cache else 0
+        evictable = self.prefix_cache.num_evictable_blocks if self.prefix_cache else 0
         return self.pool.num_free_blocks + evictable
 
     @property
@@ -50,10 +47,11 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> PrefixMatch:
         """The longest cached prefix of a request that holds no blocks yet. The last token is
         always computed again: the request needs its logits."""
-        if self.cache is None or request.block_ids:
+        if self.prefix_cache is None or request.block_ids:
             return PrefixMatch()
         max_blocks = (request.num_tokens - 1) // self.block_size
-        return self.cache.match_prefix(request.all_token_ids, request.cache_salt, max_blocks)
+        return self.prefix_cache.match_prefix(request.all_token_ids, request.cache_salt,
+                                              max_blocks)
 
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         total = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size)
@@ -77,7 +75,7 @@ class KVCacheManager:
 
     def _use_cached(self, request: Request, match: PrefixMatch) -> None:
         self.pool.ref(match.block_ids)
-        self.cache.lock(match.node)
+        self.prefix_cache.lock(match.node)
         request.block_ids = list(match.block_ids)
         request.cache_node = match.node
         request.num_cached_blocks = match.num_blocks
@@ -86,28 +84,29 @@ class KVCacheManager:
     def _take(self, count: int) -> list[int]:
         short = count - self.pool.num_free_blocks
         if short > 0:
-            self.cache.evict(short)
+            self.prefix_cache.evict(short)
         return self.pool.allocate(count)
 
     def cache_blocks(self, request: Request) -> None:
         """Put the request's newly computed full blocks in the prefix cache (prompt chunks as
         they finish, then its output), so that other requests can use them at once."""
         end = request.num_computed_tokens // self.block_size
-        if self.cache is None or end <= request.num_cached_blocks:
+        if self.prefix_cache is None or end <= request.num_cached_blocks:
             return
-        node = self.cache.insert(
-            request.cache_node or self.cache.root, request.all_token_ids, request.block_ids,
+        prefix_cache = self.prefix_cache
+        node = prefix_cache.insert(
+            request.cache_node or prefix_cache.root, request.all_token_ids, request.block_ids,
             self.block_hashes(request, end), request.num_cached_blocks, end, request.cache_salt)
         if node is not request.cache_node:
-            self.cache.lock(node)
+            prefix_cache.lock(node)
             if request.cache_node is not None:
-                self.cache.unlock(request.cache_node)
+                prefix_cache.unlock(request.cache_node)
             request.cache_node = node
         request.num_cached_blocks = end
 
     def free(self, request: Request) -> None:
         if request.cache_node is not None:
-            self.cache.unlock(request.cache_node)
+            self.prefix_cache.unlock(request.cache_node)
         request.cache_node = None
         request.num_cached_blocks = 0
         # Reverse order: the tail of a sequence is the least likely to be reused.
@@ -116,4 +115,4 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block; refused (False) while a request holds one."""
-        return self.cache is None or self.cache.clear()
+        return self.prefix_cache is None or self.prefix_cache.clear()

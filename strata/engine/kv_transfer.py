@@ -12,6 +12,10 @@ routers drive Strata as they drive vLLM:
   request's blocks are allocated (its own prefix
   cache hits first), the blocks it lacks are read from the prefiller, and it decodes from
   there. If the read fails it computes the prompt itself: slower, never wrong.
+
+KVTransfer drives the connector and keeps the leases; it knows no scheduler. The engine
+polls it each step and applies what it reports: reads that ended, well or not, and leases
+that ended, whose blocks may be freed.
 """
 
 from __future__ import annotations
@@ -20,10 +24,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from strata.disagg.connector import KVConnector, RemoteBlocks
-from strata.engine.kv_cache import cdiv
+from strata.engine.kv_connector.connector import KVConnector, RemoteBlocks
 from strata.engine.request import Request
-from strata.engine.scheduler import Scheduler
+from strata.math_utils import cdiv
 
 logger = logging.getLogger("strata.engine")
 
@@ -38,15 +41,23 @@ class TransferStats:
     new_durations: list[float] = field(default_factory=list)  # per read, until reported
 
 
+@dataclass
+class FinishedTransfers:
+    """What ended since the last poll."""
+
+    reads: list[str] = field(default_factory=list)  # the request's prompt K/V is in place
+    failed_reads: list[tuple[str, str]] = field(default_factory=list)  # (request id, cause)
+    leases: list[str] = field(default_factory=list)  # held prefills whose blocks may be freed
+
+
 class KVTransfer:
-    def __init__(self, connector: KVConnector, scheduler: Scheduler, block_size: int,
-                 lease_seconds: float) -> None:
+    def __init__(self, connector: KVConnector, block_size: int, lease_seconds: float) -> None:
         self.connector = connector
-        self.scheduler = scheduler
         self.block_size = block_size
         self.lease_seconds = lease_seconds
         self.leases: dict[str, float] = {}  # prefill request id -> deadline
         self.stats = TransferStats()
+        self._failed: list[tuple[str, str]] = []  # reads refused before they started
 
     def parse(self, request: Request, params: dict) -> None:
         """Mark the request for either side; ValueError for params it cannot act on."""
@@ -83,8 +94,8 @@ class KVTransfer:
             start = request.num_computed_tokens // self.block_size
             end = cdiv(request.num_tokens - 1, self.block_size)
             if len(remote.block_ids) < end:
-                self._fell_back(request.request_id, f"the prefiller named {len(remote.block_ids)}"
-                                f" blocks, {end} needed")
+                self._failed.append((request.request_id, f"the prefiller named "
+                                     f"{len(remote.block_ids)} blocks, {end} needed"))
                 continue
             self.connector.start_read(
                 request.request_id,
@@ -92,30 +103,32 @@ class KVTransfer:
                              remote.block_ids[start:end]),
                 request.block_ids[start:end])
 
-    def poll(self) -> None:
-        """Apply what the connector finished, and end leases that ran out."""
+    def poll(self) -> FinishedTransfers:
+        """What the connector finished, and the leases that ran out (their blocks are no
+        longer served). A failed read is logged and counted here: its request prefills
+        locally."""
         results, read_done = self.connector.poll()
+        finished = FinishedTransfers(failed_reads=self._failed)
+        self._failed = []
         for result in results:
             if result.error is not None:
-                self._fell_back(result.request_id, result.error)
+                finished.failed_reads.append((result.request_id, result.error))
                 continue
-            self.scheduler.finish_transfer(result.request_id, ok=True)
+            finished.reads.append(result.request_id)
             self.stats.num_reads += 1
             self.stats.num_bytes += result.num_bytes
             self.stats.new_durations.append(result.seconds)
-        for request_id in read_done:
-            self._end_lease(request_id)
+        for request_id, cause in finished.failed_reads:
+            logger.warning("KV read for %s failed, prefilling here: %s", request_id, cause)
+            self.stats.num_fallbacks += 1
+        finished.leases = [r for r in read_done if self.leases.pop(r, None) is not None]
         now = time.monotonic()
         for request_id in [r for r, deadline in self.leases.items() if deadline <= now]:
             self.connector.release(request_id)
-            self._end_lease(request_id)
+            del self.leases[request_id]
+            finished.leases.append(request_id)
+        return finished
 
-    def _fell_back(self, request_id: str, cause: str) -> None:
-        """The read failed: the request computes its prompt here (counted, and said why)."""
-        logger.warning("KV read for %s failed, prefilling here: %s", request_id, cause)
-        self.scheduler.finish_transfer(request_id, ok=False)
-        self.stats.num_fallbacks += 1
-
-    def _end_lease(self, request_id: str) -> None:
-        if self.leases.pop(request_id, None) is not None:
-            self.scheduler.release_held(request_id)
+    def close(self) -> None:
+        """Stop serving and reading: the connector's sockets, threads and registrations."""
+        self.connector.close()

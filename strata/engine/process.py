@@ -3,10 +3,15 @@
 The loop blocks on the socket only while the engine has nothing to do; while
 requests run it drains whatever arrived between steps and goes on stepping, so
 a new request joins the very next batch.
+
+However the process ends (a Shutdown, its frontend gone or SIGTERM, an exception while
+loading or stepping), the engine shuts down (its KV connector's sockets, threads and NIXL
+registration), and the KV event publisher and the ZMQ sockets are closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -44,6 +49,9 @@ class FrontendGone(Exception):
 def run_engine_core(config: EngineConfig, input_address: str, output_address: str,
                     parent: int) -> None:
     """Entry point of the engine process (started with multiprocessing's spawn)."""
+    # SIGTERM (the frontend's terminate(), or the kernel's when the frontend dies) unwinds
+    # like an exception, so that the cleanup below runs; a second one kills outright.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # Gone with the frontend, however and whenever it dies: even while the model loads,
     # when the step loop's own check of its parent cannot run.
     die_with_parent(parent)
@@ -54,32 +62,43 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     from strata.engine.core import EngineCore
     from strata.engine.kv_event_publisher import KVEventPublisher
 
-    context = zmq.Context()
-    inputs = context.socket(zmq.PULL)
-    inputs.connect(input_address)
-    outputs = context.socket(zmq.PUSH)
-    # A send to a frontend that died waits for a peer that will never come: give up waiting
-    # now and then to look (EngineLoop.send), and drop what it was sent on exit.
-    outputs.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-    outputs.setsockopt(zmq.LINGER, 0)
-    outputs.connect(output_address)
-    encoder = msgspec.msgpack.Encoder()
-    publisher = None
-    try:
-        core = EngineCore(config)
-        if config.kv_events_endpoint:
-            publisher = KVEventPublisher(context, config.kv_events_endpoint,
-                                         config.kv_events_topic)
-        core.warm_up()
-        gc.freeze()  # what loading made lives forever: keep it out of every later collection
-    except Exception as exc:  # reported to the frontend, which prints it and exits
-        outputs.send(encoder.encode(EngineReady(error=f"{type(exc).__name__}: {exc}")))
-        return
-    outputs.send(encoder.encode(EngineReady(
-        max_model_len=core.max_model_len, vocab_size=core.runner.vocab_size,
-        num_blocks=core.kv_cache.num_blocks, block_size=core.kv_cache.block_size,
-        max_num_seqs=config.scheduler.max_num_seqs)))
-    EngineLoop(core, inputs, outputs, parent, publisher).run()
+    with contextlib.ExitStack() as resources:  # released in reverse, on every way out
+        context = zmq.Context()
+        # Closes every socket of the context, whoever made it, and drops unsent frames.
+        resources.callback(context.destroy, linger=0)
+        inputs = context.socket(zmq.PULL)
+        inputs.connect(input_address)
+        outputs = context.socket(zmq.PUSH)
+        # A send to a frontend that died waits for a peer that will never come: give up
+        # waiting now and then to look (EngineLoop.send), and drop what it was sent on exit.
+        outputs.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        outputs.setsockopt(zmq.LINGER, 0)
+        outputs.connect(output_address)
+        encoder = msgspec.msgpack.Encoder()
+        publisher = None
+        try:
+            core = EngineCore(config)
+            resources.callback(core.shutdown)
+            if config.kv_events_endpoint:
+                publisher = KVEventPublisher(context, config.kv_events_endpoint,
+                                             config.kv_events_topic)
+                resources.callback(publisher.close)
+            core.warm_up()
+            gc.freeze()  # what loading made lives forever: keep it out of every later collection
+        except Exception as exc:  # reported to the frontend, which prints it and exits
+            outputs.send(encoder.encode(EngineReady(error=f"{type(exc).__name__}: {exc}")))
+            return
+        outputs.send(encoder.encode(EngineReady(
+            max_model_len=core.max_model_len, vocab_size=core.runner.vocab_size,
+            num_blocks=core.kv_cache_manager.num_blocks,
+            block_size=core.kv_cache_manager.block_size,
+            max_num_seqs=config.scheduler.max_num_seqs)))
+        EngineLoop(core, inputs, outputs, parent, publisher).run()
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(128 + signum)
 
 
 class EngineLoop:

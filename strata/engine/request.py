@@ -13,7 +13,7 @@ from strata.block_hash import BlockHashChain
 from strata.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from strata.disagg.connector import RemoteBlocks
+    from strata.engine.kv_connector.connector import RemoteBlocks
     from strata.engine.radix_cache import RadixNode
 
 

@@ -2,7 +2,8 @@
 
 Each step is one flattened batch: every scheduled request contributes its new
 tokens (a prompt chunk, or one token to decode). Inputs are built with numpy
-over the whole batch; logits are computed only for the rows that sample.
+over the whole batch; logits are computed only for the rows that sample, and
+what they sampled comes back as Python lists, one row per sampling request.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 
 from strata.checkpoint import load_json
 from strata.config import EngineConfig
-from strata.engine.kv_cache import cdiv
+from strata.engine.messages import TokenLogprobs
 from strata.engine.request import Request
 from strata.engine.scheduler import SchedulerOutput
+from strata.math_utils import cdiv
 from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
 from strata.model.registry import load_model, resolve_device, resolve_dtype
 from strata.model.sampler import Sampler, SamplerOutput, SamplingMetadata
@@ -31,6 +33,15 @@ class StepInputs:
     attention: AttentionMetadata
     logits_indices: torch.Tensor  # flat index of the last token of each sampling request
     sampling_requests: list[Request]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What one step sampled: a row per request that reached the end of its tokens, in the
+    order the step scheduled them (prompt chunks that are not a prompt's last have none)."""
+
+    sampled_token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None  # None: no request asked for any
 
 
 def available_memory(device: torch.device) -> int:
@@ -56,10 +67,11 @@ class ModelRunner:
         self.num_blocks = self._num_blocks()
         # Zeroed, not empty: attention reads whole blocks and masks the unused
         # slots, and 0 * NaN from stale memory would still poison the output.
-        self.kv_cache = torch.zeros(args.num_layers, 2, self.num_blocks, self.block_size,
-                                    args.num_kv_heads, args.head_dim,
-                                    dtype=self.dtype, device=self.device)
-        self.model.bind_kv_cache(self.kv_cache)
+        # One tensor for all layers: [layers, K and V, blocks, block_size, kv_heads, head_dim].
+        self.kv_caches = torch.zeros(args.num_layers, 2, self.num_blocks, self.block_size,
+                                     args.num_kv_heads, args.head_dim,
+                                     dtype=self.dtype, device=self.device)
+        self.model.bind_kv_cache(self.kv_caches)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
 
     @property
@@ -87,14 +99,16 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the model over the step's tokens and sample for the requests that are due."""
         inputs = self.prepare_inputs(step)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention)
         if not inputs.sampling_requests:
-            return [], None
+            return ModelRunnerOutput([])
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        meta = self.sampling_metadata(inputs.sampling_requests)
-        return inputs.sampling_requests, self.sampler(logits, meta)
+        sampled = self.sampler(logits, self.sampling_metadata(inputs.sampling_requests))
+        return ModelRunnerOutput(sampled.token_ids.tolist(),
+                                 _logprobs_per_row(sampled, inputs.sampling_requests))
 
     def prepare_inputs(self, step: SchedulerOutput) -> StepInputs:
         requests = step.requests
@@ -209,6 +223,21 @@ class ModelRunner:
         counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=self.device)
         counts.scatter_add_(1, padded, torch.ones(padded.shape, device=self.device))
         return counts[:, :self.vocab_size]  # the last column counted the padding
+
+
+def _logprobs_per_row(sampled: SamplerOutput, requests: list[Request]
+                      ) -> list[TokenLogprobs | None] | None:
+    """Each row's logprobs as lists (one transfer per tensor), cut to the top-N it asked for."""
+    if sampled.sampled_logprobs is None:
+        return None
+    columns = (sampled.sampled_logprobs.tolist(), sampled.sampled_ranks.tolist(),
+               sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
+    rows = []
+    for request, (logprob, rank, ids, values) in zip(requests, zip(*columns), strict=True):
+        wanted = request.sampling_params.logprobs
+        rows.append(None if wanted is None else
+                    TokenLogprobs(logprob, rank, ids[:wanted], values[:wanted]))
+    return rows
 
 
 def _by_query_length(counts: np.ndarray) -> list[np.ndarray]:

@@ -16,10 +16,16 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from strata.config import SchedulerConfig
 from strata.engine.kv_cache import KVCacheManager
+from strata.engine.messages import EngineCoreOutput
 from strata.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from strata.engine.kv_transfer import KVTransfer
+    from strata.engine.runner import ModelRunnerOutput
 
 
 @dataclass
@@ -39,9 +45,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 kv_transfer: KVTransfer | None = None) -> None:
         self.config = config
-        self.kv_cache = kv_cache
+        self.kv_cache_manager = kv_cache_manager
+        self.kv_transfer = kv_transfer  # hands finished prefills' blocks to decode instances
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -80,32 +88,34 @@ class Scheduler:
             self.finish(request, RequestStatus.FINISHED_ABORTED)
         return aborted
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        """Mark finished and return its blocks at once (a prefill handing its blocks to a
-        decode instance keeps them, held); the caller drops it from `running`."""
+    def finish(self, request: Request, status: RequestStatus) -> dict | None:
+        """Mark finished and return its blocks at once; the caller drops it from `running`.
+        A prefill that hands its blocks to a decode instance keeps them, held for a lease:
+        returns the kv_transfer_params that say where to read them."""
         request.status = status
         del self.requests[request.request_id]
         if request.kv_transfer_out and status != RequestStatus.FINISHED_ABORTED:
             self.held[request.request_id] = request
-        else:
-            self.kv_cache.free(request)
+            return self.kv_transfer.handoff(request)
+        self.kv_cache_manager.free(request)
+        return None
 
     def release_held(self, request_id: str) -> None:
-        """A held prefill's blocks were read, or its lease ran out."""
+        """A held prefill's lease ended: its blocks were read, or nobody came in time."""
         request = self.held.pop(request_id, None)
         if request is not None:
-            self.kv_cache.free(request)
+            self.kv_cache_manager.free(request)
 
     def finish_transfer(self, request_id: str, ok: bool) -> None:
         """A read of a request's prompt K/V ended: it decodes from there, or, if the read
         failed, computes its prompt itself in the blocks it already holds."""
         request = self.transferring.pop(request_id)
         if request.status.finished:  # aborted during the read
-            self.kv_cache.free(request)
+            self.kv_cache_manager.free(request)
             return
         if ok:
             request.num_computed_tokens = request.num_tokens - 1
-            self.kv_cache.cache_blocks(request)
+            self.kv_cache_manager.cache_blocks(request)
         request.remote_prefill = None
         request.status = RequestStatus.RUNNING
         self.running.append(request)
@@ -133,10 +143,10 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         """Move waiting requests into the batch while budget, sequences and blocks last."""
-        kv_cache, config = self.kv_cache, self.config
+        kv_cache_manager, config = self.kv_cache_manager, self.config
         if not self.waiting or budget <= 0 or len(self.running) >= config.max_num_seqs:
             return budget
-        if kv_cache.cache is not None:
+        if kv_cache_manager.prefix_cache is not None:
             self._order_waiting()
         in_flight = self._blocks_in_flight()
         reserved = sum(self._blocks_to_come(r) for r in self.running)
@@ -145,13 +155,13 @@ class Scheduler:
         for request in itertools.islice(self.waiting.copy(), config.lpm_max_waiting):
             if budget <= 0 or len(self.running) + len(self.transferring) >= config.max_num_seqs:
                 break
-            match = kv_cache.get_computed_blocks(request)
+            match = kv_cache_manager.get_computed_blocks(request)
             if self._computed_elsewhere(request, match.num_blocks, in_flight):
                 continue  # another request is computing its next block: reuse it next step
-            num_new = request.num_tokens - match.num_blocks * kv_cache.block_size
+            num_new = request.num_tokens - match.num_blocks * kv_cache_manager.block_size
             if request.remote_prefill is not None:
                 # Blocks for all of the prompt but its last token, read rather than computed.
-                if not kv_cache.allocate_slots(request, num_new - 1, match):
+                if not kv_cache_manager.allocate_slots(request, num_new - 1, match):
                     break
                 self._mark_scheduled(request)
                 request.status = RequestStatus.TRANSFERRING
@@ -164,10 +174,10 @@ class Scheduler:
                 break
             # Waiting requests never preempt running ones; the first always gets in.
             to_come = self._blocks_to_come(request) - match.num_blocks
-            free = kv_cache.num_free_blocks - match.num_evictable_blocks
+            free = kv_cache_manager.num_free_blocks - match.num_evictable_blocks
             if self.running and to_come + reserved > free:
                 break
-            if not kv_cache.allocate_slots(request, num_new, match):
+            if not kv_cache_manager.allocate_slots(request, num_new, match):
                 break
             reserved += self._blocks_to_come(request)
             self._mark_scheduled(request)
@@ -205,15 +215,16 @@ class Scheduler:
                     r.status != RequestStatus.PREEMPTED, r.arrival_time)))
                 self._lpm_ordered = False
             return
-        cache, size = self.kv_cache.cache, self.kv_cache.block_size
+        prefix_cache = self.kv_cache_manager.prefix_cache
+        size = self.kv_cache_manager.block_size
 
         def priority(request: Request) -> tuple:
             urgent = (request.status == RequestStatus.PREEMPTED
                       or request.num_passed_over >= config.max_passed_over)
             if urgent:
                 return (0, 0, request.arrival_time)
-            cached = cache.match_length(request.all_token_ids, request.cache_salt,
-                                        (request.num_tokens - 1) // size)
+            cached = prefix_cache.match_length(request.all_token_ids, request.cache_salt,
+                                               (request.num_tokens - 1) // size)
             return (1, -cached, request.arrival_time)
 
         self.waiting = deque(sorted(self.waiting, key=priority))
@@ -221,12 +232,12 @@ class Scheduler:
 
     def _uncomputed_blocks(self, request: Request) -> list[int]:
         """Hashes of the full blocks of its prompt the request has still to compute."""
-        if self.kv_cache.cache is None:
+        if self.kv_cache_manager.prefix_cache is None:
             return []
-        size = self.kv_cache.block_size
+        size = self.kv_cache_manager.block_size
         end = request.num_tokens // size
         start = request.num_computed_tokens // size
-        return self.kv_cache.block_hashes(request, end)[start:end] if start < end else []
+        return self.kv_cache_manager.block_hashes(request, end)[start:end] if start < end else []
 
     def _blocks_in_flight(self) -> set[int]:
         """Prompt blocks that running requests are computing right now."""
@@ -242,8 +253,8 @@ class Scheduler:
         (several requests with one uncached prefix: one computes it, the others reuse it)."""
         if not in_flight:
             return False
-        hashes = self.kv_cache.block_hashes(request,
-                                            (request.num_tokens - 1) // self.kv_cache.block_size)
+        manager = self.kv_cache_manager
+        hashes = manager.block_hashes(request, (request.num_tokens - 1) // manager.block_size)
         return num_cached_blocks < len(hashes) and hashes[num_cached_blocks] in in_flight
 
     def _blocks_to_come(self, request: Request) -> float:
@@ -253,11 +264,11 @@ class Scheduler:
         if request.sampling_params.max_tokens is not None:
             limit = min(limit, request.num_prompt_tokens + request.sampling_params.max_tokens)
         expected = request.num_tokens + self.new_token_ratio * max(0, limit - request.num_tokens)
-        return max(0.0, expected / self.kv_cache.block_size - len(request.block_ids))
+        return max(0.0, expected / self.kv_cache_manager.block_size - len(request.block_ids))
 
     def _make_room(self, request: Request, num_new: int) -> bool:
         """Allocate for a running request, preempting the newest until it fits."""
-        while not self.kv_cache.allocate_slots(request, num_new):
+        while not self.kv_cache_manager.allocate_slots(request, num_new):
             victim = self.running.pop()
             self._preempt(victim)
             if victim is request:
@@ -266,27 +277,43 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.new_token_ratio = self.config.init_new_token_ratio  # admitted too many: back off
-        self.kv_cache.free(request)
+        self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]
-                           ) -> list[tuple[Request, RequestStatus | None]]:
-        """Advance each scheduled request; returns (request, finish status) per new token."""
-        updates = []
-        for request, num_new in zip(out.requests, out.num_new_tokens, strict=True):
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           model_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advance each scheduled request by the tokens it computed. Those whose step reached
+        the end of their tokens sampled one (the model's rows, in step order): each gets it,
+        finishes if it should, and has its output."""
+        token_ids, logprobs = model_output.sampled_token_ids, model_output.logprobs
+        outputs: list[EngineCoreOutput] = []
+        row = 0
+        for request, num_new in zip(scheduler_output.requests,
+                                    scheduler_output.num_new_tokens, strict=True):
             request.num_computed_tokens += num_new
-            self.kv_cache.cache_blocks(request)
-            if request.request_id not in sampled:
+            self.kv_cache_manager.cache_blocks(request)
+            if request.num_computed_tokens < request.num_tokens:
                 continue  # a prompt chunk that is not the last: nothing sampled yet
-            request.append_token(sampled[request.request_id])
+            request.append_token(token_ids[row])
             status = request.check_stop()
-            if status is not None:
-                self.finish(request, status)
-            updates.append((request, status))
-        if any(status is not None for _, status in updates):
+            handoff = self.finish(request, status) if status is not None else None
+            first = len(request.output_token_ids) == 1
+            outputs.append(EngineCoreOutput(
+                request.request_id, token_ids[row],
+                logprobs[row] if logprobs is not None else None,
+                finish_reason=status.value if status is not None else None,
+                stop_reason=request.stop_reason
+                if status == RequestStatus.FINISHED_STOPPED else None,
+                queue_time=request.first_scheduled_time - request.arrival_time if first else None,
+                num_cached_tokens=request.num_cached_tokens if first else None,
+                kv_transfer_params=handoff))
+            row += 1
+        if row != len(token_ids):
+            raise RuntimeError(f"the model sampled {len(token_ids)} rows for {row} requests")
+        if any(o.finish_reason is not None for o in outputs):
             self.running = [r for r in self.running if not r.status.finished]
-        return updates
+        return outputs

@@ -16,8 +16,18 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, max_mo
     params.validate()  # again: the params may have been changed since they were made
     if not prompt_token_ids:
         raise ValueError("the prompt is empty")
-    if len(prompt_token_ids) >= max_model_len:
-        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, which leaves no "
-                         f"room to generate within max_model_len {max_model_len}")
+    # vLLM's wording, offline and online alike: both numbers, and which to reduce.
+    num_prompt, max_tokens = len(prompt_token_ids), params.max_tokens
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
+            f"{max_tokens} in the completion). Please reduce the length of the prompt or "
+            "completion.")
+    if num_prompt >= max_model_len:  # no max_tokens: it may run to max_model_len, if it can
+        raise ValueError(
+            f"This model's maximum context length is {max_model_len} tokens. However, the "
+            f"prompt has {num_prompt} tokens, which leaves no room to generate. Please reduce "
+            "the length of the prompt.")
     if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
         raise ValueError(f"prompt token ids must be in [0, {vocab_size})")

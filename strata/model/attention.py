@@ -1,18 +1,28 @@
-"""Paged attention in pure PyTorch: the reference path, and the one that runs on CPU.
+"""Paged attention: K/V written into cache slots, then read back through block tables.
 
-One step's tokens arrive flattened (prefill chunks and decodes mixed). K/V of
-the new tokens are written into their cache slots first; each sequence then
-attends to its whole context, gathered from the cache through its block table.
-Sequences are attended in two groups, each padded to its own longest query, so
-that a 512-token chunk does not pad 64 single-token decodes to 512 rows. On CPU
-the single-token group runs in a C++ kernel that reads the blocks in place
-(`csrc/paged_decode.cpp`); this file stays the reference it is tested against.
+One step's tokens arrive flattened (prompt chunks and decodes mixed). The model writes
+the new tokens' K/V into their slots first (`write_kv`); each sequence then attends to its
+whole context in the cache. The runner splits the step into groups, each padded to its own
+longest query: all decodes (one query each) in one group, prompt chunks in groups of
+lengths within a factor of two, so that a 64-token suffix is not padded to the 1,024-token
+prompt beside it. Masks (causal, and a sliding window where the layer has one) depend only
+on the step, so each group builds them once for all layers.
 
-Decodes whose contexts begin with the same cached blocks (the prefix cache shares
-them) attend to that prefix once, together: their queries are stacked against the
-shared K/V in one matrix product, the kernel reads only each sequence's own tail,
-and the two softmax parts are merged by their log-sum-exp (cascade attention). The
-shared prefix is then read once per step instead of once per sequence.
+Two paths:
+- The decode group, on CPU in float32, runs in a C++ kernel that reads the blocks in place
+  (`csrc/paged_decode.cpp`, see cpu_kernels.py; STRATA_ATTENTION=torch turns it off).
+- Everything else (prompt chunks; decodes on CUDA or in other dtypes, or without the
+  kernel) gathers the context through the block tables and runs
+  `F.scaled_dot_product_attention`, grouped-query heads as extra query rows rather than
+  repeated K/V. This path is the reference the kernel is tested against.
+
+Cascade attention, on the kernel path only and for layers without a sliding window:
+decodes whose block tables start with the same cached blocks (the prefix cache shares
+them; the runner forms such sets where that spares enough K/V reads, its
+MIN_SHARED_TOKENS_SAVED) attend to that prefix once, together: their queries are stacked
+against the shared K/V in one matrix product, the kernel reads only each sequence's own
+tail, and the two softmax parts are merged by their log-sum-exp. On the PyTorch path each
+sequence reads its whole context, shared or not.
 """
 
 from __future__ import annotations

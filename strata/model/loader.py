@@ -1,4 +1,9 @@
-"""Find a checkpoint, read its config, and stream its tensors one at a time."""
+"""A checkpoint folder's weights: its safetensors files (one, several, or the shards that
+model.safetensors.index.json names), read one tensor at a time from memory-mapped files.
+
+Finding the folder (or fetching a hub id) is strata/checkpoint.py's; reading config.json
+and building the model is registry.py's.
+"""
 
 from __future__ import annotations
 

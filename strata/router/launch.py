@@ -79,6 +79,7 @@ def run_router(args: argparse.Namespace) -> int:
     print(f"strata route: {args.policy}, {args.prefix_index} prefix index; HTTP on "
           f"{args.host}:{args.port}{ext_proc}", flush=True)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                   access_log=False, loop="uvloop", http="httptools"))
+                                   access_log=False, loop="uvloop", http="httptools",
+                                   timeout_graceful_shutdown=args.drain_timeout))
     uvloop.run(server.serve())
     return 0 if server.started else 1  # not started: its port or its startup failed

@@ -33,7 +33,9 @@ class RouteError(Exception):
 
 
 @dataclass
-class Prompt:
+class PromptBlocks:
+    """What routing needs of a request: its model, and its prompt as KV block ids."""
+
     model: str
     block_ids: list[int]
     num_tokens: int  # exact from token ids, estimated from characters without a tokenizer
@@ -54,16 +56,16 @@ def parse_body(body: bytes) -> dict:
 
 
 def read_prompt(data: dict, tokenizer: Tokenizer | None, block_size: int, seed: int = 0
-                ) -> Prompt:
+                ) -> PromptBlocks:
     """The first prompt of a completion, or a chat's messages, as blocks."""
     salt = data.get("cache_salt") if isinstance(data.get("cache_salt"), str) else None
     tokens = _token_ids(data, tokenizer)
     if tokens is not None:
-        return Prompt(data["model"], prompt_block_ids(tokens, block_size, seed, salt),
+        return PromptBlocks(data["model"], prompt_block_ids(tokens, block_size, seed, salt),
                       len(tokens), exact=True)
     text = _text(data)
     chars = [ord(c) for c in text]
-    return Prompt(data["model"], prompt_block_ids(chars, CHARS_PER_BLOCK, seed, salt),
+    return PromptBlocks(data["model"], prompt_block_ids(chars, CHARS_PER_BLOCK, seed, salt),
                   len(text) // CHARS_PER_TOKEN, exact=False)
 
 

@@ -13,7 +13,7 @@ from strata.router.endpoints import Endpoint
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Pick, PickRequest
 from strata.router.pool import EndpointPool
-from strata.router.prompt import Prompt, RouteError, parse_body, read_prompt
+from strata.router.prompt import PromptBlocks, RouteError, parse_body, read_prompt
 from strata.tokenizer import Tokenizer
 
 DEFAULT_BLOCK_SIZE = 16
@@ -37,7 +37,7 @@ class PrefixIndex(Protocol):
 
 @dataclass
 class Decision:
-    prompt: Prompt
+    prompt: PromptBlocks
     ranked: list[Endpoint]  # best first; a failed send falls back to the next
     prefiller: Endpoint | None = None  # P/D: computes the prompt for the decode endpoint
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -101,11 +101,11 @@ class Router:
         decision.prefiller = self._prefiller(prompt, pick.ranked[0], endpoints)
         return decision
 
-    def _request(self, prompt: Prompt, role: str) -> PickRequest:
+    def _request(self, prompt: PromptBlocks, role: str) -> PickRequest:
         return PickRequest(prompt.model, role,
                            lambda e: self.index.match(e.url, prompt.block_ids))
 
-    def _prefiller(self, prompt: Prompt, decoder: Endpoint, endpoints: list[Endpoint]
+    def _prefiller(self, prompt: PromptBlocks, decoder: Endpoint, endpoints: list[Endpoint]
                    ) -> Endpoint | None:
         """P/D: a prefill endpoint when the part of the prompt the decoder lacks is long."""
         prefillers = [e for e in endpoints if e.role == "prefill"]

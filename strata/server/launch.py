@@ -21,12 +21,12 @@ from strata.checkpoint import resolve_model_path
 from strata.config import EngineConfig
 from strata.engine.client import AsyncEngineClient
 from strata.server.app import build_app
-from strata.server.disagg import DisaggFrontend
 from strata.server.kv_peers import KVPeers
 from strata.server.metrics import ServerMetrics
+from strata.server.remote_prefill import RemotePrefill
 from strata.server.serving import FALLBACK_CHAT_TEMPLATE, OpenAIServing, ServerLimits
 from strata.tokenizer import Tokenizer
-from strata.uvicorn_server import Server
+from strata.uvicorn_server import DEFAULT_DRAIN_TIMEOUT, Server
 
 logger = logging.getLogger("strata.server")
 DEAD_ENGINE_GRACE_SECONDS = 2.0  # long enough for in-flight clients and probes to see the 503
@@ -35,7 +35,7 @@ DEAD_ENGINE_GRACE_SECONDS = 2.0  # long enough for in-flight clients and probes 
 def serve(config: EngineConfig, *, host: str, port: int, served_model_names: list[str],
           api_key: str | None, limits: ServerLimits,
           kv_peers: KVPeers, chat_template: str | None = None,
-          access_log: bool = True) -> int:
+          access_log: bool = True, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_path = resolve_model_path(config.model)
     tokenizer = Tokenizer(resolve_model_path(config.tokenizer or config.model))
@@ -46,14 +46,14 @@ def serve(config: EngineConfig, *, host: str, port: int, served_model_names: lis
     tokenizer.hf.chat_template = template or FALLBACK_CHAT_TEMPLATE
     return uvloop.run(_serve(config, str(model_path), tokenizer, host=host, port=port,
                              served_model_names=served_model_names, api_key=api_key,
-                             limits=limits,
-                             kv_peers=kv_peers, access_log=access_log))
+                             limits=limits, kv_peers=kv_peers, access_log=access_log,
+                             drain_timeout=drain_timeout))
 
 
 async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *, host: str,
                  port: int, served_model_names: list[str], api_key: str | None,
                  limits: ServerLimits, kv_peers: KVPeers,
-                 access_log: bool) -> int:
+                 access_log: bool, drain_timeout: float) -> int:
     client = AsyncEngineClient(config)
     info = await client.start()
     gc.freeze()  # the tokenizer and the app live forever: keep them out of later collections
@@ -66,15 +66,16 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
     elif config.kv_connector is not None and kv_peers.token is None:
         logger.warning("no --kv-peer-token: any caller that reaches this server may send P/D "
                        "fields naming the --kv-peers")
-    disagg = DisaggFrontend(kv_peers, config.kv_connector is not None,
-                            config.kv_transfer_timeout, api_key,
-                            metrics.kv_transfer_fallbacks.inc)
+    remote_prefill = RemotePrefill(kv_peers, config.kv_connector is not None,
+                                   config.kv_transfer_timeout, api_key,
+                                   metrics.kv_transfer_fallbacks.inc)
     serving = OpenAIServing(client, tokenizer, served_model_names, model_path, metrics, limits,
-                            disagg)
+                            remote_prefill)
     app = build_app(serving, api_key=api_key,
                     max_body_bytes=limits.body_bytes(info.max_model_len))
     server = Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
-                                   timeout_keep_alive=30, log_level="info"))
+                                   timeout_keep_alive=30, log_level="info",
+                                   timeout_graceful_shutdown=drain_timeout))
     exit_code = 0
 
     def engine_died() -> None:
@@ -88,7 +89,7 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
     try:
         await server.serve()
     finally:
-        await disagg.http.aclose()
+        await remote_prefill.http.aclose()
         await client.shutdown()
     if server.started is False and exit_code == 0:
         exit_code = 1  # could not bind the port

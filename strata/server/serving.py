@@ -13,12 +13,13 @@ import jinja2
 
 from strata.engine.client import AsyncEngineClient, EngineInfo
 from strata.engine.validation import validate_request
+from strata.inputs import TokenizedPrompt
 from strata.sampling_params import SamplingParams
-from strata.server.disagg import DisaggFrontend
 from strata.server.errors import APIError
-from strata.server.generation import Generation, Prompt
+from strata.server.generation import Generation
 from strata.server.metrics import ServerMetrics
 from strata.server.protocol import ChatMessage
+from strata.server.remote_prefill import RemotePrefill
 from strata.tokenizer import Tokenizer
 
 # For base models whose tokenizer has none (like stories260K): the messages' contents,
@@ -53,12 +54,12 @@ class ServerLimits:
 class OpenAIServing:
     def __init__(self, client: AsyncEngineClient, tokenizer: Tokenizer, served_names: list[str],
                  model_path: str, metrics: ServerMetrics, limits: ServerLimits,
-                 disagg: DisaggFrontend) -> None:
+                 remote_prefill: RemotePrefill) -> None:
         self.client, self.tokenizer, self.metrics, self.limits = client, tokenizer, metrics, limits
         self.served_names = served_names
         self.model_path = model_path
         self.info: EngineInfo = client.info
-        self.disagg = disagg
+        self.remote_prefill = remote_prefill
         self.max_prompt_chars = self.info.max_model_len * tokenizer.max_token_chars
 
     def check_model(self, name: str | None) -> str:
@@ -102,20 +103,21 @@ class OpenAIServing:
         except UnicodeEncodeError as exc:  # JSON can carry lone surrogates; tokenizers cannot
             raise APIError(400, f"the prompt is not valid Unicode: {exc.reason}", param) from exc
 
-    async def text_prompts(self, texts: list[str], add_special_tokens: bool = True) -> list[Prompt]:
+    async def text_prompts(self, texts: list[str],
+                           add_special_tokens: bool = True) -> list[TokenizedPrompt]:
         """Tokenized off the event loop (the tokenizer lets go of the GIL), after the bound."""
         params = ["prompt"] if len(texts) == 1 else [f"prompt[{i}]" for i in range(len(texts))]
         for text, param in zip(texts, params):
             self.check_text(text, param)
 
-        def encode() -> list[Prompt]:
-            return [Prompt(self.tokenizer.encode(text, add_special_tokens) if text else [], text)
-                    for text in texts]
+        def encode() -> list[TokenizedPrompt]:
+            return [TokenizedPrompt(self.tokenizer.encode(text, add_special_tokens)
+                                    if text else [], text) for text in texts]
 
         return await asyncio.to_thread(encode)
 
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                          template_kwargs: dict | None = None) -> Prompt:
+                          template_kwargs: dict | None = None) -> TokenizedPrompt:
         """The chat template and the tokenizer, off the event loop."""
         dicts = [m.template_dict() for m in messages]
         self.check_text("".join(m["content"] for m in dicts), "messages")
@@ -135,7 +137,7 @@ class OpenAIServing:
     async def decode(self, token_ids: list[int]) -> str:
         return await asyncio.to_thread(self.tokenizer.decode, token_ids)
 
-    def new_generation(self, prefix: str, prompts: list[Prompt], params: SamplingParams,
+    def new_generation(self, prefix: str, prompts: list[TokenizedPrompt], params: SamplingParams,
                        cache_salt: str | None = None,
                        kv_transfer_params: dict | None = None) -> Generation:
         """Check every prompt and the server's capacity, then queue the samples."""
@@ -143,13 +145,6 @@ class OpenAIServing:
         info = self.info
         for index, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
-            if params.max_tokens is not None and \
-                    len(prompt.token_ids) + params.max_tokens > info.max_model_len:
-                raise APIError(
-                    400, f"This model's maximum context length is {info.max_model_len} tokens. "
-                    f"However, you requested {len(prompt.token_ids) + params.max_tokens} tokens "
-                    f"({len(prompt.token_ids)} in the prompt, {params.max_tokens} in the "
-                    "completion). Please reduce the length of the prompt or completion.", param)
             try:
                 validate_request(prompt.token_ids, params, info.max_model_len, info.vocab_size)
             except ValueError as exc:

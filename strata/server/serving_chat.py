@@ -27,12 +27,13 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
     serving.check_samples(params.n, "n")
-    pd = serving.disagg.check(request, body.kv_transfer_params)
+    pd = serving.remote_prefill.check(request, body.kv_transfer_params)
     prompt = await serving.chat_prompt(body.messages, body.add_generation_prompt,
                                        body.chat_template_kwargs)
     generation = serving.new_generation(
         "chatcmpl", [prompt], params, body.cache_salt,
-        await serving.disagg.kv_transfer_params(pd, model, [prompt], params.n, body.cache_salt))
+        await serving.remote_prefill.kv_transfer_params(pd, model, [prompt], params.n,
+                                                        body.cache_salt))
     header = {"id": generation.request_id, "object": "chat.completion",
               "created": int(time.time()), "model": model}
     if body.stream:
@@ -44,13 +45,12 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
 async def _complete(generation: Generation, header: dict) -> Response:
     choices = []
     for sample in await generation.run_to_end():
-        state = sample.state
         choices.append({
             "index": sample.choice_index,
-            "message": {"role": "assistant", "content": state.text},
-            "logprobs": _logprobs(state.logprobs, state.token_ids, state.params.logprobs)
-            if state.logprobs is not None else None,
-            "finish_reason": state.finish_reason, "stop_reason": state.stop_reason})
+            "message": {"role": "assistant", "content": sample.text},
+            "logprobs": _logprobs(sample.logprobs, sample.token_ids, sample.params.logprobs)
+            if sample.logprobs is not None else None,
+            "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason})
     return json_response(header | {"choices": choices, "usage": generation.usage()}
                          | generation.handoff)
 
@@ -58,7 +58,7 @@ async def _complete(generation: Generation, header: dict) -> Response:
 async def _stream(generation: Generation, body: ChatCompletionRequest,
                   header: dict) -> AsyncIterator[dict]:
     # The first chunk of each choice names the role, as OpenAI's stream does.
-    for index in range(len(generation.samples)):
+    for index in range(len(generation.outputs.samples)):
         yield header | {"choices": [{"index": index, "delta": {"role": "assistant",
                                                                "content": ""},
                                      "logprobs": None, "finish_reason": None}]}
@@ -69,11 +69,10 @@ async def _stream(generation: Generation, body: ChatCompletionRequest,
         yield header | {"choices": [{
             "index": sample.choice_index,
             "delta": {"content": delta.text} if delta.text else {},
-            "logprobs": _logprobs(delta.logprobs, delta.token_ids,
-                                 sample.state.params.logprobs)
+            "logprobs": _logprobs(delta.logprobs, delta.token_ids, sample.params.logprobs)
             if delta.logprobs is not None else None,
             "finish_reason": delta.finish_reason,
-            "stop_reason": sample.state.stop_reason if delta.finish_reason else None}]}
+            "stop_reason": sample.stop_reason if delta.finish_reason else None}]}
     if body.include_usage:
         yield header | {"choices": [], "usage": generation.usage()}
 

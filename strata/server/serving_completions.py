@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
+from strata.inputs import TokenizedPrompt
+from strata.output_processor import Sample
 from strata.outputs import Logprob
 from strata.server.errors import APIError
-from strata.server.generation import Generation, Prompt, Sample
+from strata.server.generation import Generation
 from strata.server.protocol import CompletionRequest
 from strata.server.serving import OpenAIServing
 from strata.server.sse import cancel_on_disconnect, event_stream, json_response
@@ -26,11 +28,12 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest,
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
     serving.check_samples(_num_prompts(body.prompt) * params.n, "prompt")
-    pd = serving.disagg.check(request, body.kv_transfer_params)
+    pd = serving.remote_prefill.check(request, body.kv_transfer_params)
     prompts = await _prompts(serving, body.prompt)
     generation = serving.new_generation(
         "cmpl", prompts, params, body.cache_salt,
-        await serving.disagg.kv_transfer_params(pd, model, prompts, params.n, body.cache_salt))
+        await serving.remote_prefill.kv_transfer_params(pd, model, prompts, params.n,
+                                                        body.cache_salt))
     created = int(time.time())
     header = {"id": generation.request_id, "object": "text_completion", "created": created,
               "model": model}
@@ -44,16 +47,16 @@ def _num_prompts(prompt) -> int:
         else len(prompt)
 
 
-async def _prompts(serving: OpenAIServing, prompt) -> list[Prompt]:
+async def _prompts(serving: OpenAIServing, prompt) -> list[TokenizedPrompt]:
     if isinstance(prompt, str):
         return await serving.text_prompts([prompt])
     if not prompt:
         raise APIError(400, "the prompt is empty", "prompt")
     if isinstance(prompt[0], int):
-        return [Prompt(list(prompt))]
+        return [TokenizedPrompt(list(prompt))]
     if isinstance(prompt[0], str):
         return await serving.text_prompts(prompt)
-    return [Prompt(list(ids)) for ids in prompt]
+    return [TokenizedPrompt(list(ids)) for ids in prompt]
 
 
 async def _echo(serving: OpenAIServing, sample: Sample, body: CompletionRequest) -> str:
@@ -68,13 +71,12 @@ async def _complete(serving: OpenAIServing, generation: Generation, body: Comple
                     header: dict) -> Response:
     choices = []
     for sample in await generation.run_to_end():
-        state = sample.state
         choices.append({
-            "index": sample.choice_index, "text": await _echo(serving, sample, body) + state.text,
-            "logprobs": _logprobs(state.logprobs, state.token_ids, 0)
-            if state.logprobs is not None else None,
-            "finish_reason": state.finish_reason, "stop_reason": state.stop_reason}
-            | ({"prompt_token_ids": sample.prompt.token_ids, "token_ids": state.token_ids}
+            "index": sample.choice_index, "text": await _echo(serving, sample, body) + sample.text,
+            "logprobs": _logprobs(sample.logprobs, sample.token_ids, 0)
+            if sample.logprobs is not None else None,
+            "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason}
+            | ({"prompt_token_ids": sample.prompt.token_ids, "token_ids": sample.token_ids}
                if body.return_token_ids else {}))
     return json_response(header | {"choices": choices, "usage": generation.usage()}
                          | generation.handoff)
@@ -105,7 +107,7 @@ async def _stream(serving: OpenAIServing, generation: Generation, body: Completi
                 len(t) for t in logprobs["tokens"])
         choice = {"index": sample.choice_index, "text": text, "logprobs": logprobs,
                   "finish_reason": delta.finish_reason,
-                  "stop_reason": sample.state.stop_reason if delta.finish_reason else None}
+                  "stop_reason": sample.stop_reason if delta.finish_reason else None}
         if body.return_token_ids:  # vLLM's: the prompt's ids once, then each chunk's new ids
             if sample.choice_index not in started:
                 choice["prompt_token_ids"] = sample.prompt.token_ids

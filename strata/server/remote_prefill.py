@@ -20,8 +20,8 @@ import httpx
 from starlette.requests import Request
 
 from strata.http_headers import KV_PEER_TOKEN_HEADER, PREFILLER_HEADER
+from strata.inputs import TokenizedPrompt
 from strata.server.errors import APIError
-from strata.server.generation import Prompt
 from strata.server.kv_peers import KVPeers
 
 logger = logging.getLogger("strata.server")
@@ -36,7 +36,7 @@ class PDRequest:
     prefiller: str | None = None
 
 
-class DisaggFrontend:
+class RemotePrefill:
     def __init__(self, peers: KVPeers, has_connector: bool, transfer_timeout: float,
                  api_key: str | None, on_fallback) -> None:
         self.peers, self.has_connector = peers, has_connector
@@ -67,8 +67,8 @@ class DisaggFrontend:
             return PDRequest(kv_transfer_params=kv_transfer_params)
         return PDRequest(prefiller=self.peers.prefiller(prefiller))
 
-    async def kv_transfer_params(self, pd: PDRequest, model: str, prompts: list[Prompt], n: int,
-                                 cache_salt: str | None) -> dict | None:
+    async def kv_transfer_params(self, pd: PDRequest, model: str, prompts: list[TokenizedPrompt],
+                                 n: int, cache_salt: str | None) -> dict | None:
         """What the engine gets: the caller's params, a prefiller's answer, or None."""
         if pd.prefiller is None:
             return pd.kv_transfer_params

@@ -4,7 +4,7 @@ The prefill side serves reads from a ROUTER socket in a thread of its own; the d
 reads with one DEALER socket per peer, from a worker thread, so that neither blocks the
 engine's step loop. A peer is handshaken once (the KV layouts must match), then each read
 names published blocks and gets them back as one frame of
-`kv_cache[:, :, block_ids]` bytes, which the reader copies into its own blocks.
+`kv_caches[:, :, block_ids]` bytes, which the reader copies into its own blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import msgspec
 import torch
 import zmq
 
-from strata.disagg.connector import (
+from strata.engine.kv_connector.connector import (
     KVConnector,
     KVLayout,
     KVTransferError,
@@ -48,7 +48,7 @@ class Reply(msgspec.Struct, tag=True):
 
 
 Message = Handshake | Read
-logger = logging.getLogger("strata.disagg")
+logger = logging.getLogger("strata.engine.kv_connector")
 POLL_MS = 100  # how often the threads look for work and for close()
 
 
@@ -65,7 +65,7 @@ class TcpKVConnector(KVConnector):
         else:
             port = self.server.bind_to_random_port(f"tcp://{host}")
         self._address = (host, port)
-        self.kv_cache: torch.Tensor | None = None
+        self.kv_caches: torch.Tensor | None = None
         self.layout: KVLayout | None = None
         self._published: dict[str, set[int]] = {}
         self._lock = threading.Lock()
@@ -78,8 +78,8 @@ class TcpKVConnector(KVConnector):
                          for target, name in ((self._serve, "kv-serve"),
                                               (self._read_loop, "kv-read"))]
 
-    def register(self, kv_cache: torch.Tensor, layout: KVLayout) -> None:
-        self.kv_cache, self.layout = kv_cache, layout
+    def register(self, kv_caches: torch.Tensor, layout: KVLayout) -> None:
+        self.kv_caches, self.layout = kv_caches, layout
         for thread in self._threads:
             thread.start()
 
@@ -165,12 +165,12 @@ class TcpKVConnector(KVConnector):
                              f"{read.request_id!r} are not published"
             if not read.block_ids or not read.send_blocks:  # nothing to send (yet)
                 return b"", None
-            blocks = self.kv_cache[:, :, self._index(read.block_ids)]
+            blocks = self.kv_caches[:, :, self._index(read.block_ids)]
         # Through host memory as raw bytes: numpy has no bfloat16, and CUDA tensors have none.
         return memoryview(blocks.cpu().view(torch.uint8).numpy()).cast("B"), None
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
-        return torch.tensor(block_ids, dtype=torch.int64, device=self.kv_cache.device)
+        return torch.tensor(block_ids, dtype=torch.int64, device=self.kv_caches.device)
 
     # -- decode side: read from peers ------------------------------------------------------
 
@@ -224,15 +224,15 @@ class TcpKVConnector(KVConnector):
                                 remote)
         if len(frames) != 2:
             raise KVTransferError(f"{remote.engine_id} sent no block bytes")
-        expected = self.kv_cache[:, :, :len(local_ids)].numel() * self.kv_cache.element_size()
+        expected = self.kv_caches[:, :, :len(local_ids)].numel() * self.kv_caches.element_size()
         if len(frames[1]) != expected:
             raise KVTransferError(f"{remote.engine_id} sent {len(frames[1])} bytes of blocks, "
                                   f"{expected} expected")
         if not expected:
             return 0
-        shape = (*self.kv_cache.shape[:2], len(local_ids), *self.kv_cache.shape[3:])
-        blocks = torch.frombuffer(bytearray(frames[1].buffer), dtype=self.kv_cache.dtype)
-        self.kv_cache[:, :, self._index(local_ids)] = blocks.view(shape).to(self.kv_cache.device)
+        shape = (*self.kv_caches.shape[:2], len(local_ids), *self.kv_caches.shape[3:])
+        blocks = torch.frombuffer(bytearray(frames[1].buffer), dtype=self.kv_caches.dtype)
+        self.kv_caches[:, :, self._index(local_ids)] = blocks.view(shape).to(self.kv_caches.device)
         return expected
 
     def _exchange(self, socket: zmq.Socket, message: Handshake | Read,

@@ -17,8 +17,8 @@ import time
 import msgspec
 import zmq
 
-from strata.disagg.connector import KVLayout, KVTransferError, RemoteBlocks
-from strata.disagg.tcp import Read, TcpKVConnector
+from strata.engine.kv_connector.connector import KVLayout, KVTransferError, RemoteBlocks
+from strata.engine.kv_connector.tcp import Read, TcpKVConnector
 
 os.environ.setdefault("UCX_TLS", "tcp")  # before NIXL loads UCX; CPU machines have no RDMA
 
@@ -35,21 +35,21 @@ class PeerPool(msgspec.Struct):
 
 
 class NixlKVConnector(TcpKVConnector):
-    def register(self, kv_cache, layout: KVLayout) -> None:
+    def register(self, kv_caches, layout: KVLayout) -> None:
         # NIXL calls from the engine (notifications), serving (metadata) and reading threads.
         self._nixl_lock = threading.Lock()
         self.agent = nixl_agent(self.engine_id, nixl_agent_config(backends=["UCX"]))
-        self.memory_type = "VRAM" if kv_cache.is_cuda else "DRAM"
-        self._registration = self.agent.register_memory(kv_cache)
+        self.memory_type = "VRAM" if kv_caches.is_cuda else "DRAM"
+        self._registration = self.agent.register_memory(kv_caches)
         self._peers: dict[tuple[str, int], PeerPool] = {}
-        super().register(kv_cache, layout)
+        super().register(kv_caches, layout)
 
     def handshake_extra(self) -> bytes:
         with self._nixl_lock:
             metadata = self.agent.get_agent_metadata()
         return msgspec.msgpack.encode(PeerPool(metadata, self.engine_id,
-                                               self.kv_cache.data_ptr(),
-                                               self.kv_cache.shape[2]))
+                                               self.kv_caches.data_ptr(),
+                                               self.kv_caches.shape[2]))
 
     def on_handshake(self, remote: RemoteBlocks, extra: bytes) -> None:
         pool = msgspec.msgpack.decode(extra, type=PeerPool)
@@ -71,7 +71,7 @@ class NixlKVConnector(TcpKVConnector):
                               [(start, length) for start, _, length in runs]),
                 self.memory_type)
             ours = self.agent.get_xfer_descs(
-                self._regions(self.kv_cache.data_ptr(), self.kv_cache.shape[2],
+                self._regions(self.kv_caches.data_ptr(), self.kv_caches.shape[2],
                               [(start, length) for _, start, length in runs]),
                 self.memory_type)
             handle = self.agent.initialize_xfer("READ", ours, theirs, pool.agent_name,
@@ -91,20 +91,20 @@ class NixlKVConnector(TcpKVConnector):
         finally:
             with self._nixl_lock:
                 self.agent.release_xfer_handle(handle)
-        return len(local_ids) * self._block_bytes * 2 * self.kv_cache.shape[0]
+        return len(local_ids) * self._block_bytes * 2 * self.kv_caches.shape[0]
 
     @property
     def _block_bytes(self) -> int:
-        return self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
+        return self.kv_caches[0, 0, 0].numel() * self.kv_caches.element_size()
 
     def _regions(self, base: int, num_blocks: int, runs: list[tuple[int, int]]
                  ) -> list[tuple[int, int, int]]:
         """(address, length, device) of every (layer, K or V, run of consecutive blocks) in a
         pool [layers, 2, num_blocks, ...] that starts at base."""
-        size, device = self._block_bytes, self.kv_cache.get_device() if \
-            self.kv_cache.is_cuda else 0
+        size, device = self._block_bytes, self.kv_caches.get_device() if \
+            self.kv_caches.is_cuda else 0
         return [(base + ((layer * 2 + kv) * num_blocks + start) * size, length * size, device)
-                for layer in range(self.kv_cache.shape[0]) for kv in (0, 1)
+                for layer in range(self.kv_caches.shape[0]) for kv in (0, 1)
                 for start, length in runs]
 
     def poll(self):
@@ -122,7 +122,7 @@ class NixlKVConnector(TcpKVConnector):
         if self._closed.is_set():
             return
         super().close()
-        if hasattr(self, "agent"):
+        if hasattr(self, "_registration"):  # registered: give the memory back to NIXL
             self.agent.deregister_memory(self._registration)
 
 

@@ -4,7 +4,7 @@ prefill may be read; the decode side reads them into blocks of its own pool. Tra
 off the engine's step loop; the engine polls for what completed or failed.
 
 Two implementations share this interface: plain ZMQ/TCP frames of raw block bytes
-(`strata.disagg.tcp`) and NIXL (`strata.disagg.nixl`).
+(`strata.engine.kv_connector.tcp`) and NIXL (`strata.engine.kv_connector.nixl`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ class KVLayout(msgspec.Struct, frozen=True):
     dtype: str
 
     @classmethod
-    def of(cls, kv_cache: torch.Tensor, model_path: Path) -> KVLayout:
-        num_layers, _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    def of(cls, kv_caches: torch.Tensor, model_path: Path) -> KVLayout:
+        num_layers, _, _, block_size, num_kv_heads, head_dim = kv_caches.shape
         return cls(model_fingerprint(model_path), num_layers, num_kv_heads, head_dim,
-                   block_size, str(kv_cache.dtype).removeprefix("torch."))
+                   block_size, str(kv_caches.dtype).removeprefix("torch."))
 
     def mismatch(self, other: KVLayout) -> str | None:
         """Why blocks of `other` cannot be read into ours, or None."""
@@ -81,7 +81,7 @@ class KVConnector(ABC):
     engine_id: str
 
     @abstractmethod
-    def register(self, kv_cache: torch.Tensor, layout: KVLayout) -> None:
+    def register(self, kv_caches: torch.Tensor, layout: KVLayout) -> None:
         """The KV pool ([layers, 2, blocks, block_size, kv_heads, head_dim]) to serve from and
         read into."""
 
