@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.radix_cache import RadixNode
 from strata.engine.request import Request
 

@@ -6,7 +6,7 @@ it again when something is."""
 from dataclasses import dataclass
 
 from strata.config import SchedulerConfig
-from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.scheduler import Scheduler
 from tests.kv_invariants import check_kv_books
 from tests.test_prefix_cache import fake_step

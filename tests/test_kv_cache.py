@@ -4,7 +4,7 @@ import pytest
 
 from strata import LLM, SamplingParams
 from strata.engine.block_pool import BlockPool
-from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.request import Request
 from tests.conftest import STORIES, assert_all_blocks_free
 

@@ -8,7 +8,7 @@ import pytest
 
 from strata import LLM, SamplingParams
 from strata.config import SchedulerConfig
-from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.request import Request
 from strata.engine.runner import ModelRunnerOutput
 from strata.engine.scheduler import Scheduler

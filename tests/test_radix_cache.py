@@ -7,7 +7,7 @@ import pytest
 
 from strata.block_hash import prompt_block_ids
 from strata.config import SchedulerConfig
-from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.request import Request
 from strata.engine.runner import ModelRunnerOutput
 from strata.engine.scheduler import Scheduler

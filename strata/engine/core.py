@@ -9,7 +9,7 @@ import torch
 
 from strata.checkpoint import load_json, resolve_model_path
 from strata.config import EngineConfig
-from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.kv_connector.connector import KVLayout
 from strata.engine.kv_connector.tcp import TcpKVConnector
 from strata.engine.kv_transfer import KVTransfer

@@ -71,7 +71,7 @@ class ModelRunner:
         self.kv_caches = torch.zeros(args.num_layers, 2, self.num_blocks, self.block_size,
                                      args.num_kv_heads, args.head_dim,
                                      dtype=self.dtype, device=self.device)
-        self.model.bind_kv_cache(self.kv_caches)
+        self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
 
     @property

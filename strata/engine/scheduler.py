@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from strata.config import SchedulerConfig
-from strata.engine.kv_cache import KVCacheManager
+from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.messages import EngineCoreOutput
 from strata.engine.request import Request, RequestStatus
 

@@ -150,9 +150,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope)
 
-    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        """kv_cache: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
-        for layer, cache in zip(self.model.layers, kv_cache, strict=True):
+    def bind_kv_caches(self, kv_caches: torch.Tensor) -> None:
+        """kv_caches: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
