@@ -104,8 +104,16 @@ class EngineConfig:
     kv_connector_port: int = 0  # 0: any free port
     kv_lease_seconds: float = 30.0  # a finished prefill's blocks wait this long to be read
     kv_transfer_timeout: float = 10.0  # seconds a peer may stay silent before a read fails
+    # Ranks the model is sharded over (Megatron-style). Above 1, this process is one rank of
+    # a torch.distributed group of that size, initialised before the engine is built.
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got "
+                             f"{self.tensor_parallel_size}")
 
     @classmethod
     def create(cls, model: str = DEFAULT_MODEL, **kwargs) -> EngineConfig:

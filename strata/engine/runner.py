@@ -22,6 +22,7 @@ from strata.engine.request import Request
 from strata.engine.scheduler import SchedulerOutput
 from strata.math_utils import cdiv
 from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
+from strata.model.parallel import TensorParallel
 from strata.model.registry import load_model, resolve_device, resolve_dtype
 from strata.model.sampler import Sampler, SamplerOutput, SamplingMetadata
 
@@ -56,8 +57,11 @@ class ModelRunner:
         hf_config = load_json(model_path / "config.json")
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
-        self.model = load_model(model_path, self.dtype, self.device)
+        self.tp = TensorParallel.of_world(config.tensor_parallel_size)
+        self.model = load_model(model_path, self.dtype, self.device, self.tp)
         args = self.model.args
+        # This rank's KV heads only: at N ranks the same memory holds about N x the tokens.
+        self.num_kv_heads = self.model.shapes.num_kv_heads
         self.vocab_size = args.vocab_size
         self.max_model_len = config.max_model_len or args.max_position_embeddings
         if self.max_model_len > args.max_position_embeddings:
@@ -69,7 +73,7 @@ class ModelRunner:
         # slots, and 0 * NaN from stale memory would still poison the output.
         # One tensor for all layers: [layers, K and V, blocks, block_size, kv_heads, head_dim].
         self.kv_caches = torch.zeros(args.num_layers, 2, self.num_blocks, self.block_size,
-                                     args.num_kv_heads, args.head_dim,
+                                     self.num_kv_heads, args.head_dim,
                                      dtype=self.dtype, device=self.device)
         self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
@@ -77,7 +81,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         a = self.model.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * \
+        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * \
             self.dtype.itemsize
 
     def _num_blocks(self) -> int:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.model.cpu_kernels import skinny_linear_kernel
+from strata.model.parallel import SINGLE, TensorParallel
 
 
 class Linear(nn.Linear):
@@ -55,6 +56,23 @@ def use_cpu_linear_kernel(model: nn.Module) -> None:
 class Embedding(nn.Embedding):
     def reset_parameters(self) -> None:
         pass
+
+
+class VocabParallelEmbedding(Embedding):
+    """This rank's rows of the vocabulary, [start, start + rows): other ids look up zeros,
+    and the sum over the ranks is the whole lookup."""
+
+    def __init__(self, rows: int, hidden: int, start: int, tp: TensorParallel) -> None:
+        super().__init__(rows, hidden)
+        self.start, self.tp = start, tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(ids)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
 
 
 class RMSNorm(nn.Module):
@@ -110,14 +128,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU MLP with gate and up projections fused into one matmul."""
+    """SwiGLU MLP with gate and up projections fused into one matmul. Under tensor
+    parallelism `intermediate` is this rank's share: gate/up hold its rows, down_proj its
+    columns, and the ranks' partial products are summed."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
+    def __init__(self, hidden: int, intermediate: int, bias: bool,
+                 tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.intermediate = intermediate
+        self.intermediate, self.tp = intermediate, tp
         self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))

@@ -2,7 +2,8 @@
 
 Qwen2 adds a bias to q/k/v, Qwen3 normalises q and k per head, Mistral may
 limit attention to a sliding window. Weights load from Hugging Face names; q/k/v
-and gate/up are fused into one matmul each.
+and gate/up are fused into one matmul each. Under tensor parallelism each rank builds
+and loads only its shard (sharding.py); at size 1 the shard is the whole model.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from torch import nn
 
 from strata.model.attention import AttentionMetadata, paged_attention, write_kv
 from strata.model.layers import (
-    Embedding,
     GatedMLP,
     Linear,
     RMSNorm,
     RotaryEmbedding,
+    VocabParallelEmbedding,
     apply_rotary,
 )
+from strata.model.loader import TensorSlice
+from strata.model.parallel import SINGLE, TensorParallel
+from strata.model.sharding import RankShapes, Split, split_of
 
 
 @dataclass
@@ -84,12 +88,14 @@ def _sliding_windows(config: dict, layers: int, architecture: str) -> list[int |
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int) -> None:
+    def __init__(self, args: ModelArgs, layer: int, shapes: RankShapes,
+                 tp: TensorParallel) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            args.num_heads, args.num_kv_heads, args.head_dim)
-        self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
+            shapes.num_heads, shapes.num_kv_heads, args.head_dim)
+        self.q_size = shapes.num_heads * args.head_dim
+        self.kv_size = shapes.num_kv_heads * args.head_dim
+        self.tp = tp
         self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = Linear(self.q_size, args.hidden_size, bias=args.o_bias)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
@@ -110,14 +116,15 @@ class Attention(nn.Module):
         v = v.view(-1, kv_heads, head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.view(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.view(-1, self.q_size)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int) -> None:
+    def __init__(self, args: ModelArgs, layer: int, shapes: RankShapes,
+                 tp: TensorParallel) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        self.self_attn = Attention(args, layer, shapes, tp)
+        self.mlp = GatedMLP(args.hidden_size, shapes.intermediate_size, args.mlp_bias, tp)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -128,10 +135,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, shapes: RankShapes, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(shapes.vocab_size, args.hidden_size,
+                                                   shapes.vocab_start, tp)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, shapes, tp)
+                                    for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -141,11 +150,12 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.args = args
-        self.model = DecoderModel(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.args, self.tp = args, tp
+        self.shapes = RankShapes.of(args, tp)  # refuses a model that does not divide by N
+        self.model = DecoderModel(args, self.shapes, tp)
+        self.lm_head = Linear(args.hidden_size, self.shapes.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope)
@@ -165,9 +175,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """Logits over the whole vocabulary, on every rank (the last rank's pad cut off)."""
+        return self.tp.all_gather(self.lm_head(hidden))[:, :self.args.vocab_size].float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, TensorSlice]]) -> None:
+        """Copy this rank's part of each checkpoint tensor in, reading no more than it."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -178,13 +190,8 @@ class LlamaForCausalLM(nn.Module):
             target, shard = _fused_target(name)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-            param = params[target].data
-            if shard is not None:
-                param = param.narrow(0, *self._shard_range(target, shard))
-            if param.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(param.shape)}")
-            param.copy_(tensor)
+            split = split_of(target, shard, self.args, self.shapes, self.tp)
+            _copy_part(name, tensor, params[target].data, split, fused=shard is not None)
             loaded.add(target if shard is None else f"{target}#{shard}")
         expected = {name for name, _ in self.named_parameters()}
         expected = {f"{n}#{s}" for n in expected for s in self._shards_of(n)} | {
@@ -198,14 +205,24 @@ class LlamaForCausalLM(nn.Module):
             return range(3)
         return range(2) if ".gate_up_proj." in name else range(0)
 
-    def _shard_range(self, name: str, shard: int) -> tuple[int, int]:
-        a = self.args
-        if ".qkv_proj." in name:
-            sizes = [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim,
-                     a.num_kv_heads * a.head_dim]
-        else:
-            sizes = [a.intermediate_size] * 2
-        return sum(sizes[:shard]), sizes[shard]
+
+def _copy_part(name: str, tensor: TensorSlice, param: torch.Tensor, split: Split | None,
+               fused: bool) -> None:
+    """Read this rank's part of `tensor` into `param`. A non-fused parameter's rows past the
+    part (vocabulary padding; a row-parallel bias off rank 0) are zeroed."""
+    shape, expected = list(tensor.get_shape()), list(param.shape)
+    dest, index = param, (slice(None),)
+    if split is not None:
+        expected[split.dim] = split.full
+        dest = param.narrow(split.dim, split.offset, split.length)
+        index = (slice(None),) * split.dim + (slice(split.start, split.start + split.length),)
+    if shape != expected:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(shape)}, "
+                         f"expected {tuple(expected)}")
+    if dest.numel():
+        dest.copy_(tensor[index])
+    if split is not None and not fused:
+        param.narrow(split.dim, split.length, param.shape[split.dim] - split.length).zero_()
 
 
 def _fused_target(name: str) -> tuple[str, int | None]:

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
 
 from strata.checkpoint import load_json
+
+
+class TensorSlice(Protocol):
+    """A checkpoint tensor not yet read (safetensors' get_slice): indexing reads that part."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def __getitem__(self, index: slice | tuple[slice, ...]) -> torch.Tensor: ...
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -27,11 +36,13 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) pairs, reading one tensor at a time (no whole-file copy)."""
+def iterate_weights(path: Path) -> Iterator[tuple[str, TensorSlice]]:
+    """Yield (name, slice) pairs, one tensor at a time (no whole-file copy): a slice reads
+    only the part it is indexed with, so a tensor-parallel rank reads only its shard. Read
+    each before asking for the next (its file closes after its last tensor)."""
     for file in safetensors_files(path):
         if not file.is_file():
             raise FileNotFoundError(f"missing weight shard {file.name} in {path}")
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, handle.get_tensor(name)
+                yield name, handle.get_slice(name)

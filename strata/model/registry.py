@@ -11,6 +11,7 @@ from strata.checkpoint import load_json
 from strata.model.layers import use_cpu_linear_kernel
 from strata.model.llama import LlamaForCausalLM, ModelArgs
 from strata.model.loader import iterate_weights
+from strata.model.parallel import SINGLE, TensorParallel
 
 # config.json "architectures" -> model class. Qwen3 differs from Llama only by
 # q/k norm, and Mistral by its sliding window: flags of one class.
@@ -52,13 +53,15 @@ def model_args(config: dict) -> tuple[str, ModelArgs]:
     return supported[0], ModelArgs.from_hf(config, supported[0])
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(path: Path, dtype: torch.dtype, device: torch.device,
+               tp: TensorParallel = SINGLE) -> nn.Module:
+    """The model, or this rank's shard of it under tensor parallelism."""
     architecture, args = model_args(load_json(path / "config.json"))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = ARCHITECTURES[architecture](args)
+            model = ARCHITECTURES[architecture](args, tp)
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
