@@ -165,8 +165,12 @@ class Proxy:
             try:
                 upstream = await watched(self._open(endpoint, path, body, headers), endpoint,
                                          self.stall_timeout)
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # noqa: BLE001 (httpcore can raise AttributeError for
+                # a peer killed mid-connect: any failure to open is the endpoint's, retried)
                 last_error = f"{endpoint.url}: {type(exc).__name__}: {exc}"
+                if not isinstance(exc, httpx.HTTPError):
+                    logger.warning("%s: could not open the request (%s)", endpoint.url,
+                                   last_error)
                 self.router.failed(endpoint)
                 continue
             except BaseException:  # the client left: the send is cancelled
