@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from strata.health import ServerExited, wait_healthy
 from tests.conftest import STORIES
 
@@ -91,3 +93,19 @@ class RouterProcess(ServerProcess):
     def __init__(self, log_dir: Path, *args: str) -> None:
         self.port = free_port()
         self._start(log_dir, ["route", "--port", str(self.port), *args], None)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def engine_running(pid: int) -> bool:
+    """A live spawned EngineCore process (a zombie, exited but not reaped, has an empty
+    command line)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

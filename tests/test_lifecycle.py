@@ -14,14 +14,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import STORIES
-from tests.server_process import free_port
+from tests.polling import wait_until
+from tests.server_process import engine_running, free_port, healthy
 
 TAG_VARIABLE = "STRATA_TEST_LIFECYCLE_TAG"
 SIGTERM_EXIT_SECONDS = 10  # "within a few seconds", with room for a busy 2-core CI machine
@@ -42,27 +42,8 @@ def tagged_processes(tag: str) -> list[int]:
     return found
 
 
-def wait_for(condition: Callable[[], object], seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
-
-
 def engines(tag: str) -> list[int]:
-    def is_engine(pid: int) -> bool:
-        with contextlib.suppress(OSError):
-            return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        return False
-    return [pid for pid in tagged_processes(tag) if is_engine(pid)]
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return [pid for pid in tagged_processes(tag) if engine_running(pid)]
 
 
 def launch(command: str, tmp_path: Path, tag: str) -> tuple[subprocess.Popen, str]:
@@ -104,10 +85,10 @@ def test_killed_at_any_moment_leaves_no_process(tmp_path, command, moment, signu
     stream = None
     try:
         if moment == "loading":
-            wait_for(lambda: engines(tag), 120, "an engine process")
+            wait_until(lambda: engines(tag), "an engine process", 120)
             assert not healthy(url)
         elif moment == "serving":
-            wait_for(lambda: healthy(url), 300, f"{url} to be healthy")
+            wait_until(lambda: healthy(url), f"{url} to be healthy", 300)
             stream = httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
                 "model": str(STORIES), "prompt": "Once", "max_tokens": 400,
                 "ignore_eos": True, "stream": True})
@@ -119,7 +100,7 @@ def test_killed_at_any_moment_leaves_no_process(tmp_path, command, moment, signu
         if signum == signal.SIGTERM:
             assert time.monotonic() - started < SIGTERM_EXIT_SECONDS
         assert code != 0 or signum == signal.SIGTERM
-        wait_for(lambda: not tagged_processes(tag), GONE_SECONDS, "every process to exit")
+        wait_until(lambda: not tagged_processes(tag), "every process to exit", GONE_SECONDS)
     finally:
         if stream is not None:
             with contextlib.suppress(httpx.HTTPError):

@@ -21,7 +21,7 @@ from schemathesis.checks import not_a_server_error
 from tests.conftest import STORIES
 from tests.metrics_scrape import scrape, wait_idle
 from tests.polling import wait_until
-from tests.server_process import SERVED_NAME, ServerProcess, free_port
+from tests.server_process import SERVED_NAME, ServerProcess, engine_running, free_port
 from tests.test_up import alive, descendants
 
 SECRET = "s3cret"
@@ -193,13 +193,6 @@ def test_503_and_exit_when_the_engine_dies(tmp_path):
     assert_openai_error(httpx.post(f"{url}/v1/completions", json={"prompt": "Hi"}), 503)
     assert_openai_error(httpx.get(f"{url}/health"), 503)
     assert server.process.wait(30) != 0
-
-
-def engine_running(pid: int) -> bool:
-    try:  # a zombie (exited, not yet reaped) has an empty command line
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return False
 
 
 def test_a_killed_frontend_leaves_no_busy_engine_behind(tmp_path):

@@ -17,7 +17,7 @@ import httpx
 
 from strata.http_headers import ENDPOINT_HEADER
 from tests.conftest import STORIES
-from tests.server_process import free_port
+from tests.server_process import free_port, healthy
 
 
 def start_up(tmp_path, *args: str, processes: int) -> tuple[subprocess.Popen, dict[str, str]]:
@@ -86,13 +86,6 @@ def child_serving(parent: int, port: int) -> int | None:
             if b"--port" in args and args[args.index(b"--port") + 1] == str(port).encode():
                 return pid
     return None
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_up_restarts_a_dead_replica_and_leaves_nothing_when_killed(tmp_path):
