@@ -33,6 +33,7 @@ from tqdm import tqdm
 from strata import LLM, SamplingParams
 from strata.engine.core import EngineCore
 from strata.engine.request import Request
+from strata.engine.step_batch import StepBatch
 from strata.math_utils import cdiv
 
 BLOCK_SIZE = 16
@@ -453,7 +454,7 @@ def time_bare_forward(engine: EngineCore, steps: int) -> Timing:
     # schedule() only allocates the next token's slot, which the next real step
     # would allocate anyway; these forwards write that slot, the real step rewrites it.
     runner = engine.runner
-    inputs = runner.prepare_inputs(engine.scheduler.schedule())
+    inputs = runner.prepare_inputs(StepBatch.of(engine.scheduler.schedule(), runner.block_size))
     with torch.inference_mode(), Stopwatch() as watch:
         for _ in range(steps):
             for group in inputs.attention.groups:

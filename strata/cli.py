@@ -10,6 +10,8 @@ import sys
 from strata.bench.cli import add_bench_parser
 from strata.config import DEFAULT_MODEL
 
+DEFAULT_MASTER_PORT = 29501  # vLLM's
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them."""
@@ -31,6 +33,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="seed of the block hashes in KV events (same in every process)")
     parser.add_argument("--schedule-policy", choices=("lpm", "fcfs"), default="lpm",
                         help="lpm: longest cached prefix first; fcfs: arrival order")
+    add_parallel_args(parser)
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """Tensor parallelism over processes and nodes. A LeaderWorkerSet's environment gives
+    the node flags their defaults, so one container command serves as leader and worker."""
+    env = os.environ
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="shard the model over this many ranks (processes)")
+    parser.add_argument("--nnodes", type=int, default=int(env.get("LWS_GROUP_SIZE", 1)),
+                        help="machines the ranks are spread over (env LWS_GROUP_SIZE)")
+    parser.add_argument("--node-rank", type=int, default=int(env.get("LWS_WORKER_INDEX", 0)),
+                        help="this machine's place among them; 0 runs the scheduler and the "
+                             "API (env LWS_WORKER_INDEX)")
+    parser.add_argument("--master-addr", default=env.get("LWS_LEADER_ADDRESS", "127.0.0.1"),
+                        help="node 0's address, where the ranks meet (env LWS_LEADER_ADDRESS)")
+    parser.add_argument("--master-port", type=int, default=None,
+                        help="node 0's rendezvous port (default 29501 with several nodes)")
+    parser.add_argument("--distributed-timeout", type=float, default=10.0,
+                        help="seconds a rank may wait in a collective, or for a heartbeat: "
+                             "a dead or stopped rank ends the group within this")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,7 +63,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching,
                 prefix_caching_hash_seed=args.prefix_caching_hash_seed,
-                schedule_policy=args.schedule_policy)
+                schedule_policy=args.schedule_policy,
+                tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
+                node_rank=args.node_rank, master_addr=args.master_addr,
+                master_port=args.master_port if args.master_port is not None else
+                DEFAULT_MASTER_PORT if args.nnodes > 1 else 0,
+                distributed_timeout=args.distributed_timeout)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -50,6 +78,8 @@ def generate(args: argparse.Namespace) -> int:
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sample_seed, max_tokens=args.max_tokens,
                             stop=args.stop or [], ignore_eos=args.ignore_eos)
+    if args.node_rank > 0:
+        raise ValueError("node 0 generates; run the other nodes with `strata serve --headless`")
     llm = LLM(args.model, **engine_kwargs(args))
     for output in llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1):
         for sample in output.outputs:
@@ -68,6 +98,10 @@ def serve(args: argparse.Namespace) -> int:
     model = args.model_tag or args.model
     config = EngineConfig.create(model, **engine_kwargs(args), **kv_events_kwargs(args),
                                  **kv_transfer_kwargs(args))
+    if args.headless or config.parallel.node_rank > 0:
+        from strata.engine.worker import run_headless
+
+        return run_headless(config)
     limits = ServerLimits(max_waiting_requests=args.max_waiting_requests,
                           max_samples_per_request=args.max_samples_per_request,
                           max_request_body_bytes=args.max_request_body_bytes)
@@ -117,6 +151,9 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("model_tag", nargs="?", default=None,
                         help="checkpoint folder or hub id (default: --model)")
     add_engine_args(parser)
+    parser.add_argument("--headless", action="store_true",
+                        help="run this node's tensor-parallel ranks only, no API (the default "
+                             "on every node but node 0)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", nargs="+", default=None,
@@ -167,12 +204,13 @@ def add_serve_parser(commands) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
-    from strata.up import RouterOptions
+    from strata.up import Parallelism, RouterOptions
     from strata.up import up as run_up
 
     return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
                   args.prefill, args.decode,
-                  RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens))
+                  RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens),
+                  Parallelism(args.tensor_parallel_size, args.nnodes))
 
 
 def route(args: argparse.Namespace) -> int:
@@ -208,6 +246,11 @@ def add_up_parser(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000,
                         help="the router's port; the engines take the ports after it")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="shard each engine over this many ranks (processes)")
+    parser.add_argument("--nnodes", type=int, default=1,
+                        help="run each engine's ranks as this many \"nodes\": a leader "
+                             "`strata serve` and headless ones, meeting over loopback")
     add_policy_args(parser)
     parser.set_defaults(handler=up)
 

@@ -87,6 +87,51 @@ class SchedulerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Tensor parallelism: the model sharded (Megatron-style) over tensor_parallel_size ranks,
+    spread evenly over nnodes machines. Rank 0 (node 0) schedules and samples; the other
+    ranks only run the model. Named as vLLM names them."""
+
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    # Where rank 0 holds the group's rendezvous (a TCP store). Port 0: any free port, which
+    # only a single node can use (the other nodes must be told it).
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    # Seconds a rank may wait for the others inside one collective of a step, and the leader
+    # for an idle heartbeat's answer: a dead or stopped rank ends the group within this.
+    distributed_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        n, nodes = self.tensor_parallel_size, self.nnodes
+        if n < 1 or nodes < 1:
+            raise ValueError(f"tensor_parallel_size and nnodes must be at least 1, got {n} "
+                             f"and {nodes}")
+        if n % nodes:
+            raise ValueError(f"tensor_parallel_size {n} must be a multiple of nnodes {nodes} "
+                             f"(every node runs the same number of ranks)")
+        if not 0 <= self.node_rank < nodes:
+            raise ValueError(f"node_rank must be in [0, {nodes}), got {self.node_rank}")
+        if nodes > 1 and not self.master_port:
+            raise ValueError("several nodes need a --master-port (and --master-addr) that "
+                             "every node can reach")
+        if not self.distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout must be positive, got "
+                             f"{self.distributed_timeout}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+    @property
+    def node_ranks(self) -> range:
+        """The global ranks this node runs."""
+        first = self.node_rank * self.ranks_per_node
+        return range(first, first + self.ranks_per_node)
+
+
+@dataclass
 class EngineConfig:
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None
@@ -104,28 +149,22 @@ class EngineConfig:
     kv_connector_port: int = 0  # 0: any free port
     kv_lease_seconds: float = 30.0  # a finished prefill's blocks wait this long to be read
     kv_transfer_timeout: float = 10.0  # seconds a peer may stay silent before a read fails
-    # Ranks the model is sharded over (Megatron-style). Above 1, this process is one rank of
-    # a torch.distributed group of that size, initialised before the engine is built.
-    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-    def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, got "
-                             f"{self.tensor_parallel_size}")
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def create(cls, model: str = DEFAULT_MODEL, **kwargs) -> EngineConfig:
         """Build from flat keyword arguments, as `LLM(model, **engine_args)` takes them."""
-        groups = {name: {} for name in ("engine", "cache", "scheduler")}
+        groups = {name: {} for name in ("engine", "cache", "scheduler", "parallel")}
         owners = {f.name: "cache" for f in dataclasses.fields(CacheConfig)}
         owners |= {f.name: "scheduler" for f in dataclasses.fields(SchedulerConfig)}
-        owners |= {f.name: "engine" for f in dataclasses.fields(cls) if f.name not in
-                   ("cache", "scheduler")}
+        owners |= {f.name: "parallel" for f in dataclasses.fields(ParallelConfig)}
+        owners |= {f.name: "engine" for f in dataclasses.fields(cls) if f.name not in groups}
         for key, value in kwargs.items():
             if key not in owners:
                 raise TypeError(f"unknown engine argument {key!r}")
             groups[owners[key]][key] = value
         return cls(model=model, cache=CacheConfig(**groups["cache"]),
-                   scheduler=SchedulerConfig(**groups["scheduler"]), **groups["engine"])
+                   scheduler=SchedulerConfig(**groups["scheduler"]),
+                   parallel=ParallelConfig(**groups["parallel"]), **groups["engine"])

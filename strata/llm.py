@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -23,10 +24,17 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args) -> None:
         self.config = EngineConfig.create(model, **engine_args)
         self.engine = EngineCore(self.config)
+        # Its tensor-parallel ranks (processes) go with it, at the latest when Python exits.
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             self.tokenizer = Tokenizer(resolve_model_path(self.config.tokenizer or model))
         self._request_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel ranks and KV connector now (else: when this LLM
+        is collected, or Python exits)."""
+        self._finalizer()
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer

@@ -1,5 +1,6 @@
 """A child that goes when its parent goes, however the parent dies (Linux's
-PR_SET_PDEATHSIG): what a process group or a signal handler cannot promise for SIGKILL."""
+PR_SET_PDEATHSIG): what a process group or a signal handler cannot promise for SIGKILL;
+and SIGTERM turned into SystemExit, so that a child told to go runs its cleanup."""
 
 from __future__ import annotations
 
@@ -20,3 +21,14 @@ def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
         _libc.prctl(PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent:  # it died before prctl: no signal will come
         os._exit(1)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like an exception (finally blocks and ExitStacks run); a second one
+    kills outright."""
+    signal.signal(signal.SIGTERM, _exit)
+
+
+def _exit(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(128 + signum)

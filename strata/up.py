@@ -12,6 +12,12 @@ that doubles, up to 30 s, while its restarts keep dying within a minute. Meanwhi
 router routes around a dead engine by itself: its scrapes of the engine's /metrics fail, so
 it sends there no more until the restarted engine answers them.
 
+With --tensor-parallel-size N --nnodes M, each replica is a group of M "nodes" on this
+machine: node 0 a `strata serve` with the API, the others `strata serve --headless`, with
+the command lines a LeaderWorkerSet would run, meeting over loopback. The group lives and
+dies as one (LeaderWorkerSet's RecreateGroupOnPodRestart): a member that dies takes the
+others down, and all are started again.
+
 Each child has its own process group, so a Ctrl-C reaches only this command, which then
 stops each child once. And the kernel sends each child SIGTERM when this command dies
 (PR_SET_PDEATHSIG), however it dies: a SIGKILL of `strata up` leaves nothing running.
@@ -45,10 +51,11 @@ class Child:
     """One `strata serve` or `strata route` process, and when to restart it."""
 
     index: int
-    role: str  # replica | prefill | decode | router
-    url: str
+    role: str  # replica | prefill | decode | router | node K (a replica's headless node)
+    url: str | None  # None: serves no API (a headless node)
     command: list[str]
     env: dict[str, str]
+    group: int | None = None  # the replica whose nodes live and die together
     process: subprocess.Popen = field(init=False)
     started_at: float = 0.0
     restart_delay: float = RESTART_DELAY
@@ -86,10 +93,25 @@ class RouterOptions:
     pd_threshold_tokens: int = 256
 
 
+@dataclass
+class Parallelism:
+    """How each engine is sharded: over tensor_parallel_size ranks on nnodes "nodes"."""
+
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"--tensor-parallel-size {self.tensor_parallel_size} must be a "
+                             f"multiple of --nnodes {self.nnodes}")
+
+
 def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[str],
-       prefill: int = 0, decode: int = 0, router: RouterOptions | None = None) -> int:
+       prefill: int = 0, decode: int = 0, router: RouterOptions | None = None,
+       parallel: Parallelism | None = None) -> int:
     """N engines (or prefill and decode ones) on the ports after --port, the router on it."""
     router = router or RouterOptions()
+    parallel = parallel or Parallelism()
     if prefill or decode:
         if prefill < 1 or decode < 1:
             raise ValueError("--prefill and --decode need at least one instance each")
@@ -115,19 +137,29 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     started, endpoints = [], []
-    # The engines share the machine's cores: torch threads beyond a share only spin.
-    threads = max(1, len(os.sched_getaffinity(0)) // len(roles))
+    # The engines' ranks share the machine's cores: torch threads beyond a share only spin.
+    ranks = len(roles) * parallel.tensor_parallel_size
+    threads = max(1, len(os.sched_getaffinity(0)) // ranks)
     for i, role in enumerate(roles):
         engine_port, events = port + 1 + i, f"tcp://{host}:{port + 1 + len(roles) + i}"
-        args = list(serve_args)
+        args = [*serve_args, "--tensor-parallel-size", str(parallel.tensor_parallel_size)]
         endpoint = f"http://{host}:{engine_port}"
         if role != "replica":
             endpoint += f",role={role}"
         if router.prefix_index == "precise":
             args += ["--kv-events-endpoint", events]
             endpoint += f",kv-events={events}"
-        started.append(_start(i, role, host, engine_port,
-                              _serve(model, host, engine_port, args), threads))
+        nodes = [[]]
+        if parallel.nnodes > 1:
+            master_port = port + 1 + 2 * len(roles) + i
+            nodes = [["--nnodes", str(parallel.nnodes), "--node-rank", str(k), "--master-addr",
+                      host, "--master-port", str(master_port)] + (["--headless"] if k else [])
+                     for k in range(parallel.nnodes)]
+        for k, node_args in enumerate(nodes):
+            command = _serve(model, host, engine_port, args + node_args)
+            started.append(_start(k if k else i, f"{role} {i}, node" if k else role,
+                                  None if k else f"http://{host}:{engine_port}", command,
+                                  threads, group=i if len(nodes) > 1 else None))
         endpoints += ["--endpoint", endpoint]
     # Precise mode hashes prompts as the engines do; approximate mode needs no tokenizer
     # (blocks of characters, ~1 ms faster per 1,000 tokens of text).
@@ -135,7 +167,7 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
     try:
         if not _wait_healthy(started, lambda: stop_requested):
             return 1
-        front = _start(len(started), "router", host, port, [
+        front = _start(len(roles), "router", f"http://{host}:{port}", [
             sys.executable, "-m", "strata.cli", "route", "--host", host, "--port", str(port),
             *endpoints, *tokenizer, "--policy", router.policy, "--prefix-index",
             router.prefix_index, "--pd-threshold-tokens", str(router.pd_threshold_tokens),
@@ -146,8 +178,8 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         print(f"strata up: {len(started)} process(es) ready (Ctrl-C stops them all)",
               flush=True)
         for child in started:
-            print(f"  {child.role} {child.index}: {child.url}  (pid {child.process.pid})",
-                  flush=True)
+            print(f"  {child.role} {child.index}: {child.url or 'headless'}  "
+                  f"(pid {child.process.pid})", flush=True)
         _supervise(started, lambda: stop_requested)
         return 0
     finally:
@@ -170,31 +202,44 @@ def _serve(model: str | None, host: str, port: int, serve_args: list[str]) -> li
             "--host", host, "--port", str(port), *serve_args]
 
 
-def _start(index: int, role: str, host: str, port: int, command: list[str],
-           threads: int | None = None) -> Child:
+def _start(index: int, role: str, url: str | None, command: list[str],
+           threads: int | None = None, group: int | None = None) -> Child:
     env = dict(os.environ)
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    child = Child(index, role, f"http://{host}:{port}", command, env)
+    child = Child(index, role, url, command, env, group)
     child.start()
     return child
 
 
 def _supervise(children: list[Child], stopping: Callable[[], bool]) -> None:
-    """Until `stopping()`: restart each child that dies, once its restart delay is over."""
+    """Until `stopping()`: restart each child that dies, once its restart delay is over; a
+    dead member of a group first takes the rest of its group down."""
     while not stopping():
         now = time.monotonic()
         for child in children:
             if child.restart_at is None and child.process.poll() is not None:
                 child.died(now)
+                for sibling in children:
+                    if child.group is not None and sibling.group == child.group and \
+                            sibling.process.poll() is None:
+                        sibling.process.terminate()
             elif child.restart_at is not None and now >= child.restart_at:
                 child.restart()
         time.sleep(0.2)
 
 
 def _wait_healthy(children: list[Child], stopping: Callable[[], bool]) -> bool:
+    """Every child with an API healthy; a headless one need only stay alive (its engine's
+    health says whether its group formed)."""
     try:
-        return all(wait_healthy(c.url, c.process, STARTUP_TIMEOUT, stopping) for c in children)
+        for child in children:
+            if child.url is not None:
+                wait_healthy(child.url, child.process, STARTUP_TIMEOUT, stopping)
+            elif child.process.poll() is not None:
+                raise ServerExited(f"{child.role} {child.index} exited with code "
+                                   f"{child.process.returncode}")
+        return not stopping()
     except (ServerExited, TimeoutError) as exc:
         print(f"strata up: {exc}", file=sys.stderr)
         return False

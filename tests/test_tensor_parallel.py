@@ -1,51 +1,46 @@
-"""Tensor parallelism at N = 2, run SPMD: two spawned ranks (gloo over a file:// rendezvous)
-each run the same offline engine over the same requests; the scheduler is deterministic and
-every rank gathers the whole logits, so both sample what N = 1 samples."""
+"""Tensor parallelism at N = 2 over the offline API: LLM(..., tensor_parallel_size=2) makes
+this process rank 0 (scheduler, sampler, its shard) and starts rank 1 as a worker process,
+which runs its shard of every step rank 0 sends it."""
 
 from __future__ import annotations
 
-import multiprocessing
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from strata import LLM, SamplingParams
+from strata.engine.executor import TensorParallelGroupError
 from strata.model.layers import Linear
-from strata.model.parallel import TensorParallel
-from strata.model.registry import load_model
-from tests.conftest import ARCHITECTURES, STORIES, build_checkpoint, record_logits
+from tests.conftest import ARCHITECTURES, SHARED_MODELS, STORIES, build_checkpoint, record_logits
 
 PROMPTS = [[1, 5, 77, 300, 12, 9], [1] + list(range(20, 60)), [1, 400]]
 NEW_TOKENS = 16
 BUDGET = "1MiB"  # the same per-rank KV memory at N = 1 and N = 2
-RANK_TIMEOUT = 120  # seconds: a rank that hangs fails the test instead of stalling it
 
 
 def _run(path: Path, **engine_args) -> dict:
-    """Greedy ids, the last step's logits, weight bytes and KV blocks of one engine."""
+    """Greedy ids, the last step's logits, rank 0's weight bytes and the KV blocks of one
+    engine; its ranks are stopped after."""
     llm = LLM(str(path), skip_tokenizer_init=True, kv_cache_memory=BUDGET, **engine_args)
-    logits = record_logits(llm)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                           SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
-                           use_tqdm=False)
-    model = llm.engine.runner.model
-    weight_bytes = sum(p.nbytes for p in model.parameters()) + sum(
-        m.packed.nbytes for m in model.modules() if isinstance(m, Linear) and m.packed is not None)
-    return {"ids": [o.outputs[0].token_ids for o in outputs], "logits": logits[-1],
-            "weight_bytes": weight_bytes, "num_blocks": llm.engine.runner.num_blocks}
-
-
-def _rank(rank: int, init_file: str, cases: dict[str, Path], out: Path) -> None:
-    import torch.distributed as dist
-
-    from strata.model.parallel import init_process_group
-
-    torch.set_num_threads(1)
-    init_process_group(rank, 2, f"file://{init_file}", torch.device("cpu"), timeout=30)
-    results = {name: _run(path, tensor_parallel_size=2) for name, path in cases.items()}
-    torch.save(results, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    try:
+        logits = record_logits(llm)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                               SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
+                                              ignore_eos=True), use_tqdm=False)
+        model = llm.engine.runner.model
+        weight_bytes = sum(p.nbytes for p in model.parameters()) + sum(
+            m.packed.nbytes for m in model.modules()
+            if isinstance(m, Linear) and m.packed is not None)
+        workers = llm.engine.executor.workers
+        return {"ids": [o.outputs[0].token_ids for o in outputs], "logits": logits[-1],
+                "weight_bytes": weight_bytes, "num_blocks": llm.engine.runner.num_blocks,
+                "workers": list(workers)}
+    finally:
+        llm.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -61,39 +56,72 @@ def cases(tmp_path_factory) -> dict[str, Path]:
         root / "one_kv_head", "llama3", num_key_value_heads=1, vocab_size=509,
         tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
     cases["stories260K"] = STORIES
+    cases["TinyStories-656K"] = SHARED_MODELS / "TinyStories-656K"
     return cases
 
 
-@pytest.mark.timeout(RANK_TIMEOUT + 60)
-def test_two_ranks_match_one(cases, tmp_path):
-    context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_rank, args=(r, str(tmp_path / "init"), cases, tmp_path))
-             for r in range(2)]
-    for process in ranks:
-        process.start()
-    single = {name: _run(path) for name, path in cases.items()}  # meanwhile, N = 1 here
-    for process in ranks:
-        process.join(RANK_TIMEOUT)
-        if process.is_alive():
-            process.kill()
-    assert [p.exitcode for p in ranks] == [0, 0]
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for name, one in single.items():
-        for two in per_rank:
-            assert two[name]["ids"] == one["ids"], name
-            assert torch.allclose(two[name]["logits"], one["logits"], atol=1e-4, rtol=0), name
-            if name != "one_kv_head":  # its k/v rows are whole on both ranks
-                assert 0.45 < two[name]["weight_bytes"] / one["weight_bytes"] < 0.55, name
-                assert abs(two[name]["num_blocks"] - 2 * one["num_blocks"]) <= 1, name
+@pytest.mark.timeout(300)
+def test_two_ranks_match_one(cases):
+    for name, path in cases.items():
+        one, two = _run(path), _run(path, tensor_parallel_size=2)
+        assert two["ids"] == one["ids"], name
+        assert torch.allclose(two["logits"], one["logits"], atol=1e-4, rtol=0), name
+        if name != "one_kv_head":  # its k/v rows are whole on both ranks
+            assert 0.45 < two["weight_bytes"] / one["weight_bytes"] < 0.55, name
+            assert abs(two["num_blocks"] - 2 * one["num_blocks"]) <= 1, name
+        [worker] = two["workers"]
+        assert worker.returncode == 0, name  # told to stop, it stopped
 
 
-def test_a_model_that_does_not_divide_is_refused(cases):
+def _workload(**engine_args) -> tuple[list[list[list[int]]], dict]:
+    """Shared prefixes, n = 3 seeded samples, and a pool small enough to preempt."""
+    llm = LLM(str(STORIES), skip_tokenizer_init=True, num_kv_blocks=16, block_size=4,
+              max_model_len=64, max_num_batched_tokens=64, **engine_args)
+    try:
+        prefix = list(range(1, 33))
+        prompts = [{"prompt_token_ids": prefix + [100 + i, 7]} for i in range(4)]
+        outputs = llm.generate(prompts, SamplingParams(n=3, temperature=0.8, seed=11,
+                                                       max_tokens=12, ignore_eos=True),
+                               use_tqdm=False)
+        scheduler = llm.engine.scheduler
+        return ([[s.token_ids for s in o.outputs] for o in outputs],
+                {"preemptions": scheduler.num_preemptions,
+                 "cached": scheduler.num_cached_tokens_admitted})
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_prefix_hits_samples_and_preemption_match_one_rank():
+    one_ids, one_stats = _workload()
+    two_ids, two_stats = _workload(tensor_parallel_size=2)
+    assert two_ids == one_ids
+    assert two_stats == one_stats
+    assert one_stats["preemptions"] > 0 and one_stats["cached"] > 0
+
+
+def test_a_model_that_does_not_divide_is_refused_before_any_rank_starts(cases):
     # 4 query heads, 2 KV heads, intermediate 96: not by 3.
+    started = time.monotonic()
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 .*\(4\).*\(96\).*\(2\)") as err:
-        load_model(cases["llama3"], torch.float32, torch.device("cpu"), TensorParallel(0, 3))
+        LLM(str(cases["llama3"]), skip_tokenizer_init=True, tensor_parallel_size=3)
     assert "\n" not in str(err.value)
+    assert time.monotonic() - started < 5  # no rank was started (and waited for)
 
 
-def test_more_ranks_than_the_process_group_is_refused(cases):
-    with pytest.raises(ValueError, match="tensor_parallel_size 2 needs torch.distributed"):
-        LLM(str(cases["llama3"]), skip_tokenizer_init=True, tensor_parallel_size=2)
+@pytest.mark.timeout(120)
+def test_a_killed_worker_breaks_the_group_at_once(cases):
+    llm = LLM(str(cases["llama3"]), skip_tokenizer_init=True, tensor_parallel_size=2,
+              distributed_timeout=30)
+    try:
+        [worker] = llm.engine.executor.workers
+        os.kill(worker.pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(TensorParallelGroupError, match="rank 1 .* exited with code -9"):
+            llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4),
+                         use_tqdm=False)
+        assert time.monotonic() - started < 10  # well within the collective's timeout
+        assert llm.engine.scheduler.kv_cache_manager.num_free_blocks == \
+            llm.engine.runner.num_blocks  # the aborted request freed its blocks
+    finally:
+        llm.shutdown()

@@ -9,13 +9,13 @@ import torch
 
 from strata.checkpoint import load_json, resolve_model_path
 from strata.config import EngineConfig
+from strata.engine.executor import Executor
 from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.kv_connector.connector import KVLayout
 from strata.engine.kv_connector.tcp import TcpKVConnector
 from strata.engine.kv_transfer import KVTransfer
 from strata.engine.messages import EngineCoreOutput, EngineStats
 from strata.engine.request import Request
-from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
 from strata.engine.validation import validate_request
 from strata.kv_events import KVEvent
@@ -28,8 +28,16 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_path = resolve_model_path(config.model)
-        self.runner = ModelRunner(config, self.model_path)
+        self.executor = Executor(config, self.model_path)
+        self.runner = self.executor.runner  # rank 0's
         self.max_model_len = self.runner.max_model_len
+        try:
+            self._init_rank0(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _init_rank0(self, config: EngineConfig) -> None:
         if config.kv_events_endpoint and not config.cache.enable_prefix_caching:
             logger.warning("KV events need the prefix cache: none will be published")
         if (not config.scheduler.enable_chunked_prefill
@@ -51,6 +59,8 @@ class EngineCore:
     def _kv_transfer(self, config: EngineConfig) -> KVTransfer | None:
         if config.kv_connector is None:
             return None
+        if config.parallel.tensor_parallel_size > 1:
+            raise ValueError("a KV connector (P/D) does not work with tensor parallelism yet")
         if config.kv_connector == "nixl":  # an optional install: imported only when asked for
             from strata.engine.kv_connector.nixl import NixlKVConnector as Connector
         elif config.kv_connector == "tcp":
@@ -126,7 +136,7 @@ class EngineCore:
             self.kv_transfer.start_reads(scheduler_output.remote_reads)
         if not scheduler_output.requests:
             return []
-        model_output = self.runner.execute(scheduler_output)
+        model_output = self.executor.execute(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, model_output)
 
     def poll_transfers(self) -> None:
@@ -141,11 +151,17 @@ class EngineCore:
         for request_id in finished.leases:
             self.scheduler.release_held(request_id)
 
+    def check_health(self) -> None:
+        """Raise if a tensor-parallel rank died or stopped answering (vLLM's check_health)."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
         """Release what the core holds outside its own memory: the KV connector's sockets,
-        threads and NIXL registration. Safe to call twice; the core takes no step after."""
+        threads and NIXL registration, and the tensor-parallel ranks. Safe to call twice;
+        the core takes no step after."""
         if self.kv_transfer is not None:
             self.kv_transfer.close()
+        self.executor.shutdown()
 
     @property
     def waiting_on_transfers(self) -> bool:

@@ -30,7 +30,7 @@ from strata.engine.messages import (
     Shutdown,
     ToEngine,
 )
-from strata.parent_death import die_with_parent
+from strata.parent_death import die_with_parent, exit_on_sigterm
 
 if TYPE_CHECKING:  # the frontend imports this module to spawn it, and must not load torch
     from strata.engine.core import EngineCore
@@ -51,7 +51,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     """Entry point of the engine process (started with multiprocessing's spawn)."""
     # SIGTERM (the frontend's terminate(), or the kernel's when the frontend dies) unwinds
     # like an exception, so that the cleanup below runs; a second one kills outright.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_on_sigterm()
     # Gone with the frontend, however and whenever it dies: even while the model loads,
     # when the step loop's own check of its parent cannot run.
     die_with_parent(parent)
@@ -96,11 +96,6 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         EngineLoop(core, inputs, outputs, parent, publisher).run()
 
 
-def _exit_on_sigterm(signum: int, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise SystemExit(128 + signum)
-
-
 class EngineLoop:
     def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket,
                  parent_pid: int, publisher: KVEventPublisher | None = None) -> None:
@@ -127,6 +122,7 @@ class EngineLoop:
                 raise FrontendGone  # it died without telling us: stop, busy or not
             idle = not self.core.has_unfinished_requests
             if idle and not self.inputs.poll(IDLE_POLL_MS):
+                self.core.check_health()  # a tensor-parallel rank that died ends the engine
                 self.core.poll_transfers()  # leases end while idle too: report the freed blocks
                 self.send([])
                 continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
@@ -19,10 +18,10 @@ from strata.checkpoint import load_json
 from strata.config import EngineConfig
 from strata.engine.messages import TokenLogprobs
 from strata.engine.request import Request
-from strata.engine.scheduler import SchedulerOutput
+from strata.engine.step_batch import StepBatch
 from strata.math_utils import cdiv
 from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
-from strata.model.parallel import TensorParallel
+from strata.model.parallel import SINGLE, TensorParallel
 from strata.model.registry import load_model, resolve_device, resolve_dtype
 from strata.model.sampler import Sampler, SamplerOutput, SamplingMetadata
 
@@ -33,7 +32,6 @@ class StepInputs:
     positions: torch.Tensor
     attention: AttentionMetadata
     logits_indices: torch.Tensor  # flat index of the last token of each sampling request
-    sampling_requests: list[Request]
 
 
 @dataclass
@@ -52,12 +50,12 @@ def available_memory(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path) -> None:
+    def __init__(self, config: EngineConfig, model_path, tp: TensorParallel = SINGLE) -> None:
         self.config = config
         hf_config = load_json(model_path / "config.json")
-        self.device = resolve_device(config.device)
+        self.tp = tp
+        self.device = resolve_device(config.device, tp.rank % config.parallel.ranks_per_node)
         self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
-        self.tp = TensorParallel.of_world(config.tensor_parallel_size)
         self.model = load_model(model_path, self.dtype, self.device, self.tp)
         args = self.model.args
         # This rank's KV heads only: at N ranks the same memory holds about N x the tokens.
@@ -68,7 +66,8 @@ class ModelRunner:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {args.max_position_embeddings}")
         self.block_size = config.cache.block_size
-        self.num_blocks = self._num_blocks()
+        # Every rank must have as many blocks as rank 0's scheduler hands out.
+        self.num_blocks = tp.min_over_ranks(self._num_blocks())
         # Zeroed, not empty: attention reads whole blocks and masks the unused
         # slots, and 0 * NaN from stale memory would still poison the output.
         # One tensor for all layers: [layers, K and V, blocks, block_size, kv_heads, head_dim].
@@ -89,8 +88,12 @@ class ModelRunner:
         if cache.num_kv_blocks is not None:
             num_blocks = cache.num_kv_blocks
         else:
-            # A GPU is the engine's alone; host memory is shared with everything else.
-            fraction = 0.8 if self.device.type == "cuda" else 0.2
+            # A GPU is the rank's alone; host memory is shared with everything else, the
+            # other ranks of this machine included.
+            if self.device.type == "cuda":
+                fraction = 0.8
+            else:
+                fraction = 0.2 / self.config.parallel.ranks_per_node
             budget = cache.kv_cache_memory or int(fraction * available_memory(self.device))
             # More blocks than max_num_seqs full-length sequences could ever hold is waste.
             ceiling = self.config.scheduler.max_num_seqs * cdiv(self.max_model_len, self.block_size)
@@ -103,46 +106,46 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the model over the step's tokens and sample for the requests that are due."""
-        inputs = self.prepare_inputs(step)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention)
-        if not inputs.sampling_requests:
+    def execute(self, batch: StepBatch, requests: list[Request]) -> ModelRunnerOutput:
+        """Rank 0: run the step and sample for the requests that are due (`requests` are
+        the batch's rows)."""
+        logits = self.forward(batch)
+        if logits is None:
             return ModelRunnerOutput([])
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        sampled = self.sampler(logits, self.sampling_metadata(inputs.sampling_requests))
+        sampling_requests = [r for r, s in zip(requests, batch.sampling, strict=True) if s]
+        sampled = self.sampler(logits, self.sampling_metadata(sampling_requests))
         return ModelRunnerOutput(sampled.token_ids.tolist(),
-                                 _logprobs_per_row(sampled, inputs.sampling_requests))
+                                 _logprobs_per_row(sampled, sampling_requests))
 
-    def prepare_inputs(self, step: SchedulerOutput) -> StepInputs:
-        requests = step.requests
-        starts = np.array([r.num_computed_tokens for r in requests], dtype=np.int64)
-        counts = np.array(step.num_new_tokens, dtype=np.int64)
-        ends = starts + counts
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor | None:
+        """Every rank: run the model over the step's tokens (writing their K/V) and return,
+        on rank 0, the logits of the rows that sample; None if none does, and on the
+        other ranks."""
+        inputs = self.prepare_inputs(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attention)
+        if not len(inputs.logits_indices):
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def prepare_inputs(self, batch: StepBatch) -> StepInputs:
+        starts, counts, block_tables = batch.starts, batch.counts, batch.block_tables
         first_token = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        total = int(counts.sum())
-        owner = np.repeat(np.arange(len(requests)), counts)
+        total = len(batch.input_ids)
+        owner = np.repeat(np.arange(len(counts)), counts)
         positions = starts[owner] + np.arange(total) - first_token[owner]
-        max_blocks = cdiv(int(ends.max()), self.block_size)
-        block_tables = np.zeros((len(requests), max_blocks), dtype=np.int64)
-        for row, request in enumerate(requests):
-            block_tables[row, :len(request.block_ids)] = request.block_ids[:max_blocks]
         slots = block_tables[owner, positions // self.block_size] * self.block_size + \
             positions % self.block_size
-        input_ids = np.fromiter(chain.from_iterable(
-            r.all_token_ids[s:e] for r, s, e in zip(requests, starts, ends)),
-            dtype=np.int64, count=total)
-        sampling = ends == np.array([r.num_tokens for r in requests])
         groups = [self._group(rows, starts, counts, first_token, block_tables)
                   for rows in _by_query_length(counts)]
         device = self.device
+        sampling = batch.sampling
         last_tokens = first_token[sampling] + counts[sampling] - 1
         return StepInputs(
-            input_ids=torch.from_numpy(input_ids).to(device),
+            input_ids=torch.from_numpy(batch.input_ids).to(device),
             positions=torch.from_numpy(positions).to(device),
             attention=AttentionMetadata(torch.from_numpy(slots).to(device), groups),
             logits_indices=torch.from_numpy(last_tokens).to(device),
-            sampling_requests=[r for r, s in zip(requests, sampling, strict=True) if s],
         )
 
     def _group(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,

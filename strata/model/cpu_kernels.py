@@ -1,6 +1,8 @@
 """The C++ CPU kernels, compiled on first use; None where they cannot be built.
 
-Set STRATA_ATTENTION=torch to run the pure-PyTorch reference path instead.
+Set STRATA_ATTENTION=torch (or STRATA_LINEAR=torch) to run the pure-PyTorch reference path
+instead, and STRATA_COLLECTIVES=torch for torch.distributed's collectives between the
+tensor-parallel ranks of one machine.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ def skinny_linear_kernel() -> ModuleType | None:
     return _build("strata_skinny_linear", "skinny_linear.cpp")
 
 
+@functools.cache
+def shm_collectives_kernel() -> ModuleType | None:
+    if os.environ.get("STRATA_COLLECTIVES", "auto") == "torch":
+        return None
+    return _build("strata_shm_collectives", "shm_collectives.cpp")
+
+
 def _build(name: str, source: str) -> ModuleType | None:
     try:
         import torch
@@ -57,5 +66,6 @@ def _build(name: str, source: str) -> ModuleType | None:
 if __name__ == "__main__":  # `make install` builds them, so no server start compiles (or
     # is killed mid-compile, leaving torch's lock file for every later start to wait on)
     logging.basicConfig(level=logging.INFO)
-    built = [kernel() is not None for kernel in (paged_decode_kernel, skinny_linear_kernel)]
+    kernels = (paged_decode_kernel, skinny_linear_kernel, shm_collectives_kernel)
+    built = [kernel() is not None for kernel in kernels]
     logger.info("C++ kernels built: %d of %d", sum(built), len(built))

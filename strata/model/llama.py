@@ -174,9 +174,11 @@ class LlamaForCausalLM(nn.Module):
             x = layer(rope, x, meta)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the whole vocabulary, on every rank (the last rank's pad cut off)."""
-        return self.tp.all_gather(self.lm_head(hidden))[:, :self.args.vocab_size].float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary on rank 0 (the last rank's pad cut off), where
+        the sampler runs; None on the other ranks."""
+        logits = self.tp.gather(self.lm_head(hidden))
+        return None if logits is None else logits[:, :self.args.vocab_size].float()
 
     def load_weights(self, weights: Iterable[tuple[str, TensorSlice]]) -> None:
         """Copy this rank's part of each checkpoint tensor in, reading no more than it."""

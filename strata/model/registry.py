@@ -26,10 +26,15 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
            "float16": torch.float16, "half": torch.float16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The device of a process that is `local_rank` among the ranks of its machine: on CUDA,
+    one GPU per rank."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank)
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device, config: dict) -> torch.dtype:

@@ -1,0 +1,130 @@
+"""Executor: runs each scheduled step on every tensor-parallel rank.
+
+This process is rank 0: it holds the scheduler (in the EngineCore above) and the sampler,
+and its own shard of the model. At N > 1 it starts the other ranks of its node as worker
+processes (those of other nodes come from `strata serve --headless` there), sends every
+step's batch to all ranks before running its own shard, and checks that they still answer
+while idle. Any failure of the group is raised, and the engine goes down with it: a group
+with a rank missing cannot run, and whoever manages the group recreates it whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+from strata.checkpoint import load_json
+from strata.config import EngineConfig
+from strata.engine.runner import ModelRunner, ModelRunnerOutput
+from strata.engine.scheduler import SchedulerOutput
+from strata.engine.step_batch import MessageKind, StepBatch, answer_heartbeat, send
+from strata.engine.worker import start_workers, stop_workers
+from strata.model.parallel import (
+    SINGLE,
+    TensorParallel,
+    create_store,
+    join_group,
+    leave_group,
+    set_threads_per_rank,
+)
+from strata.model.registry import model_args, resolve_device
+from strata.model.sharding import RankShapes
+
+logger = logging.getLogger("strata.engine")
+RENDEZVOUS_DIR_PREFIX = "strata-tp-"
+
+
+class TensorParallelGroupError(RuntimeError):
+    """A rank died, stopped answering or failed: the group cannot go on."""
+
+
+class Executor:
+    def __init__(self, config: EngineConfig, model_path: Path) -> None:
+        parallel = config.parallel
+        self.timeout = timedelta(seconds=parallel.distributed_timeout)
+        self.workers = []
+        self.rendezvous_dir: str | None = None
+        self.tp = SINGLE
+        if parallel.tensor_parallel_size > 1:
+            # A model that does not divide by N is refused before any rank starts.
+            _, args = model_args(load_json(model_path / "config.json"))
+            RankShapes.of(args, TensorParallel(0, parallel.tensor_parallel_size))
+        try:
+            if parallel.tensor_parallel_size > 1:
+                self.tp = self._start_group(config)
+            self.runner = ModelRunner(config, model_path, self.tp)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_group(self, config: EngineConfig):
+        parallel = config.parallel
+        set_threads_per_rank(parallel.ranks_per_node)
+        if parallel.nnodes == 1:  # ranks of one machine meet in a file: no port is opened
+            self.rendezvous_dir = tempfile.mkdtemp(prefix=RENDEZVOUS_DIR_PREFIX)
+            init_method = f"file://{self.rendezvous_dir}/store"
+        else:
+            init_method = f"tcp://{parallel.master_addr}:{parallel.master_port}"
+        store = create_store(init_method, 0, parallel.tensor_parallel_size)
+        self.workers = start_workers(config, parallel.node_ranks[1:], init_method)
+        logger.info("tensor parallelism: %d ranks over %d node(s), rendezvous at %s",
+                    parallel.tensor_parallel_size, parallel.nnodes, init_method)
+        return join_group(0, parallel.tensor_parallel_size, store, resolve_device(config.device),
+                          parallel.distributed_timeout, self._check_workers)
+
+    def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        batch = StepBatch.of(step, self.runner.block_size)
+        if self.tp.size == 1:
+            return self.runner.execute(batch, step.requests)
+        try:
+            send(self.tp, MessageKind.STEP, batch)
+            return self.runner.execute(batch, step.requests)
+        except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
+            raise self._group_error(exc) from exc
+
+    def check_health(self) -> None:
+        """Raise unless every rank answers within the timeout (called while idle: a step's
+        collectives check it while busy)."""
+        if self.tp.size == 1:
+            return
+        try:
+            self._check_workers()
+            send(self.tp, MessageKind.HEARTBEAT)
+            answer_heartbeat(self.tp, self.timeout)
+        except RuntimeError as exc:
+            raise self._group_error(exc) from exc
+
+    def _check_workers(self) -> None:
+        for rank, worker in enumerate(self.workers, start=1):
+            if worker.poll() is not None:
+                raise TensorParallelGroupError(
+                    f"tensor-parallel rank {rank} (pid {worker.pid}) exited with code "
+                    f"{worker.returncode}")
+
+    def _group_error(self, exc: BaseException) -> TensorParallelGroupError:
+        if isinstance(exc, TensorParallelGroupError):
+            return exc
+        try:
+            self._check_workers()  # a local rank's exit code says more than a socket's error
+        except TensorParallelGroupError as dead:
+            return dead
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return TensorParallelGroupError(f"the tensor-parallel group failed: {detail}")
+
+    def shutdown(self) -> None:
+        """Tell the ranks to stop, and make sure those this process started are gone."""
+        if self.tp.size > 1:
+            # A group broken already cannot be told: its ranks exit by themselves.
+            with contextlib.suppress(RuntimeError):
+                send(self.tp, MessageKind.SHUTDOWN)
+            self.tp = SINGLE
+        stop_workers(self.workers)
+        self.workers = []
+        leave_group()
+        if self.rendezvous_dir is not None:
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
+            self.rendezvous_dir = None
