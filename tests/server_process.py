@@ -37,14 +37,18 @@ def _bindable(port: int) -> bool:
             return False
 
 
+def serve_args(port: int, *extra_args: str, model: Path = STORIES) -> list[str]:
+    """The `strata serve` command line (after `strata`) of the test servers."""
+    return ["serve", str(model), "--port", str(port), "--served-model-name", SERVED_NAME,
+            "--max-num-seqs", "64", "--kv-cache-memory", "64MiB",
+            "--disable-uvicorn-access-log", *extra_args]
+
+
 class ServerProcess:
     def __init__(self, log_dir: Path, *extra_args: str, env: dict | None = None,
                  model: Path = STORIES, port: int | None = None) -> None:
         self.port = port or free_port()
-        args = ["serve", str(model), "--port", str(self.port), "--served-model-name",
-                SERVED_NAME, "--max-num-seqs", "64", "--kv-cache-memory", "64MiB",
-                "--disable-uvicorn-access-log", *extra_args]
-        self._start(log_dir, args, env)
+        self._start(log_dir, serve_args(self.port, *extra_args, model=model), env)
 
     def _start(self, log_dir: Path, args: list[str], env: dict | None) -> None:
         self.url = f"http://127.0.0.1:{self.port}"

@@ -49,6 +49,7 @@ class Executor:
         self.workers = []
         self.rendezvous_dir: str | None = None
         self.tp = SINGLE
+        self.broken = False  # a rank failed: nothing is owed to the others
         if parallel.tensor_parallel_size > 1:
             # A model that does not divide by N is refused before any rank starts.
             _, args = model_args(load_json(model_path / "config.json"))
@@ -81,7 +82,7 @@ class Executor:
         if self.tp.size == 1:
             return self.runner.execute(batch, step.requests)
         try:
-            send(self.tp, MessageKind.STEP, batch)
+            send(self.tp, self.timeout, MessageKind.STEP, batch)
             return self.runner.execute(batch, step.requests)
         except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
             raise self._group_error(exc) from exc
@@ -93,7 +94,7 @@ class Executor:
             return
         try:
             self._check_workers()
-            send(self.tp, MessageKind.HEARTBEAT)
+            send(self.tp, self.timeout, MessageKind.HEARTBEAT)
             answer_heartbeat(self.tp, self.timeout)
         except RuntimeError as exc:
             raise self._group_error(exc) from exc
@@ -106,6 +107,7 @@ class Executor:
                     f"{worker.returncode}")
 
     def _group_error(self, exc: BaseException) -> TensorParallelGroupError:
+        self.broken = True
         if isinstance(exc, TensorParallelGroupError):
             return exc
         try:
@@ -116,13 +118,14 @@ class Executor:
         return TensorParallelGroupError(f"the tensor-parallel group failed: {detail}")
 
     def shutdown(self) -> None:
-        """Tell the ranks to stop, and make sure those this process started are gone."""
-        if self.tp.size > 1:
-            # A group broken already cannot be told: its ranks exit by themselves.
-            with contextlib.suppress(RuntimeError):
-                send(self.tp, MessageKind.SHUTDOWN)
-            self.tp = SINGLE
-        stop_workers(self.workers)
+        """Tell the ranks to stop, and make sure those this process started are gone (at
+        once if the group broke: the engine's death is what tells everyone, so it must not
+        wait on a rank that may never answer)."""
+        if self.tp.size > 1 and not self.broken:
+            with contextlib.suppress(RuntimeError):  # it broke just now: same as above
+                send(self.tp, self.timeout, MessageKind.SHUTDOWN)
+        self.tp = SINGLE
+        stop_workers(self.workers, timeout=0 if self.broken else 5)
         self.workers = []
         leave_group()
         if self.rendezvous_dir is not None:

@@ -68,14 +68,15 @@ class MessageKind(enum.IntEnum):
     SHUTDOWN = 3
 
 
-def send(tp: TensorParallel, kind: MessageKind, batch: StepBatch | None = None) -> None:
-    """Rank 0: the next message to every other rank."""
-    if batch is None:
-        dist.broadcast(torch.tensor([kind, 0, 0, 0]), 0, group=tp.cpu_group)
-        return
-    header, body = batch.pack()
-    dist.broadcast(header, 0, group=tp.cpu_group)
-    dist.broadcast(body, 0, group=tp.cpu_group)
+def send(tp: TensorParallel, timeout: timedelta, kind: MessageKind,
+         batch: StepBatch | None = None) -> None:
+    """Rank 0: the next message to every other rank. gloo sends only once the receiver is
+    ready for it, so a rank that stopped answering would block this forever: the wait is
+    bounded by `timeout`."""
+    header, body = (torch.tensor([kind, 0, 0, 0]), None) if batch is None else batch.pack()
+    for tensor in (header, body):
+        if tensor is not None:
+            dist.broadcast(tensor, 0, group=tp.cpu_group, async_op=True).wait(timeout)
 
 
 def receive(tp: TensorParallel) -> tuple[MessageKind, StepBatch | None]:

@@ -1,0 +1,179 @@
+"""Tensor parallelism at N = 2 over HTTP: `strata serve -tp 2`, the same command run as the
+leader and the worker of a LeaderWorkerSet (two "nodes"), and `strata up --nnodes 2` give
+the tokens and logprobs of N = 1; a worker SIGKILLed under load takes the group down: the
+leader's /health turns 503, every client gets an answer, the leader exits non-zero, and no
+process is left."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.polling import wait_until
+from tests.server_process import SERVED_NAME, ServerProcess, free_port, healthy, serve_args
+from tests.test_up import alive, descendants, start_up
+
+PROMPTS = ["Once upon a time", "The little dog",
+           "Tom and Lily went to the park. They saw a big tree with red apples. Tom wanted to "
+           "climb it, but Lily was scared. She said, \"Tom, be careful!\" Tom"]
+
+
+def completions(url: str, model: str = SERVED_NAME) -> list[dict]:
+    """Greedy completions with the top-3 logprobs of every token, and one request asking for
+    3 seeded samples; the prompts go twice, so that the second time hits the prefix cache."""
+    choices = []
+    for prompt in PROMPTS + PROMPTS:
+        response = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+            "logprobs": 3})
+        assert response.status_code == 200, response.text
+        choices.append(response.json()["choices"][0])
+    response = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": model, "prompt": PROMPTS[0], "max_tokens": 12, "n": 3, "seed": 5,
+        "temperature": 0.9})
+    assert response.status_code == 200, response.text
+    return choices + response.json()["choices"]
+
+
+def assert_same(got: list[dict], expected: list[dict]) -> None:
+    assert [c["text"] for c in got] == [c["text"] for c in expected]
+    for g, e in zip(got, expected):
+        if e["logprobs"] is None:
+            continue
+        assert g["logprobs"]["tokens"] == e["logprobs"]["tokens"]
+        for got_top, expected_top in zip(g["logprobs"]["top_logprobs"],
+                                         e["logprobs"]["top_logprobs"]):
+            assert got_top.keys() == expected_top.keys()
+            assert all(math.isclose(got_top[t], expected_top[t], abs_tol=1e-4)
+                       for t in got_top)
+
+
+def prefix_hits(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def workers_of(server: ServerProcess) -> list[int]:
+    return [pid for pid in descendants(server.process.pid)
+            if b"strata.engine.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def expected(strata_server) -> list[dict]:
+    return completions(strata_server.url)
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_over_http_match_one(tmp_path, expected):
+    server = ServerProcess(tmp_path, "-tp", "2")
+    try:
+        assert len(workers_of(server)) == 1
+        assert_same(completions(server.url), expected)
+        assert prefix_hits(server.url) > 0
+    finally:
+        assert server.stop() == 0, server.log_text()
+
+
+@pytest.mark.timeout(300)
+def test_one_command_serves_as_leader_and_worker_of_a_leaderworkerset(tmp_path, expected):
+    """The same command line on both "nodes"; only LeaderWorkerSet's environment differs."""
+    port, master_port = free_port(), free_port()
+    lws = {"LWS_GROUP_SIZE": "2", "LWS_LEADER_ADDRESS": "127.0.0.1"}
+    args = ["-tp", "2", "--master-port", str(master_port)]
+    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 (the worker's life)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "strata.cli", *serve_args(port, *args)], stdout=worker_log,
+        stderr=subprocess.STDOUT, env={**os.environ, **lws, "LWS_WORKER_INDEX": "1"})
+    try:
+        leader = ServerProcess(tmp_path, *args, port=port,
+                               env={**lws, "LWS_WORKER_INDEX": "0"})
+        assert_same(completions(leader.url), expected)
+        assert leader.stop() == 0, leader.log_text()
+        assert worker.wait(30) == 0  # told to stop by its leader, the node stops cleanly
+        assert "node 1 of 2: tensor-parallel ranks [1]" in (tmp_path / "worker.log").read_text()
+    finally:
+        worker.kill()
+        worker_log.close()
+
+
+@pytest.mark.timeout(300)
+def test_up_runs_two_nodes_behind_the_router(tmp_path, expected):
+    port = free_port(consecutive=4)
+    # The precise prefix index: the router subscribes to rank 0's KV events.
+    process, urls = start_up(tmp_path, "-tp", "2", "--nnodes", "2", "--port", str(port),
+                             "--prefix-index", "precise", "--served-model-name", SERVED_NAME,
+                             processes=2)
+    try:
+        headless = [pid for pid in descendants(process.pid)
+                    if b"--headless" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(headless) == 1
+        assert_same(completions(urls["router 1"]), expected)
+        assert prefix_hits(urls["replica 0"]) > 0
+        assert 'inference_pool_ready_pods{name="strata"} 1.0' in \
+            httpx.get(f"{urls['router 1']}/metrics").text  # it scrapes the leader's metrics
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+    assert not alive(headless[0])
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_under_load_takes_the_group_down(tmp_path):
+    server = ServerProcess(tmp_path, "-tp", "2", "--distributed-timeout", "5")
+    [worker] = workers_of(server)
+    everyone = descendants(server.process.pid)
+    endings: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
+                "model": SERVED_NAME, "prompt": "Once", "max_tokens": 400, "ignore_eos": True,
+                "stream": True}) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data:")]
+        endings.append(lines[-2] if len(lines) > 1 else "")
+
+    clients = [threading.Thread(target=stream) for _ in range(8)]
+    for client in clients:
+        client.start()
+    wait_until(lambda: _running(server.url) >= 1, "the requests to run")
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: not healthy(server.url), "the leader's /health to fail", timeout=5)
+    assert httpx.get(f"{server.url}/health").status_code == 503
+    for client in clients:
+        client.join(30)
+        assert not client.is_alive()  # no client waits forever
+    assert len(endings) == 8 and all('"code":503' in ending for ending in endings), endings
+    assert server.process.wait(30) != 0, server.log_text()
+    assert "tensor-parallel rank 1" in server.log_text()
+    server.stop()
+    wait_until(lambda: not any(alive(pid) for pid in everyone), "every process to end",
+               timeout=10)
+
+
+def _running(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_stops_answering_takes_the_group_down(tmp_path):
+    server = ServerProcess(tmp_path, "-tp", "2", "--distributed-timeout", "2")
+    [worker] = workers_of(server)
+    everyone = descendants(server.process.pid)
+    os.kill(worker, signal.SIGSTOP)  # alive, but silent: only the idle heartbeat can tell
+    wait_until(lambda: not healthy(server.url), "the leader's /health to fail", timeout=10)
+    assert server.process.wait(30) != 0, server.log_text()
+    assert "tensor-parallel group failed" in server.log_text()
+    server.stop()
+    wait_until(lambda: not any(alive(pid) for pid in everyone), "every process to end",
+               timeout=10)
