@@ -172,6 +172,7 @@ class FakeConnector:
     """Records what KVTransfer asks of it; poll() returns what the test put in."""
 
     engine_id, address = "fake", ("127.0.0.1", 1)
+    rank_addresses = [address]
 
     def __init__(self) -> None:
         self.reads, self.released, self.results, self.read_done = [], [], [], []

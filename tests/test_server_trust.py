@@ -61,6 +61,13 @@ def test_a_remote_prefill_must_name_a_peer():
         with pytest.raises(ValueError):
             peers.check_remote({"do_remote_prefill": True, "remote_host": host,
                                 "remote_port": port})
+    # A tensor-parallel prefiller names every rank: each must be a peer too.
+    base = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": 5557}
+    peers.check_remote(base | {"remote_ranks": [["127.0.0.1", 5557], ["127.0.0.1", 5558]]})
+    for ranks in ([["127.0.0.1", 5557], ["127.0.0.2", 5558]], [["127.0.0.1", 0]], [],
+                  [["127.0.0.1"]], "127.0.0.1:5557", [["127.0.0.1", 5557]] * 65):
+        with pytest.raises(ValueError):
+            peers.check_remote(base | {"remote_ranks": ranks})
 
 
 @pytest.fixture()

@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from strata import LLM, SamplingParams
+from strata.config import EngineConfig
+from strata.engine.core import EngineCore
 from strata.engine.executor import TensorParallelGroupError
 from strata.model.layers import Linear
 from tests.conftest import ARCHITECTURES, SHARED_MODELS, STORIES, build_checkpoint, record_logits
+from tests.test_disagg_engine import GREEDY, disaggregated
 
 PROMPTS = [[1, 5, 77, 300, 12, 9], [1] + list(range(20, 60)), [1, 400]]
 NEW_TOKENS = 16
@@ -125,3 +128,24 @@ def test_a_killed_worker_breaks_the_group_at_once(cases):
             llm.engine.runner.num_blocks  # the aborted request freed its blocks
     finally:
         llm.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_pd_between_different_sizes_falls_back_and_says_why(caplog):
+    """A TP-1 prefiller and a TP-2 decoder hold different shards of each block: the read
+    is refused with the reason, and the decoder computes the prompt itself."""
+    prompt = list(range(3, 60))
+    [reference] = LLM(str(STORIES), enable_prefix_caching=False).generate(
+        {"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
+    one = EngineCore(EngineConfig.create(str(STORIES), kv_connector="tcp"))
+    two = EngineCore(EngineConfig.create(str(STORIES), kv_connector="tcp",
+                                         tensor_parallel_size=2))
+    try:
+        for name, (prefill, decode) in {"1 to 2": (one, two), "2 to 1": (two, one)}.items():
+            assert disaggregated(prefill, decode, prompt, name) == \
+                reference.outputs[0].token_ids, name
+            assert decode.kv_transfer.stats.num_fallbacks == 1, name
+        assert "P/D needs the same tensor-parallel size on both sides" in caplog.text
+    finally:
+        one.shutdown()
+        two.shutdown()

@@ -1,13 +1,14 @@
 """Tensor parallelism at N = 2 over HTTP: `strata serve -tp 2`, the same command run as the
-leader and the worker of a LeaderWorkerSet (two "nodes"), and `strata up --nnodes 2` give
-the tokens and logprobs of N = 1; a worker SIGKILLed under load takes the group down: the
-leader's /health turns 503, every client gets an answer, the leader exits non-zero, and no
-process is left."""
+leader and the worker of a LeaderWorkerSet (two "nodes"), `strata up --nnodes 2`, and P/D
+between two TP-2 instances give the tokens and logprobs of N = 1. A worker SIGKILLed
+under load takes the group down: the leader's /health turns 503, every client gets an
+answer, the leader exits non-zero, and no process is left."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,3 +178,27 @@ def test_a_worker_that_stops_answering_takes_the_group_down(tmp_path):
     server.stop()
     wait_until(lambda: not any(alive(pid) for pid in everyone), "every process to end",
                timeout=10)
+
+
+@pytest.mark.timeout(300)
+def test_pd_at_two_ranks_moves_each_ranks_shard(tmp_path, strata_server):
+    """`strata up --prefill 1 --decode 1 -tp 2`: each decode rank reads its shard of the
+    blocks from the prefill rank of its index; the tokens are N = 1's."""
+    port = free_port(consecutive=5)
+    process, urls = start_up(tmp_path, "--prefill", "1", "--decode", "1", "-tp", "2",
+                             "--port", str(port), "--pd-threshold-tokens", "0",
+                             "--served-model-name", SERVED_NAME, processes=3)
+    roles = {name.split()[0]: url for name, url in urls.items()}
+    try:
+        body = {"model": SERVED_NAME, "prompt": list(range(3, 60)), "max_tokens": 12,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        expected = httpx.post(f"{strata_server.url}/v1/completions", json=body,
+                              timeout=60).json()["choices"][0]["token_ids"]
+        got = httpx.post(f"{roles['router']}/v1/completions", json=body, timeout=60)
+        assert got.json()["choices"][0]["token_ids"] == expected
+        metrics = httpx.get(f"{roles['decode']}/metrics", timeout=10).text
+        assert re.search(r"strata:kv_transfers_total\{[^}]*\} 1\.0", metrics), metrics[-2000:]
+        assert re.search(r"strata:kv_transfer_fallbacks_total\{[^}]*\} 0\.0", metrics)
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0

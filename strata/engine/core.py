@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
 import torch
 
@@ -12,7 +11,11 @@ from strata.config import EngineConfig
 from strata.engine.executor import Executor
 from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.kv_connector.connector import KVLayout
-from strata.engine.kv_connector.tcp import TcpKVConnector
+from strata.engine.kv_connector.group import (
+    RankGroupConnector,
+    exchange_addresses,
+    make_connector,
+)
 from strata.engine.kv_transfer import KVTransfer
 from strata.engine.messages import EngineCoreOutput, EngineStats
 from strata.engine.request import Request
@@ -59,19 +62,14 @@ class EngineCore:
     def _kv_transfer(self, config: EngineConfig) -> KVTransfer | None:
         if config.kv_connector is None:
             return None
-        if config.parallel.tensor_parallel_size > 1:
-            raise ValueError("a KV connector (P/D) does not work with tensor parallelism yet")
-        if config.kv_connector == "nixl":  # an optional install: imported only when asked for
-            from strata.engine.kv_connector.nixl import NixlKVConnector as Connector
-        elif config.kv_connector == "tcp":
-            Connector = TcpKVConnector
-        else:
-            raise ValueError(f"unknown KV connector {config.kv_connector!r} (nixl or tcp)")
-        connector = Connector(f"strata-{uuid.uuid4().hex[:12]}", config.kv_connector_host,
-                              config.kv_connector_port, config.kv_transfer_timeout)
+        connector = make_connector(config)
         try:
-            connector.register(self.runner.kv_caches,
-                               KVLayout.of(self.runner.kv_caches, self.model_path))
+            tp = self.executor.tp
+            connector.register(self.runner.kv_caches, KVLayout.of(
+                self.runner.kv_caches, self.model_path, tp.rank, tp.size))
+            if tp.size > 1:  # every rank moves its own shard; rank 0 drives them
+                connector = RankGroupConnector(connector, tp, self.executor.timeout,
+                                               exchange_addresses(tp, connector))
         except BaseException:
             connector.close()
             raise

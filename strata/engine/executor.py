@@ -21,8 +21,9 @@ from strata.checkpoint import load_json
 from strata.config import EngineConfig
 from strata.engine.runner import ModelRunner, ModelRunnerOutput
 from strata.engine.scheduler import SchedulerOutput
-from strata.engine.step_batch import MessageKind, StepBatch, answer_heartbeat, send
+from strata.engine.step_batch import StepBatch
 from strata.engine.worker import start_workers, stop_workers
+from strata.engine.worker_channel import MessageKind, answer_heartbeat, send
 from strata.model.parallel import (
     SINGLE,
     TensorParallel,
@@ -50,6 +51,7 @@ class Executor:
         self.rendezvous_dir: str | None = None
         self.tp = SINGLE
         self.broken = False  # a rank failed: nothing is owed to the others
+        self.joined = False  # this process initialised torch.distributed's default group
         if parallel.tensor_parallel_size > 1:
             # A model that does not divide by N is refused before any rank starts.
             _, args = model_args(load_json(model_path / "config.json"))
@@ -74,6 +76,7 @@ class Executor:
         self.workers = start_workers(config, parallel.node_ranks[1:], init_method)
         logger.info("tensor parallelism: %d ranks over %d node(s), rendezvous at %s",
                     parallel.tensor_parallel_size, parallel.nnodes, init_method)
+        self.joined = True
         return join_group(0, parallel.tensor_parallel_size, store, resolve_device(config.device),
                           parallel.distributed_timeout, self._check_workers)
 
@@ -127,7 +130,9 @@ class Executor:
         self.tp = SINGLE
         stop_workers(self.workers, timeout=0 if self.broken else 5)
         self.workers = []
-        leave_group()
+        if self.joined:  # this process' group (another engine's may live on)
+            leave_group()
+            self.joined = False
         if self.rendezvous_dir is not None:
             shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
             self.rendezvous_dir = None

@@ -20,6 +20,7 @@ that ended, whose blocks may be freed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,14 +66,18 @@ class KVTransfer:
             request.kv_transfer_out = True
         elif params.get("do_remote_prefill"):
             try:
+                ranks = params.get("remote_ranks")
                 remote = RemoteBlocks(str(params["remote_engine_id"]),
                                       str(params["remote_host"]), int(params["remote_port"]),
                                       str(params.get("remote_request_id", request.request_id)),
-                                      [int(b) for b in params["remote_block_ids"]])
+                                      [int(b) for b in params["remote_block_ids"]],
+                                      None if ranks is None else
+                                      [(str(host), int(port)) for host, port in ranks])
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"kv_transfer_params for a remote prefill need "
                                  f"remote_engine_id, remote_host, remote_port and "
-                                 f"remote_block_ids: {exc}") from None
+                                 f"remote_block_ids (and remote_ranks, [host, port] pairs, "
+                                 f"if any): {exc}") from None
             request.remote_prefill = remote
 
     def handoff(self, request: Request) -> dict:
@@ -84,11 +89,13 @@ class KVTransfer:
         return {"do_remote_decode": False, "do_remote_prefill": True,
                 "remote_engine_id": self.connector.engine_id, "remote_host": host,
                 "remote_port": port, "remote_request_id": request.request_id,
-                "remote_block_ids": block_ids}
+                "remote_block_ids": block_ids,
+                "remote_ranks": [list(a) for a in self.connector.rank_addresses]}
 
     def start_reads(self, requests: list[Request]) -> None:
         """Read what each request lacks: the blocks of its prompt but the last token, past
         its own prefix-cache hit (a read of nothing still tells the prefiller it is done)."""
+        num_ranks = len(self.connector.rank_addresses)
         for request in requests:
             remote = request.remote_prefill
             start = request.num_computed_tokens // self.block_size
@@ -97,10 +104,15 @@ class KVTransfer:
                 self._failed.append((request.request_id, f"the prefiller named "
                                      f"{len(remote.block_ids)} blocks, {end} needed"))
                 continue
+            if remote.num_ranks != num_ranks:
+                self._failed.append((request.request_id, (
+                    f"the prefiller runs {remote.num_ranks} tensor-parallel rank(s), this "
+                    f"engine {num_ranks}: P/D needs the same tensor-parallel size on both "
+                    f"sides")))
+                continue
             self.connector.start_read(
                 request.request_id,
-                RemoteBlocks(remote.engine_id, remote.host, remote.port, remote.request_id,
-                             remote.block_ids[start:end]),
+                dataclasses.replace(remote, block_ids=remote.block_ids[start:end]),
                 request.block_ids[start:end])
 
     def poll(self) -> FinishedTransfers:

@@ -78,8 +78,15 @@ def run_headless(config: EngineConfig) -> int:
 
 def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     from strata.checkpoint import resolve_model_path
+    from strata.engine.kv_connector.connector import KVLayout
+    from strata.engine.kv_connector.group import (
+        answer_poll,
+        apply,
+        exchange_addresses,
+        make_connector,
+    )
     from strata.engine.runner import ModelRunner
-    from strata.engine.step_batch import MessageKind, answer_heartbeat, receive
+    from strata.engine.worker_channel import MessageKind, answer_heartbeat, receive
     from strata.model.parallel import create_store, join_group, leave_group, set_threads_per_rank
     from strata.model.registry import resolve_device
 
@@ -89,16 +96,31 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     device = resolve_device(config.device, rank % parallel.ranks_per_node)
     tp = join_group(rank, parallel.tensor_parallel_size, store, device,
                     parallel.distributed_timeout)
-    runner = ModelRunner(config, resolve_model_path(config.model), tp)
+    model_path = resolve_model_path(config.model)
+    runner = ModelRunner(config, model_path, tp)
+    connector = None
+    if config.kv_connector is not None:  # this rank's shard of every block, for P/D
+        connector = make_connector(config, rank)
+        connector.register(runner.kv_caches,
+                           KVLayout.of(runner.kv_caches, model_path, rank, tp.size))
+        exchange_addresses(tp, connector)
     logger.info("rank %d of %d ready: %d KV blocks", rank, tp.size, runner.num_blocks)
-    while True:
-        kind, batch = receive(tp)
-        if kind == MessageKind.STEP:
-            runner.forward(batch)
-        elif kind == MessageKind.HEARTBEAT:
-            answer_heartbeat(tp)
-        else:
-            break
+    try:
+        while True:
+            message = receive(tp)
+            if message.kind == MessageKind.STEP:
+                runner.forward(message.batch)
+            elif message.kind == MessageKind.HEARTBEAT:
+                answer_heartbeat(tp)
+            elif message.kind == MessageKind.KV_OP:
+                apply(connector, rank, message.payload)
+            elif message.kind == MessageKind.KV_POLL:
+                answer_poll(tp, connector)
+            else:
+                break
+    finally:
+        if connector is not None:
+            connector.close()
     leave_group()
 
 

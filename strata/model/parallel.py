@@ -196,6 +196,7 @@ def _wait_for_ranks(store: dist.Store, size: int, alive: Callable[[], None]) -> 
 
 
 def leave_group() -> None:
+    """Destroy the default group (and those made from it), so that another can be made."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from strata.server.errors import APIError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_RANKS = 64  # tensor-parallel ranks a prefiller may name in remote_ranks
 # host:port and nothing else: no scheme, path, query or user:password@.
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*"
@@ -119,5 +120,21 @@ class KVPeers:
         if not isinstance(host, str) or not self.allows(host):
             raise ValueError(f"remote_host {host!r} is not a KV peer of this server "
                              "(--kv-peers)")
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            raise ValueError(f"remote_port {port!r} is not a port")
+        _check_port(port, "remote_port")
+        ranks = params.get("remote_ranks")
+        if ranks is None:
+            return
+        if not isinstance(ranks, list) or not 0 < len(ranks) <= MAX_RANKS:
+            raise ValueError(f"remote_ranks must list 1 to {MAX_RANKS} [host, port] pairs")
+        for rank in ranks:
+            if not isinstance(rank, list) or len(rank) != 2:
+                raise ValueError(f"remote_ranks: {rank!r} is not a [host, port] pair")
+            if not isinstance(rank[0], str) or not self.allows(rank[0]):
+                raise ValueError(f"remote_ranks: {rank[0]!r} is not a KV peer of this server "
+                                 "(--kv-peers)")
+            _check_port(rank[1], "remote_ranks")
+
+
+def _check_port(port, field: str) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ValueError(f"{field}: {port!r} is not a port")

@@ -27,12 +27,17 @@ class KVLayout(msgspec.Struct, frozen=True):
     head_dim: int
     block_size: int
     dtype: str
+    # A rank's cache holds its shard of the heads: only the same rank of a group of the
+    # same size holds the same ones.
+    tensor_parallel_rank: int = 0
+    tensor_parallel_size: int = 1
 
     @classmethod
-    def of(cls, kv_caches: torch.Tensor, model_path: Path) -> KVLayout:
+    def of(cls, kv_caches: torch.Tensor, model_path: Path, rank: int = 0,
+           size: int = 1) -> KVLayout:
         num_layers, _, _, block_size, num_kv_heads, head_dim = kv_caches.shape
         return cls(model_fingerprint(model_path), num_layers, num_kv_heads, head_dim,
-                   block_size, str(kv_caches.dtype).removeprefix("torch."))
+                   block_size, str(kv_caches.dtype).removeprefix("torch."), rank, size)
 
     def mismatch(self, other: KVLayout) -> str | None:
         """Why blocks of `other` cannot be read into ours, or None."""
@@ -63,6 +68,12 @@ class RemoteBlocks:
     port: int
     request_id: str
     block_ids: list[int]
+    # Every tensor-parallel rank's (host, port), rank 0's first; None: one rank, host:port.
+    ranks: list[tuple[str, int]] | None = None
+
+    @property
+    def num_ranks(self) -> int:
+        return 1 if self.ranks is None else len(self.ranks)
 
 
 @dataclass
@@ -89,6 +100,11 @@ class KVConnector(ABC):
     @abstractmethod
     def address(self) -> tuple[str, int]:
         """Where peers reach this side's published blocks."""
+
+    @property
+    def rank_addresses(self) -> list[tuple[str, int]]:
+        """Every tensor-parallel rank's address, in rank order (one rank: this one's)."""
+        return [self.address]
 
     @abstractmethod
     def publish(self, request_id: str, block_ids: list[int]) -> None:
