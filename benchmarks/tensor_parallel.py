@@ -49,6 +49,10 @@ WARMUP_STEPS = 2
 CHILD_TIMEOUT_S = 1200  # a hung group fails this run rather than stalling it
 TARGET_COLLECTIVE_SHARE = 0.15  # of a decode step, at the largest batch
 TARGET_THROUGHPUT_RATIO = 0.9  # N = 2 over N = 1, at every batch
+# Cores' worth of CPU that processes other than the setup's used while it was timed (steal
+# included): above this the machine was not the setup's alone.
+BUSY_OTHER_CORES = 0.2
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class BatchResult:
     batch: int
     step_s: float  # mean over the timed decode steps
     collective_s: float  # per step, rank 0's time inside all_reduce and gather
+    other_load: float | None  # cores used by others while timed (None: no /proc to read)
     step_times_s: list[float]
 
     @property
@@ -131,8 +136,31 @@ def weight_bytes(llm: LLM) -> int:
         m.packed.nbytes for m in model.modules() if isinstance(m, Linear) and m.packed is not None)
 
 
-def measure_batch(engine: EngineCore, batch: int, steps: int,
-                  clock: CollectiveClock) -> BatchResult:
+def cpu_seconds(pids: list[int]) -> tuple[float, float] | None:
+    """(CPU seconds the machine has been busy, steal included; those of these processes,
+    all their threads), or None where /proc cannot tell."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, first[1:9])
+        own = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            own += int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) * TICK_S, own * TICK_S
+
+
+def other_load(before: tuple[float, float] | None, after: tuple[float, float] | None,
+               seconds: float) -> float | None:
+    """Cores' worth of CPU that other processes used in between."""
+    if before is None or after is None:
+        return None
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / seconds
+
+
+def measure_batch(engine: EngineCore, batch: int, steps: int, clock: CollectiveClock,
+                  pids: list[int]) -> BatchResult:
     ids = [f"b{batch}-{i}" for i in range(batch)]
     # Enough tokens that none finishes inside the window, few enough that the admission's
     # reservation for future tokens lets the whole batch in at once.
@@ -144,6 +172,7 @@ def measure_batch(engine: EngineCore, batch: int, steps: int,
         for _ in range(WARMUP_STEPS):
             engine.step()
         clock.seconds = 0.0
+        before = cpu_seconds(pids)
         times = []
         for _ in range(steps):
             started = time.perf_counter()
@@ -154,9 +183,10 @@ def measure_batch(engine: EngineCore, batch: int, steps: int,
             if rows != batch:
                 raise RuntimeError(f"a decode step of batch {batch} produced {rows} tokens: "
                                    f"raise --kv-cache-memory")
+        others = other_load(before, cpu_seconds(pids), sum(times))
     finally:
         engine.abort_requests(ids)
-    return BatchResult(batch, sum(times) / steps, clock.seconds / steps, times)
+    return BatchResult(batch, sum(times) / steps, clock.seconds / steps, others, times)
 
 
 def run_setup(key: str, model: Path, batches: list[int], steps: int,
@@ -175,7 +205,8 @@ def run_setup(key: str, model: Path, batches: list[int], steps: int,
         expected = {"n1": "none", "n2-shm": "shm", "n2-gloo": "gloo"}[key]
         if collectives != expected:  # e.g. no shared-memory kernel: the row would lie
             raise RuntimeError(f"{key}: the ranks use {collectives} collectives, not {expected}")
-        results = [measure_batch(llm.engine, batch, steps, clock) for batch in batches]
+        pids = [os.getpid(), *(worker.pid for worker in llm.engine.executor.workers)]
+        results = [measure_batch(llm.engine, batch, steps, clock, pids) for batch in batches]
         return ChildResult(key, collectives, weight_bytes(llm), runner.num_blocks,
                            runner.block_size, runner.bytes_per_block, results)
     finally:
@@ -235,12 +266,18 @@ def collective_share(rounds: list[dict[str, ChildResult]], key: str, batch: int)
     return median(r[key].at(batch).collective_s / r[key].at(batch).step_s for r in rounds)
 
 
+def median_other_load(figures: list[BatchResult]) -> float | None:
+    loads = [f.other_load for f in figures if f.other_load is not None]
+    return median(loads) if loads else None
+
+
 def speed_table(rounds: list[dict[str, ChildResult]], batches: list[int]) -> str:
     rows = []
     for batch in batches:
         for key, setup in SETUPS.items():
             figures = [r[key].at(batch) for r in rounds]
             parallel = setup.tensor_parallel_size > 1
+            others = median_other_load(figures)
             rows.append([
                 str(batch), setup.title,
                 f"{median(f.step_s for f in figures) * 1e3:.1f}",
@@ -248,9 +285,18 @@ def speed_table(rounds: list[dict[str, ChildResult]], batches: list[int]) -> str
                 f"{median(f.collective_s for f in figures) * 1e3:.1f}" if parallel else "-",
                 f"{collective_share(rounds, key, batch):.0%}" if parallel else "-",
                 f"{throughput_ratio(rounds, key, batch):.2f}x" if parallel else "",
+                "-" if others is None else f"{others:.2f}",
             ])
     return markdown_table(["batch", "setup", "decode step (ms)", "tok/s", "collectives (ms)",
-                           "collectives share", "tok/s vs N=1"], rows)
+                           "collectives share", "tok/s vs N=1", "other load (cores)"], rows)
+
+
+def busy_runs(rounds: list[dict[str, ChildResult]]) -> list[str]:
+    """The (round, setup, batch) runs during which other work competed for the cores."""
+    return [f"round {index + 1} {key} batch {b.batch} ({b.other_load:.2f})"
+            for index, results in enumerate(rounds) for key, result in results.items()
+            for b in result.batches
+            if b.other_load is not None and b.other_load > BUSY_OTHER_CORES]
 
 
 def memory_table(result: dict[str, ChildResult]) -> str:
@@ -291,6 +337,11 @@ def report(args: argparse.Namespace, rounds: list[dict[str, ChildResult]]) -> No
           f"{args.steps} decode steps after {WARMUP_STEPS} warm-up, {args.rounds} alternating "
           f"round(s), medians\n")
     print(speed_table(rounds, args.batches))
+    print("\nOther load: the cores' worth of CPU that processes other than the setup's used "
+          "while it was timed (hypervisor steal included); 0 on a quiet machine.")
+    if busy := busy_runs(rounds):
+        print(f"The machine was busy (other load above {BUSY_OTHER_CORES} cores) in: "
+              f"{', '.join(busy)}; those figures are slower than the code.")
     print(f"\nPer rank, at a KV budget of {budget_mib:.0f} MiB per rank (rank 0's figures)\n")
     print(memory_table(rounds[0]))
     print("\nTargets\n")

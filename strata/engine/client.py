@@ -12,10 +12,8 @@ import asyncio
 import multiprocessing
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgspec
 import zmq
@@ -33,6 +31,7 @@ from strata.engine.messages import (
     Shutdown,
 )
 from strata.engine.process import run_engine_core
+from strata.owned_dirs import owned_temp_dir, remove_orphaned_dirs
 from strata.sampling_params import SamplingParams
 
 
@@ -55,7 +54,6 @@ class EngineInfo:
 
 # What a request's queue receives: its outputs in order, or the error that ended it.
 Sink = asyncio.Queue
-SOCKET_DIR_PREFIX = "strata-"  # then the frontend's pid: a folder of a dead one is an orphan
 STARTUP_CONNECT_MS = 5000
 
 
@@ -89,8 +87,10 @@ class AsyncEngineClient:
 
     async def start(self) -> EngineInfo:
         """Start the engine process and wait until its model is loaded."""
-        _remove_orphaned_socket_dirs()
-        base = Path(tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-"))
+        # Socket folders of frontends killed while their engine started (the only window in
+        # which the folder exists), and of engines killed in theirs.
+        remove_orphaned_dirs()
+        base = owned_temp_dir("sockets")
         self._context = zmq.asyncio.Context()
         self._to_engine = self._context.socket(zmq.PUSH)
         self._to_engine.bind(f"ipc://{base / 'input'}")
@@ -192,22 +192,3 @@ class AsyncEngineClient:
             if self._process.is_alive():
                 self._process.terminate()
         self._context.destroy(linger=0)
-
-
-def _remove_orphaned_socket_dirs() -> None:
-    """Socket folders of frontends killed while their engine started (the only window in
-    which the folder exists)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{SOCKET_DIR_PREFIX}*-*"):
-        pid = path.name.removeprefix(SOCKET_DIR_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True

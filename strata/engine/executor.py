@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import tempfile
+import subprocess
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,9 +35,10 @@ from strata.model.parallel import (
 )
 from strata.model.registry import model_args, resolve_device
 from strata.model.sharding import RankShapes
+from strata.owned_dirs import owned_temp_dir, remove_orphaned_dirs
 
 logger = logging.getLogger("strata.engine")
-RENDEZVOUS_DIR_PREFIX = "strata-tp-"
+REAP_SECONDS = 1.0
 
 
 class TensorParallelGroupError(RuntimeError):
@@ -48,7 +50,7 @@ class Executor:
         parallel = config.parallel
         self.timeout = timedelta(seconds=parallel.distributed_timeout)
         self.workers = []
-        self.rendezvous_dir: str | None = None
+        self.rendezvous_dir: Path | None = None
         self.tp = SINGLE
         self.broken = False  # a rank failed: nothing is owed to the others
         self.joined = False  # this process initialised torch.distributed's default group
@@ -68,7 +70,8 @@ class Executor:
         parallel = config.parallel
         set_threads_per_rank(parallel.ranks_per_node)
         if parallel.nnodes == 1:  # ranks of one machine meet in a file: no port is opened
-            self.rendezvous_dir = tempfile.mkdtemp(prefix=RENDEZVOUS_DIR_PREFIX)
+            remove_orphaned_dirs()
+            self.rendezvous_dir = owned_temp_dir("tp")
             init_method = f"file://{self.rendezvous_dir}/store"
         else:
             init_method = f"tcp://{parallel.master_addr}:{parallel.master_port}"
@@ -113,8 +116,14 @@ class Executor:
         self.broken = True
         if isinstance(exc, TensorParallelGroupError):
             return exc
+        # A local rank's exit code says more than a socket's error, which may come before
+        # the killed rank is reaped: give it a moment.
+        deadline = time.monotonic() + REAP_SECONDS
+        for worker in self.workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(max(0.0, deadline - time.monotonic()))
         try:
-            self._check_workers()  # a local rank's exit code says more than a socket's error
+            self._check_workers()
         except TensorParallelGroupError as dead:
             return dead
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
