@@ -49,7 +49,7 @@ class Executor:
     def __init__(self, config: EngineConfig, model_path: Path) -> None:
         parallel = config.parallel
         self.timeout = timedelta(seconds=parallel.distributed_timeout)
-        self.workers = []
+        self.workers: list[subprocess.Popen] = []  # the ranks of this node this process started
         self.rendezvous_dir: Path | None = None
         self.tp = SINGLE
         self.broken = False  # a rank failed: nothing is owed to the others
@@ -66,7 +66,7 @@ class Executor:
             self.shutdown()
             raise
 
-    def _start_group(self, config: EngineConfig):
+    def _start_group(self, config: EngineConfig) -> TensorParallel:
         parallel = config.parallel
         set_threads_per_rank(parallel.ranks_per_node)
         if parallel.nnodes == 1:  # ranks of one machine meet in a file: no port is opened

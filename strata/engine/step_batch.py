@@ -1,8 +1,8 @@
 """StepBatch: what every rank needs to run one step.
 
 Rank 0 builds it from the scheduler's output; under tensor parallelism it goes to the
-other ranks (worker_channel.py) as a 4-number header and the arrays end to end in one
-int64 tensor: no pickle, no per-request objects. The workers keep no state of their own
+other ranks (worker_channel.py) as its arrays end to end in one int64 tensor, their shape
+in the message's header: no pickle, no per-request objects. The workers keep no state of their own
 about requests: the block tables say where every token's K/V lives.
 """
 
