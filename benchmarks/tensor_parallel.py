@@ -15,7 +15,9 @@ few warm-up decode steps, then the mean of K timed decode steps; throughput is b
 time. Rank 0 times its own calls of TensorParallel.all_reduce and .gather (which include its
 wait for the other rank). At one KV budget per rank (--kv-cache-memory): rank 0's weight
 bytes and its KV blocks, bytes and tokens. The machine may be shared, so rounds alternate
-the setups' order, figures are medians over rounds, and ratios to N = 1 are taken per round.
+the setups' order, figures are medians over rounds, and ratios to N = 1 are taken per round;
+each timed window also records the cores' worth of CPU other processes used (from /proc),
+so that a busy machine shows in the table rather than passing for a slow setup.
 
 Two ranks on two cores of one machine only show what the sharding and the collectives
 cost; none of this replaces a run over several GPUs.
@@ -44,7 +46,9 @@ from strata.engine.core import EngineCore
 from strata.model.layers import Linear
 from strata.model.parallel import TensorParallel
 
-PROMPT = list(range(3, 35))  # 32 tokens; ids from 3 skip the special tokens
+# 32 tokens; ids from 3 skip the special tokens. Every request has the same prompt, so the
+# prefix cache shares its two blocks: 64 requests fit N = 1's 170 blocks at 256 MiB.
+PROMPT = list(range(3, 35))
 WARMUP_STEPS = 2
 CHILD_TIMEOUT_S = 1200  # a hung group fails this run rather than stalling it
 TARGET_COLLECTIVE_SHARE = 0.15  # of a decode step, at the largest batch
@@ -329,10 +333,10 @@ def targets(rounds: list[dict[str, ChildResult]], batches: list[int]) -> str:
     ])
 
 
-def report(args: argparse.Namespace, rounds: list[dict[str, ChildResult]]) -> None:
+def report(args: argparse.Namespace, rounds: list[dict[str, ChildResult]],
+           header: list[str]) -> None:
     budget_mib = parse_size(args.kv_cache_memory) / 2 ** 20
-    print(machine())
-    print(commit())
+    print("\n".join(header))
     print(f"{args.model.name}, float32 on CPU, {len(PROMPT)}-token prompts, mean of "
           f"{args.steps} decode steps after {WARMUP_STEPS} warm-up, {args.rounds} alternating "
           f"round(s), medians\n")
@@ -373,11 +377,12 @@ def main() -> None:
                            args.kv_cache_memory)
         print(json.dumps(asdict(result)), flush=True)
         return
+    header = [machine(), commit()]  # the code as it was measured, not as it is at the end
     rounds = run_rounds(args)
     if args.json:
         args.json.write_text(json.dumps([{k: asdict(r) for k, r in results.items()}
                                          for results in rounds], indent=1))
-    report(args, rounds)
+    report(args, rounds, header)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ struct ShmGroup {
     for (int64_t r = 0; r < size; ++r) {
       uint64_t spins = 0;
       while (published(r)->load(std::memory_order_acquire) < seq) {
-        if (++spins % 1024 == 0) check(r, deadline, spins);
+        if (++spins % 1024 == 0 || spins > 1024 * 4) check(r, deadline, spins);
       }
     }
     return phase;
@@ -90,7 +90,9 @@ struct ShmGroup {
     if (std::chrono::steady_clock::now() > deadline)
       throw std::runtime_error("tensor-parallel rank " + std::to_string(r) +
                                " did not join a collective within the timeout");
-    if (spins > 1024 * 64) sched_yield();  // waiting long: let a descheduled peer run
+    // Waiting more than a few microseconds: give the core away at every check, so that on a
+    // machine with fewer free cores than ranks the peer we wait for can run on it.
+    if (spins > 1024 * 4) sched_yield();
   }
 
   void all_reduce(torch::Tensor x) {
