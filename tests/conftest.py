@@ -47,6 +47,25 @@ def build_checkpoint(out: Path, arch: str, seed: int = 0, **config_overrides) ->
     return out
 
 
+@pytest.fixture(scope="session")
+def tp_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The checkpoints tensor parallelism is checked on: the four architectures, an odd
+    one, and both shared models."""
+    root = tmp_path_factory.mktemp("tp")
+    overrides = {"mistral": {"sliding_window": 8}}
+    cases = {arch: build_checkpoint(root / arch, arch, **overrides.get(arch, {}))
+             for arch in ARCHITECTURES}
+    # More ranks than KV heads (the one KV head replicated); a vocabulary of 509, which pads
+    # the last rank's rows, tied, so they are the embedding's too; biases everywhere, those
+    # of o_proj and down_proj added once.
+    cases["one_kv_head"] = build_checkpoint(
+        root / "one_kv_head", "llama3", num_key_value_heads=1, vocab_size=509,
+        tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
+    cases["stories260K"] = STORIES
+    cases["TinyStories-656K"] = SHARED_MODELS / "TinyStories-656K"
+    return cases
+
+
 def transformers_greedy(path: Path, prompt: list[int], new_tokens: int, **config_overrides
                         ) -> tuple[list[int], torch.Tensor]:
     """transformers' greedy ids for a prompt (float32, CPU) and its last step's logits;

@@ -17,7 +17,7 @@ from strata.config import EngineConfig
 from strata.engine.core import EngineCore
 from strata.engine.executor import TensorParallelGroupError
 from strata.model.layers import Linear
-from tests.conftest import ARCHITECTURES, SHARED_MODELS, STORIES, build_checkpoint, record_logits
+from tests.conftest import STORIES, record_logits
 from tests.test_disagg_engine import GREEDY, disaggregated
 
 PROMPTS = [[1, 5, 77, 300, 12, 9], [1] + list(range(20, 60)), [1, 400]]
@@ -46,26 +46,9 @@ def _run(path: Path, **engine_args) -> dict:
         llm.shutdown()
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tp")
-    overrides = {"mistral": {"sliding_window": 8}}
-    cases = {arch: build_checkpoint(root / arch, arch, **overrides.get(arch, {}))
-             for arch in ARCHITECTURES}
-    # More ranks than KV heads (the one KV head replicated); a vocabulary of 509, which pads
-    # the last rank's rows, tied, so they are the embedding's too; biases everywhere, those
-    # of o_proj and down_proj added once.
-    cases["one_kv_head"] = build_checkpoint(
-        root / "one_kv_head", "llama3", num_key_value_heads=1, vocab_size=509,
-        tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
-    cases["stories260K"] = STORIES
-    cases["TinyStories-656K"] = SHARED_MODELS / "TinyStories-656K"
-    return cases
-
-
 @pytest.mark.timeout(300)
-def test_two_ranks_match_one(cases):
-    for name, path in cases.items():
+def test_two_ranks_match_one(tp_checkpoints):
+    for name, path in tp_checkpoints.items():
         one, two = _run(path), _run(path, tensor_parallel_size=2)
         assert two["ids"] == one["ids"], name
         assert torch.allclose(two["logits"], one["logits"], atol=1e-4, rtol=0), name
@@ -103,18 +86,18 @@ def test_prefix_hits_samples_and_preemption_match_one_rank():
     assert one_stats["preemptions"] > 0 and one_stats["cached"] > 0
 
 
-def test_a_model_that_does_not_divide_is_refused_before_any_rank_starts(cases):
+def test_a_model_that_does_not_divide_is_refused_before_any_rank_starts(tp_checkpoints):
     # 4 query heads, 2 KV heads, intermediate 96: not by 3.
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 .*\(4\).*\(96\).*\(2\)") as err:
-        LLM(str(cases["llama3"]), skip_tokenizer_init=True, tensor_parallel_size=3)
+        LLM(str(tp_checkpoints["llama3"]), skip_tokenizer_init=True, tensor_parallel_size=3)
     assert "\n" not in str(err.value)
     assert time.monotonic() - started < 5  # no rank was started (and waited for)
 
 
 @pytest.mark.timeout(120)
-def test_a_killed_worker_breaks_the_group_at_once(cases):
-    llm = LLM(str(cases["llama3"]), skip_tokenizer_init=True, tensor_parallel_size=2,
+def test_a_killed_worker_breaks_the_group_at_once(tp_checkpoints):
+    llm = LLM(str(tp_checkpoints["llama3"]), skip_tokenizer_init=True, tensor_parallel_size=2,
               distributed_timeout=30)
     try:
         [worker] = llm.engine.executor.workers
