@@ -95,8 +95,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     nnodes: int = 1
     node_rank: int = 0
-    # Where rank 0 holds the group's rendezvous (a TCP store). Port 0: any free port, which
-    # only a single node can use (the other nodes must be told it).
+    # Where rank 0 holds the rendezvous (a TCP store) of ranks on several nodes; the ranks
+    # of one machine meet in a file instead, and use neither.
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     # Seconds a rank may wait for the others inside one collective of a step, and the leader
