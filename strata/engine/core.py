@@ -69,7 +69,8 @@ class EngineCore:
                 self.runner.kv_caches, self.model_path, tp.rank, tp.size))
             if tp.size > 1:  # every rank moves its own shard; rank 0 drives them
                 connector = RankGroupConnector(connector, tp, self.executor.timeout,
-                                               exchange_addresses(tp, connector))
+                                               exchange_addresses(tp, connector),
+                                               self.executor.group_failed)
         except BaseException:
             connector.close()
             raise

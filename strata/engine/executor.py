@@ -91,7 +91,7 @@ class Executor:
             send(self.tp, self.timeout, MessageKind.STEP, batch)
             return self.runner.execute(batch, step.requests)
         except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
-            raise self._group_error(exc) from exc
+            raise self.group_failed(exc) from exc
 
     def check_health(self) -> None:
         """Raise unless every rank answers within the timeout (called while idle: a step's
@@ -103,7 +103,7 @@ class Executor:
             send(self.tp, self.timeout, MessageKind.HEARTBEAT)
             answer_heartbeat(self.tp, self.timeout)
         except RuntimeError as exc:
-            raise self._group_error(exc) from exc
+            raise self.group_failed(exc) from exc
 
     def _check_workers(self) -> None:
         for rank, worker in enumerate(self.workers, start=1):
@@ -112,7 +112,9 @@ class Executor:
                     f"tensor-parallel rank {rank} (pid {worker.pid}) exited with code "
                     f"{worker.returncode}")
 
-    def _group_error(self, exc: BaseException) -> TensorParallelGroupError:
+    def group_failed(self, exc: BaseException) -> TensorParallelGroupError:
+        """The error to raise for a failed collective (here, or in a KV connector's): the
+        group is broken from now on, and its local ranks are not waited for."""
         self.broken = True
         if isinstance(exc, TensorParallelGroupError):
             return exc

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -105,6 +106,8 @@ class RankGroupConnector(KVConnector):
     tp: TensorParallel
     timeout: timedelta
     addresses: list[tuple[str, int]]  # every rank's connector, in rank order
+    # Turns a failed collective into the engine's error for a broken group (the executor's).
+    group_failed: Callable[[BaseException], Exception]
     _reads: dict[str, _Read] = field(default_factory=dict)
     _unread: dict[str, set[int]] = field(default_factory=dict)  # lease -> ranks not read
 
@@ -146,9 +149,12 @@ class RankGroupConnector(KVConnector):
     def poll(self) -> tuple[list[TransferResult], list[str]]:
         polls = [PollResults(*self.local.poll())]
         if self._reads or self._unread:  # else no rank has anything to say
-            send(self.tp, self.timeout, MessageKind.KV_POLL)
-            polls += [msgspec.msgpack.decode(b, type=PollResults)
-                      for b in gather_bytes(self.tp, b"", self.timeout)[1:]]
+            try:
+                send(self.tp, self.timeout, MessageKind.KV_POLL)
+                answers = gather_bytes(self.tp, b"", self.timeout)[1:]
+            except RuntimeError as exc:
+                raise self.group_failed(exc) from exc
+            polls += [msgspec.msgpack.decode(b, type=PollResults) for b in answers]
         results, read_done = [], []
         for rank, poll in enumerate(polls):
             for result in poll.results:
@@ -176,4 +182,8 @@ class RankGroupConnector(KVConnector):
         self.local.close()  # the workers close theirs as they exit
 
     def _send(self, operation: KVOperation) -> None:
-        send(self.tp, self.timeout, MessageKind.KV_OP, payload=msgspec.msgpack.encode(operation))
+        try:
+            send(self.tp, self.timeout, MessageKind.KV_OP,
+                 payload=msgspec.msgpack.encode(operation))
+        except RuntimeError as exc:
+            raise self.group_failed(exc) from exc
