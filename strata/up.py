@@ -51,7 +51,7 @@ class Child:
     """One `strata serve` or `strata route` process, and when to restart it."""
 
     index: int
-    role: str  # replica | prefill | decode | router | node K (a replica's headless node)
+    role: str  # replica | prefill | decode | router | "replica I, node" (headless node K)
     url: str | None  # None: serves no API (a headless node)
     command: list[str]
     env: dict[str, str]

@@ -10,12 +10,9 @@ from strata.checkpoint import load_json, resolve_model_path
 from strata.config import EngineConfig
 from strata.engine.executor import Executor
 from strata.engine.kv_cache_manager import KVCacheManager
+from strata.engine.kv_connector import make_connector
 from strata.engine.kv_connector.connector import KVLayout
-from strata.engine.kv_connector.group import (
-    RankGroupConnector,
-    exchange_addresses,
-    make_connector,
-)
+from strata.engine.kv_connector.group import RankGroupConnector, exchange_addresses
 from strata.engine.kv_transfer import KVTransfer
 from strata.engine.messages import EngineCoreOutput, EngineStats
 from strata.engine.request import Request

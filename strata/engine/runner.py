@@ -90,10 +90,8 @@ class ModelRunner:
         else:
             # A GPU is the rank's alone; host memory is shared with everything else, the
             # other ranks of this machine included.
-            if self.device.type == "cuda":
-                fraction = 0.8
-            else:
-                fraction = 0.2 / self.config.parallel.ranks_per_node
+            fraction = 0.8 if self.device.type == "cuda" else \
+                0.2 / self.config.parallel.ranks_per_node
             budget = cache.kv_cache_memory or int(fraction * available_memory(self.device))
             # More blocks than max_num_seqs full-length sequences could ever hold is waste.
             ceiling = self.config.scheduler.max_num_seqs * cdiv(self.max_model_len, self.block_size)

@@ -2,8 +2,8 @@
 
 Rank 0 builds it from the scheduler's output; under tensor parallelism it goes to the
 other ranks (worker_channel.py) as its arrays end to end in one int64 tensor, their shape
-in the message's header: no pickle, no per-request objects. The workers keep no state of their own
-about requests: the block tables say where every token's K/V lives.
+in the message's header: no pickle, no per-request objects. The workers keep no state of
+their own about requests: the block tables say where every token's K/V lives.
 """
 
 from __future__ import annotations

@@ -78,13 +78,9 @@ def run_headless(config: EngineConfig) -> int:
 
 def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     from strata.checkpoint import resolve_model_path
+    from strata.engine.kv_connector import make_connector
     from strata.engine.kv_connector.connector import KVLayout
-    from strata.engine.kv_connector.group import (
-        answer_poll,
-        apply,
-        exchange_addresses,
-        make_connector,
-    )
+    from strata.engine.kv_connector.group import answer_poll, apply, exchange_addresses
     from strata.engine.runner import ModelRunner
     from strata.engine.worker_channel import MessageKind, answer_heartbeat, receive
     from strata.model.parallel import create_store, join_group, leave_group, set_threads_per_rank

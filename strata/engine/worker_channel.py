@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from strata.engine.step_batch import StepBatch
-from strata.model.parallel import TensorParallel
+from strata.model.parallel import TensorParallel, wait
 
 
 class MessageKind(enum.IntEnum):
@@ -46,7 +46,7 @@ def send(tp: TensorParallel, timeout: timedelta, kind: MessageKind,
         body = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
     for tensor in (torch.tensor([kind, *shape]), body):
         if tensor is not None:
-            dist.broadcast(tensor, 0, group=tp.cpu_group, async_op=True).wait(timeout)
+            wait(dist.broadcast(tensor, 0, group=tp.cpu_group, async_op=True), timeout)
 
 
 def receive(tp: TensorParallel) -> Message:
@@ -68,7 +68,7 @@ def receive(tp: TensorParallel) -> Message:
 
 def answer_heartbeat(tp: TensorParallel, timeout: timedelta | None = None) -> None:
     """Every rank after a HEARTBEAT: one round trip. Rank 0 gives up after `timeout`."""
-    _wait(dist.all_reduce(torch.zeros(1), group=tp.cpu_group, async_op=True), timeout)
+    wait(dist.all_reduce(torch.zeros(1), group=tp.cpu_group, async_op=True), timeout)
 
 
 def gather_bytes(tp: TensorParallel, data: bytes, timeout: timedelta | None = None
@@ -76,21 +76,15 @@ def gather_bytes(tp: TensorParallel, data: bytes, timeout: timedelta | None = No
     """Every rank's `data`, in rank order, on rank 0 (None elsewhere): every rank learns
     the lengths, then the bytes go padded to the longest."""
     lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(tp.size)]
-    _wait(dist.all_gather(lengths, torch.tensor([len(data)]), group=tp.cpu_group,
-                          async_op=True), timeout)
+    wait(dist.all_gather(lengths, torch.tensor([len(data)]), group=tp.cpu_group,
+                         async_op=True), timeout)
     sizes = [int(n) for n in lengths]
     padded = torch.zeros(max(1, *sizes), dtype=torch.uint8)
     if data:
         padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     parts = [torch.empty_like(padded) for _ in range(tp.size)] if tp.rank == 0 else None
-    _wait(dist.gather(padded, parts, dst=0, group=tp.cpu_group, async_op=True), timeout)
+    wait(dist.gather(padded, parts, dst=0, group=tp.cpu_group, async_op=True), timeout)
     if tp.rank != 0:
         return None
     return [part[:n].numpy().tobytes() for part, n in zip(parts, sizes, strict=True)]
 
-
-def _wait(work, timeout: timedelta | None) -> None:
-    if timeout is None:
-        work.wait()
-    else:
-        work.wait(timeout)

@@ -68,12 +68,22 @@ class TensorParallel:
     def min_over_ranks(self, value: int) -> int:
         """The smallest of every rank's value (the KV blocks all of them can hold). Waits for
         the slowest rank to get here, as long as a start-up may take."""
-        if self.size == 1:
-            return value
-        x = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.cpu_group, async_op=True).wait(
-            STARTUP_TIMEOUT)
-        return int(x.item())
+        return value if self.size == 1 else _min_over(self.cpu_group, value)
+
+
+def _min_over(group: dist.ProcessGroup, value: int) -> int:
+    x = torch.tensor([value], dtype=torch.int64)
+    wait(dist.all_reduce(x, op=dist.ReduceOp.MIN, group=group, async_op=True), STARTUP_TIMEOUT)
+    return int(x.item())
+
+
+def wait(work: dist.Work, timeout: timedelta | None) -> None:
+    """Wait for an async collective: at most `timeout` (raising after it), or as long as its
+    group's own timeout allows (None)."""
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout)
 
 
 # One process, no group: the default of every model class (frozen, so safe to share).
@@ -84,14 +94,13 @@ def create_store(init_method: str, rank: int, size: int) -> dist.Store:
     """The group's rendezvous: file:///path (ranks of one machine: nothing listens on the
     network) or tcp://host:port, hosted by rank 0 (bound on every interface: torch's store
     takes no address to bind)."""
-    timeout = STARTUP_TIMEOUT
     if init_method.startswith("file://"):
         return dist.FileStore(init_method.removeprefix("file://"), size)
     if not init_method.startswith("tcp://"):
         raise ValueError(f"a rendezvous is file:///path or tcp://host:port, not {init_method!r}")
     host, _, port = init_method.removeprefix("tcp://").rpartition(":")
     return dist.TCPStore(host.strip("[]"), int(port), size, is_master=rank == 0,
-                         timeout=timeout, wait_for_workers=False)
+                         timeout=STARTUP_TIMEOUT, wait_for_workers=False)
 
 
 def join_group(rank: int, size: int, store: dist.Store, device: torch.device,
@@ -132,12 +141,10 @@ def _shared_memory_group(rank: int, size: int, store: dist.Store,
     if rank == 0 and kernel is not None:
         path = _create_shared_file(size * 64 + 2 * size * SHM_SLOT_BYTES)
     store.set(f"pid/{rank}", str(os.getpid()))
-    able = torch.tensor([int(kernel is not None and (rank != 0 or bool(path)))])
-    dist.all_reduce(able, op=dist.ReduceOp.MIN, group=cpu_group, async_op=True).wait(
-        STARTUP_TIMEOUT)
+    able = _min_over(cpu_group, int(kernel is not None and (rank != 0 or bool(path))))
     if rank == 0:
-        store.set("shm", path if able.item() else "")
-    if not able.item():
+        store.set("shm", path if able else "")
+    if not able:
         logger.warning("tensor-parallel collectives fall back to gloo over loopback (no "
                        "shared-memory kernel or /dev/shm): every step will be slower")
         return None

@@ -17,14 +17,12 @@ workers (worker_channel's KV_OP), whose connectors do the same on their shards.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import msgspec
 
-from strata.config import EngineConfig
 from strata.engine.kv_connector.connector import KVConnector, RemoteBlocks, TransferResult
 from strata.engine.worker_channel import MessageKind, gather_bytes, send
 from strata.model.parallel import STARTUP_TIMEOUT, TensorParallel
@@ -51,20 +49,6 @@ KVOperation = Publish | Release | StartRead
 class PollResults(msgspec.Struct):
     results: list[TransferResult]
     read_done: list[str]
-
-
-def make_connector(config: EngineConfig, rank: int = 0) -> KVConnector:
-    """This rank's connector. With a fixed --kv-connector-port, rank r listens on it + r
-    (vLLM's convention); else on any free port."""
-    if config.kv_connector == "nixl":  # an optional install: imported only when asked for
-        from strata.engine.kv_connector.nixl import NixlKVConnector as Connector
-    elif config.kv_connector == "tcp":
-        from strata.engine.kv_connector.tcp import TcpKVConnector as Connector
-    else:
-        raise ValueError(f"unknown KV connector {config.kv_connector!r} (nixl or tcp)")
-    port = config.kv_connector_port + rank if config.kv_connector_port else 0
-    return Connector(f"strata-{uuid.uuid4().hex[:12]}", config.kv_connector_host, port,
-                     config.kv_transfer_timeout)
 
 
 def exchange_addresses(tp: TensorParallel, connector: KVConnector) -> list[tuple[str, int]]:
