@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,nixl]'
+	$(BIN)/pip install -q -e '.[dev,nixl,gateway]'
 	$(BIN)/pip install -q --no-deps nixl==1.5.1
 	$(BIN)/python -m strata.model.cpu_kernels
 	touch $@

@@ -81,12 +81,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
-def comparison_table(rounds: list[dict], titles: tuple[str, str], groups, variants: tuple[str, str],
-                     columns, ratios) -> str:
-    """Medians over rounds of runs named "group/variant", variants = (treated, baseline); the
-    treated row also gets each ratio (title, key, over_baseline): the median of per-round
-    treated / baseline figures, or baseline / treated when over_baseline is false."""
-    treated, baseline = variants
+def comparison_table(rounds: list[dict], titles: tuple[str, str], groups,
+                     variants: tuple[str, ...], columns, ratios) -> str:
+    """Medians over rounds of runs named "group/variant", variants = (*treated, baseline);
+    each treated row also gets each ratio (title, key, over_baseline): the median of
+    per-round treated / baseline figures, or baseline / treated when over_baseline is false."""
+    *treated, baseline = variants
     header = [*titles, *(name for name, _, _ in columns), *(title for title, _, _ in ratios)]
     rows = []
     for group in groups:
@@ -96,7 +96,7 @@ def comparison_table(rounds: list[dict], titles: tuple[str, str], groups, varian
                                        for _, key, fmt in columns)]
             other = f"{group}/{baseline}"
             cells += [(ratio_cell(rounds, run, other, key) if over_baseline
-                       else ratio_cell(rounds, other, run, key)) if variant == treated else ""
+                       else ratio_cell(rounds, other, run, key)) if variant in treated else ""
                       for _, key, over_baseline in ratios]
             rows.append(cells)
     return markdown_table(header, rows)

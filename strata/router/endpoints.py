@@ -18,6 +18,7 @@ class EndpointMetrics:
     num_waiting: float = 0.0
     num_running: float = 0.0
     kv_cache_usage: float = 0.0
+    work_tokens: float = 0.0  # prompt tokens computed (not found cached) + tokens generated
     block_size: int | None = None  # from vllm:cache_config_info
     num_blocks: int | None = None
     models: set[str] = field(default_factory=set)  # model_name labels seen
@@ -32,6 +33,10 @@ class Endpoint:
     metrics: EndpointMetrics | None = None
     scraped_at: float = 0.0  # time.monotonic() of the last good scrape
     in_flight: int = 0  # requests this router sent it that have not ended
+    in_flight_tokens: float = 0.0  # their tokens: prompt not cached there + output allowed
+    token_rate: float | None = None  # work tokens/s while busy, measured from its scrapes
+    busy_seconds: float = 0.0  # the measurement under way: busy time, and work done in it
+    busy_work: float = 0.0
 
     def queue(self) -> float:
         """The queue scorer's depth: requests at the endpoint, waiting or running.
@@ -86,7 +91,31 @@ def parse_endpoint(spec: str) -> Endpoint:
 GAUGES = {"vllm:num_requests_waiting": "num_waiting",
           "vllm:num_requests_running": "num_running",
           "vllm:kv_cache_usage_perc": "kv_cache_usage"}
-WANTED = (*GAUGES, "vllm:cache_config_info")
+WORK = {"vllm:prompt_tokens_total": 1.0, "vllm:prefix_cache_hits_total": -1.0,
+        "vllm:generation_tokens_total": 1.0}  # their sum: the tokens an engine computed
+WANTED = (*GAUGES, *WORK, "vllm:cache_config_info")
+RATE_WINDOW = 1.0  # seconds of busy time per measurement: counters move in steps
+RATE_SMOOTHING = 0.5  # weight of each new measurement in the token rate
+
+
+def measure_rate(endpoint: Endpoint, fresh: EndpointMetrics, seconds: float) -> None:
+    """Updates endpoint.token_rate from the work done while it was busy (an idle interval
+    says nothing about its speed), once a window of busy time has gone by."""
+    last = endpoint.metrics
+    if last is None or seconds <= 0 or last.num_running + last.num_waiting == 0:
+        return
+    endpoint.busy_seconds += seconds
+    endpoint.busy_work += max(0.0, fresh.work_tokens - last.work_tokens)
+    if endpoint.busy_seconds < RATE_WINDOW:
+        return
+    sample = endpoint.busy_work / endpoint.busy_seconds
+    endpoint.busy_seconds = endpoint.busy_work = 0.0
+    if sample <= 0:
+        return  # no work done: stuck, or its counters did not move; not a speed
+    if endpoint.token_rate is None:
+        endpoint.token_rate = sample
+    else:
+        endpoint.token_rate += RATE_SMOOTHING * (sample - endpoint.token_rate)
 
 
 def parse_metrics(text: str) -> EndpointMetrics:
@@ -102,6 +131,8 @@ def parse_metrics(text: str) -> EndpointMetrics:
                 setattr(metrics, name, getattr(metrics, name) + sample.value)
                 if "model_name" in sample.labels:
                     metrics.models.add(sample.labels["model_name"])
+            elif sample.name in WORK:
+                metrics.work_tokens += WORK[sample.name] * sample.value
             elif sample.name == "vllm:cache_config_info":
                 metrics.block_size = int(sample.labels["block_size"])
                 metrics.num_blocks = int(sample.labels["num_gpu_blocks"])

@@ -5,8 +5,11 @@ Envoy opens one `Process` stream per HTTP request and sends its parts: the reque
 the body, maybe trailers, then the same for the response. The answer to the request names
 the chosen endpoint, best first with fallbacks after commas, twice with the same value (the
 EPP protocol): in the header `x-gateway-destination-endpoint` and in the dynamic metadata
-`envoy.lb` / `x-gateway-destination-endpoint`. An ORIGINAL_DST cluster that reads the header
-takes a single address: serve it with max_endpoints=1. For P/D the prefiller goes in
+`envoy.lb` / `x-gateway-destination-endpoint`. Envoy's override_host load-balancing policy
+reads the whole list from the metadata (envoy_config.py); an ORIGINAL_DST cluster that reads
+the header takes a single address: serve it with max_endpoints=1. The data plane's subset
+hint restricts the ranking, and the endpoint that served, if it was not the first, gets the
+request's count (data_plane.py). For P/D the prefiller goes in
 `x-prefiller-host-port`, llm-d's header for its decode sidecar, with the router's
 `x-strata-kv-peer-token` when it has one; a client's own of either is removed. What the
 router answers itself (400, 404, 429, 503) becomes an ImmediateResponse with the OpenAI
@@ -53,9 +56,10 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from strata.router.data_plane import in_subset, served_address, subset_hint
 from strata.router.endpoints import Endpoint
 from strata.router.prompt import RouteError
-from strata.router.routing import PD_HEADERS, Router
+from strata.router.routing import PD_HEADERS, Decision, Router
 
 SERVICE = DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 DESTINATION = "x-gateway-destination-endpoint"
@@ -73,7 +77,10 @@ class Exchange:
     request_mode: int = FULL_DUPLEX
     response_mode: int = FULL_DUPLEX
     body: bytearray = field(default_factory=bytearray)
-    endpoint: Endpoint | None = None  # where it was routed: in flight until the stream ends
+    headers: dict[str, str] = field(default_factory=dict)  # the request's (flow control)
+    decision: Decision | None = None
+    endpoint: Endpoint | None = None  # where it is counted: in flight until the stream ends
+    subset: list[str] | None = None  # the data plane's subset hint: pick among these only
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
@@ -89,7 +96,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 yield reply
         finally:
             if exchange.endpoint is not None:
-                self.router.finished(exchange.endpoint)
+                self.router.finished(exchange.endpoint, exchange.decision)
 
     async def replies(self, exchange: Exchange, requests: AsyncIterator[ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ProcessingResponse]:
@@ -103,16 +110,21 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                                         f"FULL_DUPLEX_STREAMED or BUFFERED")
                 exchange.request_mode = config.request_body_mode
                 exchange.response_mode = config.response_body_mode
-            for reply in self.answer(exchange, request):
+            if exchange.subset is None:
+                exchange.subset = subset_hint(request)
+            for reply in await self.answer(exchange, request):
                 yield reply
                 if reply.HasField("immediate_response"):
                     return  # Envoy ignores the stream from here
 
-    def answer(self, exchange: Exchange, request: ProcessingRequest) -> list[ProcessingResponse]:
+    async def answer(self, exchange: Exchange, request: ProcessingRequest
+                     ) -> list[ProcessingResponse]:
         match request.WhichOneof("request"):
             case "request_headers" if request.request_headers.end_of_stream:
-                return [self.route_bodiless()]
+                return [self.route_bodiless(exchange)]
             case "request_headers":
+                exchange.headers = {h.key.lower(): (h.raw_value or h.value.encode()).decode(
+                    errors="replace") for h in request.request_headers.headers.headers}
                 if exchange.request_mode == BUFFERED:
                     return [ProcessingResponse(request_headers=HeadersResponse())]
                 return []  # FULL_DUPLEX_STREAMED: answered once the body is in
@@ -120,7 +132,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 exchange.body += request.request_body.body
                 # BUFFERED: the whole body, even without end_of_stream (trailers follow)
                 if exchange.request_mode == BUFFERED or request.request_body.end_of_stream:
-                    return self.route(exchange, end_of_stream=True)
+                    return await self.route(exchange, end_of_stream=True)
                 return []
             case "request_trailers":
                 trailers = ProcessingResponse(request_trailers=TrailersResponse())
@@ -128,8 +140,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                     return [trailers]
                 # FULL_DUPLEX_STREAMED: the trailers end a body whose last chunk had no
                 # end_of_stream
-                return [*self.route(exchange, end_of_stream=False), trailers]
+                return [*await self.route(exchange, end_of_stream=False), trailers]
             case "response_headers":
+                self.count_where_served(exchange, served_address(request))
                 return [ProcessingResponse(response_headers=HeadersResponse())]
             case "response_body":
                 body = request.response_body
@@ -140,15 +153,20 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 return [ProcessingResponse(response_trailers=TrailersResponse())]
         return []
 
-    def route(self, exchange: Exchange, end_of_stream: bool) -> list[ProcessingResponse]:
+    async def route(self, exchange: Exchange, end_of_stream: bool) -> list[ProcessingResponse]:
         body = bytes(exchange.body)
         try:
-            decision = self.router.decide(body)
+            decision = await self.router.admit(body, exchange.headers)
         except RouteError as error:
             return [immediate_response(error)]
-        exchange.endpoint = decision.ranked[0]  # the gateway sends there first
-        self.router.routed(decision, exchange.endpoint)
-        common, metadata = self.destination(decision.ranked, decision.prefiller)
+        exchange.decision, exchange.endpoint = decision, decision.ranked[0]  # admit() routed
+        ranked = in_subset(decision.ranked, exchange.subset)
+        if not ranked:
+            return [immediate_response(RouteError(503, "no ready endpoint of the gateway's "
+                                                       "subset hint serves the request"))]
+        if ranked[0] is not exchange.endpoint:
+            self.move(exchange, ranked[0])
+        common, metadata = self.destination(ranked, decision.prefiller)
         if exchange.request_mode == BUFFERED:  # the body stays as Envoy holds it
             return [ProcessingResponse(request_body=BodyResponse(response=common),
                                        dynamic_metadata=metadata)]
@@ -159,11 +177,27 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 *(_body_chunk("request_body", chunk, end_of_stream and i == len(chunks) - 1)
                   for i, chunk in enumerate(chunks))]
 
-    def route_bodiless(self) -> ProcessingResponse:
+    def move(self, exchange: Exchange, endpoint: Endpoint, failed: bool = False) -> None:
+        """The request is counted at `endpoint` instead of where it was routed: the subset
+        hint left that one out, or (failed) it refused the gateway's connection."""
+        (self.router.failed if failed else self.router.finished)(exchange.endpoint,
+                                                                 exchange.decision)
+        exchange.endpoint = endpoint
+        self.router.routed(exchange.decision, endpoint)
+
+    def count_where_served(self, exchange: Exchange, served: str | None) -> None:
+        """The gateway fell back down the ranking: the first endpoint refused."""
+        if exchange.decision is None or served in (None, exchange.endpoint.host_port):
+            return
+        endpoint = next((e for e in self.router.pool.endpoints if e.host_port == served), None)
+        if endpoint is not None:
+            self.move(exchange, endpoint, failed=True)
+
+    def route_bodiless(self, exchange: Exchange) -> ProcessingResponse:
         """A GET or another request without a body: the ready endpoint with the shortest
         queue, whatever it serves."""
-        ranked = sorted((e for e in self.router.pool.endpoints if e.healthy()),
-                        key=lambda e: e.queue())
+        ranked = in_subset(sorted((e for e in self.router.pool.endpoints if e.healthy()),
+                                  key=lambda e: e.queue()), exchange.subset)
         if not ranked:
             return immediate_response(RouteError(503, "no endpoint is ready"))
         common, metadata = self.destination(ranked, None)

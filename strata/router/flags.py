@@ -7,6 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
+from strata.router.envoy_config import FAILURE_MODES
+
 
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
     """How the router picks: the flags `strata route` and `strata up` share."""
@@ -42,13 +44,13 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
                         help="the engines' seed of their block hashes")
     parser.add_argument("--config", type=Path, default=None,
                         help="scorer weights, an EndpointPickerConfig YAML profile")
-    parser.add_argument("--saturation-queue", type=float, default=128,
-                        help="answer 429 when every endpoint has this many requests waiting")
     parser.add_argument("--ext-proc-port", type=int, default=0,
                         help="also serve Envoy's ext_proc (gRPC) on this port (e.g. 9002)")
-    parser.add_argument("--ext-proc-max-endpoints", type=int, default=1,
+    parser.add_argument("--ext-proc-max-endpoints", type=int, default=3,
                         help="how many endpoints, best first, ext_proc names in "
-                             "x-gateway-destination-endpoint (Envoy's ORIGINAL_DST reads one)")
+                             "x-gateway-destination-endpoint (an ORIGINAL_DST cluster reads "
+                             "one; --print-envoy-config's Envoy retries down the list)")
+    add_flow_control_args(parser)
     add_drain_timeout_arg(parser)
     parser.add_argument("--stall-timeout", type=float, default=10.0,
                         help="an endpoint silent this many seconds is given up if its "
@@ -58,3 +60,50 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
                         help="P/D: the decode servers' shared secret, sent in "
                              "x-strata-kv-peer-token beside the prefiller the router names "
                              "(env STRATA_KV_PEER_TOKEN); a client's own never passes")
+
+
+def add_flow_control_args(parser: argparse.ArgumentParser) -> None:
+    """Flow control: requests wait in the router while every endpoint is saturated."""
+    parser.add_argument("--no-flow-control", dest="flow_control", action="store_false",
+                        help="send every request at once, however loaded the endpoints")
+    parser.add_argument("--saturation-queue-depth", type=float, default=5,
+                        help="an endpoint with this many requests waiting is saturated")
+    parser.add_argument("--saturation-kv-cache", type=float, default=0.8,
+                        help="an endpoint whose KV cache use (0..1) is this or more is "
+                             "saturated")
+    parser.add_argument("--flow-max-requests", type=int, default=1024,
+                        help="requests that may wait in the router; past it, 429")
+    parser.add_argument("--flow-max-bytes", type=int, default=256 << 20,
+                        help="request body bytes that may wait in the router; past it, 429")
+    parser.add_argument("--flow-request-ttl", type=float, default=30.0,
+                        help="seconds a request may wait in the router; past it, 429 (503 "
+                             "if no endpoint of its model was ready)")
+    parser.add_argument("--objectives", type=Path, default=None,
+                        help="InferenceObjective YAML documents: the priority of each "
+                             "objective a request names in x-gateway-inference-objective "
+                             "(negative: sheddable)")
+
+
+def add_envoy_config_args(parser: argparse.ArgumentParser) -> None:
+    """`strata route --print-envoy-config`: Envoy in front of this router, run by the user."""
+    parser.add_argument("--print-envoy-config", action="store_true",
+                        help="print Envoy's bootstrap configuration for a gateway in front of "
+                             "this router's ext_proc (--ext-proc-port) and its endpoints, and "
+                             "exit")
+    parser.add_argument("--gateway-port", type=int, default=8081,
+                        help="the port the printed configuration's Envoy listens on (on --host)")
+    _add_failure_mode_arg(parser)
+
+
+def add_up_gateway_args(parser: argparse.ArgumentParser) -> None:
+    """`strata up --gateway envoy`: Envoy on --port, the router as its endpoint picker."""
+    parser.add_argument("--gateway", choices=("none", "envoy"), default="none",
+                        help="envoy: Envoy listens on --port and asks the router (over "
+                             "ext_proc) where each request goes")
+    _add_failure_mode_arg(parser)
+
+
+def _add_failure_mode_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway-failure-mode", choices=FAILURE_MODES, default="FailClose",
+                        help="with the picker down, Envoy answers 503 (FailClose) or sends "
+                             "requests to an endpoint of its own choosing (FailOpen)")

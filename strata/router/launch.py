@@ -11,7 +11,8 @@ import uvloop
 from starlette.applications import Starlette
 
 from strata.checkpoint import resolve_model_path
-from strata.router.config import load_weights
+from strata.router.config import PickerProfile, load_objectives, load_profile
+from strata.router.flow_control import FlowControlConfig
 from strata.router.kv_event_index import KVEventIndex
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Picker, RoundRobin
@@ -21,6 +22,9 @@ from strata.router.proxy import build_app
 from strata.router.routing import Router
 from strata.tokenizer import Tokenizer
 from strata.uvicorn_server import Server
+
+PICKER_TIMEOUT_MARGIN = 5.0  # FailOpen: seconds Envoy waits past the flow-control deadline
+LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # where a server on every address answers
 
 
 def _source(args: argparse.Namespace) -> EndpointSource:
@@ -44,16 +48,21 @@ def _tokenizers(specs: list[str]) -> dict[str | None, Tokenizer]:
 def build(args: argparse.Namespace) -> Starlette:
     """The app to serve: the proxy, with the scraper and the other fronts beside it."""
     pool = EndpointPool(_source(args))
-    weights = load_weights(args.config) if args.config else None
-    policy = RoundRobin() if args.policy == "round-robin" else Picker(weights)
+    profile = load_profile(args.config) if args.config else PickerProfile()
+    policy = (RoundRobin() if args.policy == "round-robin"
+              else Picker(profile.weights, affinity=profile.affinity))
     index = KVEventIndex() if args.prefix_index == "precise" else ApproximatePrefixIndex()
     tokenizers = _tokenizers(args.tokenizer)
     if args.prefix_index == "precise" and not tokenizers:
         raise ValueError("--prefix-index precise needs --tokenizer: the engines' block ids "
                          "are hashes of token ids")
+    flow_control = FlowControlConfig(args.flow_control, args.saturation_queue_depth,
+                                     args.saturation_kv_cache, args.flow_max_requests,
+                                     args.flow_max_bytes, args.flow_request_ttl)
+    objectives = load_objectives(args.objectives) if args.objectives else {}
     router = Router(pool, policy, index, RouterMetrics(lambda: pool.endpoints), tokenizers,
-                    args.pd_threshold_tokens, args.saturation_queue,
-                    args.prefix_caching_hash_seed, args.kv_peer_token)
+                    args.pd_threshold_tokens, args.prefix_caching_hash_seed,
+                    args.kv_peer_token, flow_control, objectives)
     background = [pool.run]
     if isinstance(index, KVEventIndex):
         background.append(lambda: index.run(lambda: pool.endpoints))
@@ -83,3 +92,21 @@ def run_router(args: argparse.Namespace) -> int:
                                    timeout_graceful_shutdown=args.drain_timeout))
     uvloop.run(server.serve())
     return 0 if server.started else 1  # not started: its port or its startup failed
+
+
+def print_envoy_config(args: argparse.Namespace) -> int:
+    """`strata route --print-envoy-config`: Envoy's configuration for a gateway on
+    --gateway-port in front of this router's ext_proc and its endpoints (read once: Envoy's
+    STATIC cluster does not follow --endpoints-file)."""
+    from strata.router.envoy_config import GatewaySpec, bootstrap, endpoint_address, to_yaml
+
+    if not args.ext_proc_port:
+        raise ValueError("--print-envoy-config needs --ext-proc-port, where Envoy reaches the "
+                         "picker")
+    picker_host = LOOPBACK.get(args.host, args.host)  # Envoy beside a router on every address
+    spec = GatewaySpec(args.host, args.gateway_port, f"{picker_host}:{args.ext_proc_port}",
+                       [endpoint_address(e.url) for e in _source(args).endpoints()],
+                       args.gateway_failure_mode, max_endpoints=args.ext_proc_max_endpoints,
+                       picker_timeout=args.flow_request_ttl + PICKER_TIMEOUT_MARGIN)
+    print(to_yaml(bootstrap(spec)), end="")
+    return 0

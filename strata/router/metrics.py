@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from strata.router.routing import Decision
 
 prometheus_client.disable_created_metrics()  # `_created` series only double the scrape
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01,
                     0.025, 0.1)
 
@@ -47,6 +48,24 @@ class PoolCollector(Collector):
             yield family
 
 
+class QueueCollector(Collector):
+    """Requests waiting in the router's flow-control queue, per priority band."""
+
+    def __init__(self, sizes: Callable[[], dict[int, int]]) -> None:
+        self.sizes = sizes
+        self.seen = {0}  # a band's series stays, at 0, once it has emptied
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("inference_extension_flow_control_queue_size",
+                                   "Requests waiting in the router's flow-control queue",
+                                   labels=["priority"])
+        sizes = self.sizes()
+        self.seen |= set(sizes)
+        for priority in sorted(self.seen):
+            family.add_metric([str(priority)], float(sizes.get(priority, 0)))
+        yield family
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -66,6 +85,13 @@ class RouterMetrics:
             "strata:router_upstream_failures",
             "Answers cut after their first byte: the endpoint died or stalled mid-answer",
             ["endpoint"], registry=self.registry)
+        self.failovers = Counter(
+            "strata:router_failovers",
+            "Streams cut mid-answer, by the endpoint that cut them and what became of them: "
+            "resumed (on another endpoint), completed (only [DONE] was missing), unsupported "
+            "(not resumable), no_endpoint (none left to resume on), diverged (a "
+            "continuation disagreed with what the client had)",
+            ["endpoint", "outcome"], registry=self.registry)
         self.rejected = Counter("strata:router_rejected", "Requests the router answered itself",
                                 ["code"], registry=self.registry)
         self.decision_seconds = Histogram("strata:router_decision_seconds",
@@ -78,7 +104,18 @@ class RouterMetrics:
         self.scores = Gauge("strata:router_scorer_value",
                             "Each scorer's value (0..1) for each endpoint, at the last pick",
                             ["endpoint", "scorer"], registry=self.registry)
+        self.queue_duration = Histogram(
+            "inference_extension_flow_control_request_queue_duration_seconds",
+            "Time requests spent in the router's flow-control queue, by how they left it "
+            "(dispatched, expired, rejected, displaced, cancelled)", ["priority", "outcome"],
+            buckets=QUEUE_BUCKETS, registry=self.registry)
+        # the waiting requests per priority band, set by the Router
+        self.queue_sizes: Callable[[], dict[int, int]] = dict
         self.registry.register(PoolCollector(endpoints, pool_name))
+        self.registry.register(QueueCollector(lambda: self.queue_sizes()))
+
+    def observe_queued(self, priority: int, outcome: str, seconds: float) -> None:
+        self.queue_duration.labels(str(priority), outcome).observe(seconds)
 
     def observe_decision(self, decision: Decision) -> None:
         self.decision_seconds.observe(decision.seconds)

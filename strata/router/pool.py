@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import httpx
 import yaml
 
-from strata.router.endpoints import Endpoint, parse_endpoint, parse_metrics
+from strata.router.endpoints import Endpoint, measure_rate, parse_endpoint, parse_metrics
 
 SCRAPE_INTERVAL = 0.05
 
@@ -67,6 +68,7 @@ class EndpointPool:
         self.source = source
         self.interval = interval
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout))
+        self.after_scrape: Callable[[], None] = lambda: None  # each round's fresh state
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -74,13 +76,16 @@ class EndpointPool:
 
     async def scrape_once(self) -> None:
         await asyncio.gather(*(self._scrape(e) for e in self.endpoints))
+        self.after_scrape()
 
     async def _scrape(self, endpoint: Endpoint) -> None:
         started = time.monotonic()
         try:
             response = await self.client.get(f"{endpoint.url}/metrics")
             response.raise_for_status()
-            endpoint.metrics = parse_metrics(response.text)
+            fresh = parse_metrics(response.text)
+            measure_rate(endpoint, fresh, started - endpoint.scraped_at)
+            endpoint.metrics = fresh
             endpoint.scraped_at = started  # what it counts was true from about then
         except (httpx.HTTPError, ValueError):
             pass  # stale soon: unhealthy until a scrape succeeds again

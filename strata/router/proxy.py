@@ -2,8 +2,10 @@
 best endpoint, and its answer (SSE included) streams back chunk by chunk as it arrives.
 
 A send that fails before the answer's first byte (the endpoint is gone, or it answers 5xx)
-goes to the next endpoint of the ranking; once a byte has reached the client the answer is
-that endpoint's, to the end. An answer that breaks after that never looks like a success:
+goes to the next endpoint of the ranking. A stream that breaks after its first byte (the
+endpoint died, stalled, or sent a 5xx error event) is resumed on another endpoint from the
+tokens the client already has, and goes on as one stream (failover.py, stream_ledger.py,
+stream_relay.py). An answer that breaks and cannot be resumed never looks like a success:
 an SSE answer ends with an error event and `data: [DONE]` (only whole events are forwarded),
 any other answer's connection is cut. A read timeout would cut long non-streamed generations
 (the server sends nothing until it is done), so the wait for bytes gives up only when the
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import httpx
@@ -30,8 +34,11 @@ from starlette.routing import Route
 from strata.http_disconnect import disconnected
 from strata.http_headers import ENDPOINT_HEADER
 from strata.router.endpoints import Endpoint
+from strata.router.failover import COMPLETIONS, NotResumable, ResumableRequest
 from strata.router.prompt import RouteError
 from strata.router.routing import PD_HEADERS, Decision, Router
+from strata.router.stream_ledger import Diverged
+from strata.router.stream_relay import StreamRelay, UpstreamError
 
 logger = logging.getLogger("strata.router")
 T = TypeVar("T")
@@ -77,45 +84,117 @@ def _whole_events(held: bytes) -> tuple[bytes, bytes]:
     return (held[:end], held[end:]) if end > 1 else (b"", held)
 
 
-def _sse_event(payload: dict) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+def _sse_error(message: str) -> bytes:
+    """The end of a stream that broke: the server's own error for a dead engine, [DONE]."""
+    return b"data: " + orjson.dumps(RouteError(503, message).body()) + b"\n\ndata: [DONE]\n\n"
+
+
+@dataclass
+class Failover:
+    """How a streamed request goes on when its endpoint dies mid-answer."""
+
+    relay: StreamRelay | None  # None: it cannot be resumed, for `refusal`
+    # The continuation's answer from an endpoint not in the set, or why there is none.
+    open_next: Callable[[bytes, set[str]], Awaitable[Upstream | str]]
+    refusal: str = ""
+    broken: set[str] = field(default_factory=set)  # endpoints that cut this stream
 
 
 class Upstream:
     """One answer from an endpoint, its first chunk already read. close() ends it once,
-    whichever comes first: the stream's end, or the response's background task."""
+    whichever comes first: the stream's end, or the response's background task. A stream
+    that fails over goes on with another endpoint's answer in the same Upstream."""
 
-    def __init__(self, router: Router, endpoint: Endpoint, response: httpx.Response,
-                 chunks: AsyncIterator[bytes], first: bytes, stall_timeout: float) -> None:
+    def __init__(self, router: Router, decision: Decision, endpoint: Endpoint,
+                 response: httpx.Response, chunks: AsyncIterator[bytes], first: bytes,
+                 stall_timeout: float) -> None:
         self.router, self.endpoint, self.response = router, endpoint, response
         self.chunks, self.first, self.stall_timeout = chunks, first, stall_timeout
-        self.on_close: Callable[[], None] | None = lambda: router.finished(endpoint)
+        self.on_close: Callable[[], None] | None = lambda: router.finished(endpoint, decision)
+        self.failover: Failover | None = None  # a streamed request's
 
     async def body(self) -> AsyncIterator[bytes]:
         sse = self.response.headers.get("content-type", "").startswith("text/event-stream")
-        held = b""  # SSE: an event's start, forwarded once the event is whole
+        relay = self.failover.relay if sse and self.failover else None
         try:
-            chunk = self.first
-            while chunk:
-                if sse:
-                    chunk, held = _whole_events(held + chunk)
-                if chunk:
-                    yield chunk
-                chunk = await watched(anext(self.chunks, b""), self.endpoint,
-                                      self.stall_timeout)
-            if held:
-                yield held  # the endpoint ended its answer there
-        except httpx.HTTPError as exc:
-            cause = f"{type(exc).__name__}: {exc}"
-            logger.warning("%s: answer cut mid-stream (%s)", self.endpoint.url, cause)
-            self.router.broke(self.endpoint)
-            if not sse:
-                raise  # cuts the client's connection: an incomplete body, never a clean 200
-            # The partial event is dropped; the error is the server's own for a dead engine.
-            error = RouteError(503, f"{self.endpoint.url} failed mid-answer ({cause})")
-            yield _sse_event(error.body()) + b"data: [DONE]\n\n"
+            while True:
+                try:
+                    async for events in self._events(sse):
+                        failure = None
+                        if relay is not None:
+                            events, failure = relay.relay(events)
+                        if events:
+                            yield events
+                        if failure is not None:
+                            raise failure
+                    return
+                except (httpx.HTTPError, UpstreamError, Diverged) as exc:
+                    if not sse:
+                        self._broke(exc)
+                        raise  # cuts the client's connection: an incomplete body, no clean 200
+                    end = await self._fail_over(exc)
+                    if end is None:
+                        continue  # a continuation answers in its place
+                    if end:
+                        yield end
+                    return
         finally:
             await self.close()
+
+    async def _events(self, sse: bool) -> AsyncIterator[bytes]:
+        """The answer as it arrives; SSE in whole events (a partial one is dropped if the
+        answer breaks there)."""
+        held = b""  # SSE: an event's start, forwarded once the event is whole
+        chunk = self.first
+        while chunk:
+            if sse:
+                chunk, held = _whole_events(held + chunk)
+            if chunk:
+                yield chunk
+            chunk = await watched(anext(self.chunks, b""), self.endpoint, self.stall_timeout)
+        if held:
+            yield held  # the endpoint ended its answer there
+
+    def _broke(self, exc: Exception) -> str:
+        cause = f"{type(exc).__name__}: {exc}"
+        logger.warning("%s: answer cut mid-stream (%s)", self.endpoint.url, cause)
+        self.router.broke(self.endpoint)
+        return cause
+
+    async def _fail_over(self, exc: Exception) -> bytes | None:
+        """After the stream broke: None once another endpoint's continuation answers in
+        its place, else how the client's stream ends."""
+        dead, failover, failovers = self.endpoint, self.failover, self.router.metrics.failovers
+        if isinstance(exc, Diverged):  # the endpoint is fine: its draw differed
+            logger.warning("%s: continuation diverged (%s)", dead.url, exc)
+            failovers.labels(dead.url, "diverged").inc()
+            return _sse_error(f"the stream could not be resumed on {dead.url}: {exc}")
+        cause = self._broke(exc)
+        broke = f"{dead.url} failed mid-answer ({cause})"
+        relay = failover.relay if failover else None
+        if relay is None or not relay.resumable:
+            why = failover.refusal if relay is None else "the endpoint sent no token ids"
+            logger.warning("%s: not resumed: %s", dead.url, why or "not a completion stream")
+            failovers.labels(dead.url, "unsupported").inc()
+            return _sse_error(broke)
+        if relay.ledger.finished:  # only the usage and [DONE] were missing
+            failovers.labels(dead.url, "completed").inc()
+            return relay.ending()
+        failover.broken.add(dead.url)
+        streamed = len(relay.ledger.ids)
+        body = relay.continue_from_here()
+        await self.close()
+        resumed = await failover.open_next(body, failover.broken)
+        if isinstance(resumed, str):
+            logger.warning("%s: not resumed: %s", dead.url, resumed)
+            failovers.labels(dead.url, "no_endpoint").inc()
+            return _sse_error(f"{broke}; no endpoint could resume it ({resumed})")
+        logger.warning("%s: resumed on %s from token %d of the %d streamed", dead.url,
+                       resumed.endpoint.url, relay.ledger.start.num_ids, streamed)
+        failovers.labels(dead.url, "resumed").inc()
+        self.endpoint, self.response, self.chunks, self.first, self.on_close = (
+            resumed.endpoint, resumed.response, resumed.chunks, resumed.first, resumed.on_close)
+        return None
 
     async def close(self) -> None:
         if self.on_close is not None:
@@ -139,11 +218,7 @@ class Proxy:
 
     async def forward(self, request: Request) -> Response:
         body = await request.body()
-        try:
-            decision = self.router.decide(body)
-        except RouteError as error:
-            return error_response(error)
-        sending = asyncio.ensure_future(self._send(request, body, decision))
+        sending = asyncio.ensure_future(self._admit_and_send(request, body))
         left = asyncio.ensure_future(disconnected(request))
         await asyncio.wait({sending, left}, return_when=asyncio.FIRST_COMPLETED)
         if not sending.done():  # the client left first: closing the send aborts it upstream
@@ -154,39 +229,93 @@ class Proxy:
         left.cancel()
         return sending.result()
 
+    async def _admit_and_send(self, request: Request, body: bytes) -> Response:
+        """Waits its turn (flow control: a client that leaves meanwhile leaves the queue),
+        then sends."""
+        try:
+            decision = await self.router.admit(body, request.headers)
+        except RouteError as error:
+            return error_response(error)
+        return await self._send(request, body, decision)
+
     async def _send(self, request: Request, body: bytes, decision: Decision) -> Response:
         headers = _forwarded(request.headers, HOP_BY_HOP | set(PD_HEADERS))
+        failover = self._failover(request.url.path, body, decision, dict(headers))
+        if failover is not None and failover.relay is not None:
+            body = failover.relay.request.upstream_body()
         headers |= self.router.pd_headers(decision.prefiller)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        upstream = await self._open_first(decision, decision.ranked, path, body, headers,
+                                          routed=True)  # admit() routed the first
+        if isinstance(upstream, str):
+            return error_response(RouteError(503, f"no endpoint could take the request "
+                                                  f"({upstream})"))
+        upstream.failover = failover
+        return upstream.to_client()
+
+    async def _open_first(self, decision: Decision, endpoints: list[Endpoint], path: str,
+                          body: bytes, headers: dict[str, str], routed: bool = False
+                          ) -> Upstream | str:
+        """The answer of the first endpoint that opens one (a 5xx goes on to the next, but
+        the last one's is the answer), or why none did. routed: the first one is routed."""
         last_error = "no endpoint tried"
-        for attempt, endpoint in enumerate(decision.ranked):
-            last = attempt == len(decision.ranked) - 1
-            self.router.routed(decision, endpoint)
+        for attempt, endpoint in enumerate(endpoints):
+            if attempt or not routed:
+                self.router.routed(decision, endpoint)
             try:
-                upstream = await watched(self._open(endpoint, path, body, headers), endpoint,
-                                         self.stall_timeout)
+                upstream = await watched(self._open(decision, endpoint, path, body, headers),
+                                         endpoint, self.stall_timeout)
             except Exception as exc:  # noqa: BLE001 (httpcore can raise AttributeError for
                 # a peer killed mid-connect: any failure to open is the endpoint's, retried)
                 last_error = f"{endpoint.url}: {type(exc).__name__}: {exc}"
                 if not isinstance(exc, httpx.HTTPError):
                     logger.warning("%s: could not open the request (%s)", endpoint.url,
                                    last_error)
-                self.router.failed(endpoint)
+                self.router.failed(endpoint, decision)
                 continue
             except BaseException:  # the client left: the send is cancelled
-                self.router.finished(endpoint)
+                self.router.finished(endpoint, decision)
                 raise
-            if upstream.response.status_code >= 500 and not last:
+            if upstream.response.status_code >= 500 and attempt < len(endpoints) - 1:
                 last_error = f"{endpoint.url} answered {upstream.response.status_code}"
                 upstream.on_close = None
                 await upstream.response.aclose()
-                self.router.failed(endpoint)
+                self.router.failed(endpoint, decision)
                 continue
-            return upstream.to_client()
-        return error_response(RouteError(503, f"no endpoint could take the request "
-                                              f"({last_error})"))
+            return upstream
+        return last_error
 
-    async def _open(self, endpoint: Endpoint, path: str, body: bytes,
+    def _failover(self, path: str, body: bytes, decision: Decision,
+                  headers: dict[str, str]) -> Failover | None:
+        """A streamed request's failover; None for others, whose bodies are not read again
+        (a key this short is in any streamed body)."""
+        if b'"stream"' not in body:
+            return None
+        data = orjson.loads(body)  # the router has parsed it already: it is valid JSON
+        if data.get("stream") is not True:
+            return None
+        open_next = functools.partial(self._continuation, decision, headers)
+        try:
+            return Failover(StreamRelay.of(ResumableRequest.of(path, data)), open_next)
+        except NotResumable as why:
+            return Failover(None, open_next, str(why))
+
+    async def _continuation(self, decision: Decision, headers: dict[str, str], body: bytes,
+                            broken: set[str]) -> Upstream | str:
+        """A continuation (a /v1/completions request, without P/D) sent down the ranking:
+        the first endpoint that answers 200, or why none did."""
+        endpoints = [e for e in decision.ranked if e.url not in broken and e.healthy()]
+        if not endpoints:
+            return "no other endpoint of the ranking is ready"
+        upstream = await self._open_first(decision, endpoints, COMPLETIONS, body, headers)
+        if isinstance(upstream, str) or upstream.response.status_code == 200:
+            return upstream
+        # refused (a 4xx: another endpoint would refuse it too), or the last one's 5xx
+        status, first = upstream.response.status_code, upstream.first[:200]
+        await upstream.close()
+        return f"{upstream.endpoint.url} answered {status}: {first!r}"
+
+    async def _open(self, decision: Decision, endpoint: Endpoint, path: str, body: bytes,
                     headers: dict[str, str]) -> Upstream:
         upstream = self.client.build_request("POST", endpoint.url + path, content=body,
                                              headers=headers)
@@ -197,7 +326,8 @@ class Proxy:
         except BaseException:
             await response.aclose()
             raise
-        return Upstream(self.router, endpoint, response, chunks, first, self.stall_timeout)
+        return Upstream(self.router, decision, endpoint, response, chunks, first,
+                        self.stall_timeout)
 
     async def models(self, request: Request) -> Response:
         """Every ready endpoint's models, each id once."""

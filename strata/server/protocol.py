@@ -46,6 +46,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's: the prompt's and the output's token ids in the answer (agents that keep their
+    # history as ids resend exactly what was generated; the router resumes a stream by them).
+    return_token_ids: bool = False
     # Requests share cached prefixes only with requests of the same salt (vLLM's field).
     cache_salt: str | None = Field(None, min_length=1)
     # Disaggregation, in vLLM's fields: {"do_remote_decode": true} on a prefill instance;
@@ -75,9 +78,6 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    # vLLM's: the prompt's and the output's token ids in the choices (agents that keep
-    # their history as ids resend exactly what was generated).
-    return_token_ids: bool = False
 
 
 class TextPart(BaseModel):

@@ -37,12 +37,14 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
     header = {"id": generation.request_id, "object": "chat.completion",
               "created": int(time.time()), "model": model}
     if body.stream:
-        return event_stream(_stream(generation, body, header | {
+        return event_stream(_stream(generation, body, prompt.token_ids, header | {
             "object": "chat.completion.chunk"}))
-    return await cancel_on_disconnect(request, _complete(generation, header))
+    return await cancel_on_disconnect(request, _complete(generation, body, prompt.token_ids,
+                                                         header))
 
 
-async def _complete(generation: Generation, header: dict) -> Response:
+async def _complete(generation: Generation, body: ChatCompletionRequest, prompt_ids: list[int],
+                    header: dict) -> Response:
     choices = []
     for sample in await generation.run_to_end():
         choices.append({
@@ -50,29 +52,41 @@ async def _complete(generation: Generation, header: dict) -> Response:
             "message": {"role": "assistant", "content": sample.text},
             "logprobs": _logprobs(sample.logprobs, sample.token_ids, sample.params.logprobs)
             if sample.logprobs is not None else None,
-            "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason})
-    return json_response(header | {"choices": choices, "usage": generation.usage()}
+            "finish_reason": sample.finish_reason, "stop_reason": sample.stop_reason}
+            | ({"token_ids": sample.token_ids} if body.return_token_ids else {}))
+    # vLLM's return_token_ids in chat: the prompt's ids beside the choices, each choice's own
+    prompt = {"prompt_token_ids": prompt_ids} if body.return_token_ids else {}
+    return json_response(header | {"choices": choices, "usage": generation.usage()} | prompt
                          | generation.handoff)
 
 
-async def _stream(generation: Generation, body: ChatCompletionRequest,
+async def _stream(generation: Generation, body: ChatCompletionRequest, prompt_ids: list[int],
                   header: dict) -> AsyncIterator[dict]:
-    # The first chunk of each choice names the role, as OpenAI's stream does.
+    # The first chunk of each choice names the role, as OpenAI's stream does; with
+    # return_token_ids the first of all carries the prompt's ids, as vLLM's does.
     for index in range(len(generation.outputs.samples)):
         yield header | {"choices": [{"index": index, "delta": {"role": "assistant",
                                                                "content": ""},
-                                     "logprobs": None, "finish_reason": None}]}
+                                     "logprobs": None, "finish_reason": None}]} | (
+            {"prompt_token_ids": prompt_ids} if body.return_token_ids and index == 0 else {})
+    unsent_ids: dict[int, list[int]] = {}  # token ids of deltas whose text was held back
     async for delta in generation.deltas():
+        sample = delta.sample
+        token_ids = unsent_ids.setdefault(sample.choice_index, [])
+        token_ids.extend(delta.token_ids)
         if not delta.text and delta.finish_reason is None and delta.logprobs is None:
             continue
-        sample = delta.sample
-        yield header | {"choices": [{
+        unsent_ids[sample.choice_index] = []
+        choice = {
             "index": sample.choice_index,
             "delta": {"content": delta.text} if delta.text else {},
             "logprobs": _logprobs(delta.logprobs, delta.token_ids, sample.params.logprobs)
             if delta.logprobs is not None else None,
             "finish_reason": delta.finish_reason,
-            "stop_reason": sample.stop_reason if delta.finish_reason else None}]}
+            "stop_reason": sample.stop_reason if delta.finish_reason else None}
+        if body.return_token_ids:
+            choice["token_ids"] = token_ids
+        yield header | {"choices": [choice]}
     if body.include_usage:
         yield header | {"choices": [], "usage": generation.usage()}
 
