@@ -51,6 +51,25 @@ def test_weights_shared_with_an_embedding_are_not_packed():
             self.proj = Linear(32, 32, bias=False)
 
     model = Tied()
-    use_cpu_linear_kernel(model)
+    use_cpu_linear_kernel(model, calibrate=False)  # packed whatever this CPU measures
     assert model.head.packed is None and model.head.weight is model.embed.weight
     assert model.proj.packed is not None and model.proj.weight is None
+
+
+@kernel_required
+def test_the_kernel_is_used_only_where_it_beats_torch(monkeypatch, caplog):
+    """Calibration: the kernel packs the weights if it is faster than torch's product for
+    one row on this CPU, and otherwise leaves them, saying so."""
+    from strata.model import layers
+
+    for packed_s, torch_s, packs in ((1e-6, 2e-6, True), (5e-6, 1e-6, False)):
+        monkeypatch.setattr(layers, "kernel_vs_torch_seconds", lambda *_, p=packed_s,
+                            t=torch_s: (p, t))
+        model = nn.Sequential(Linear(32, 64, bias=False))
+        with caplog.at_level("WARNING", logger="strata.model.layers"):
+            use_cpu_linear_kernel(model)
+        assert (model[0].packed is not None) is packs
+        assert ("5.0x slower" in caplog.text) is not packs
+    packed_s, torch_s = layers.kernel_vs_torch_seconds(layers.skinny_linear_kernel(),
+                                                       torch.randn(64, 32))
+    assert 0 < packed_s < 1 and 0 < torch_s < 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,8 @@ from torch import nn
 
 from strata.model.cpu_kernels import skinny_linear_kernel
 from strata.model.parallel import SINGLE, TensorParallel
+
+logger = logging.getLogger(__name__)
 
 
 class Linear(nn.Linear):
@@ -39,18 +43,47 @@ class Linear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def use_cpu_linear_kernel(model: nn.Module) -> None:
-    """Pack every Linear for the kernel, where it can run (CPU, float32, built). A weight
-    shared with an embedding stays as it is: lookups read its [out, in] rows."""
+def use_cpu_linear_kernel(model: nn.Module, calibrate: bool = True) -> None:
+    """Pack every Linear for the kernel, where it can run (CPU, float32, built) and, if
+    calibrate, where it beats torch's product on this CPU for a decode step's one row. A
+    weight shared with an embedding stays as it is: lookups read its [out, in] rows."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     kernel = skinny_linear_kernel()
     if not linears or linears[0].weight.device.type != "cpu" \
             or linears[0].weight.dtype != torch.float32 or kernel is None:
         return
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for module in linears:
-        if id(module.weight) not in shared:
-            module.pack(kernel)
+    packable = [m for m in linears if id(m.weight) not in shared]
+    if calibrate and packable:
+        widest = max(packable, key=lambda m: m.weight.numel())
+        packed_s, torch_s = kernel_vs_torch_seconds(kernel, widest.weight.detach())
+        if packed_s >= torch_s:
+            # Seen on AVX2-only CPUs: 5-10x slower than torch's product, every row count.
+            logger.warning("the packed CPU linear kernel is %.1fx slower than torch's on this "
+                           "CPU (%.0f vs %.0f us for a %s weight, one row): using torch's",
+                           packed_s / torch_s, 1e6 * packed_s, 1e6 * torch_s,
+                           "x".join(map(str, widest.weight.shape)))
+            return
+    for module in packable:
+        module.pack(kernel)
+
+
+def kernel_vs_torch_seconds(kernel, weight: torch.Tensor, rounds: int = 5,
+                            calls: int = 20) -> tuple[float, float]:
+    """Seconds per one-row product, packed kernel and F.linear: the best of alternating
+    rounds (the machine may be shared)."""
+    packed = kernel.pack_weight(weight)
+    row = torch.randn(1, weight.shape[1])
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, product in enumerate((
+                lambda: kernel.packed_linear(row, packed, None, weight.shape[0]),
+                lambda: F.linear(row, weight))):
+            started = time.perf_counter()
+            for _ in range(calls):
+                product()
+            best[i] = min(best[i], (time.perf_counter() - started) / calls)
+    return best[0], best[1]
 
 
 class Embedding(nn.Embedding):
