@@ -256,13 +256,18 @@ def main() -> int:
                         help="an EndpointPickerConfig for the picker (default: its defaults)")
     parser.add_argument("--no-fairness", dest="fairness", action="store_false",
                         help="skip the fairness runs (they do not depend on the profile)")
+    parser.add_argument("--fairness-only", action="store_true",
+                        help="only the fairness runs (and the hop)")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="per replica: the running batch's bound (the engine's default)")
     args = parser.parse_args()
     # A deadline past any wait of these loads: the runs measure routing, not refusals.
     profile = ["--flow-request-ttl", "600"] + (
         ["--config", str(args.picker_config)] if args.picker_config else [])
     with contextlib.ExitStack() as stack:
         replicas = [stack.enter_context(process(
-            serve(args.model, args.port + i, "--kv-cache-memory", args.kv_cache_memory),
+            serve(args.model, args.port + i, "--kv-cache-memory", args.kv_cache_memory,
+                  "--max-num-seqs", str(args.max_num_seqs)),
             args.log_dir / f"router-replica-{i}.log", f"http://127.0.0.1:{args.port + i}",
             threads=1)) for i in range(REPLICAS)]
         port = args.port + REPLICAS
@@ -283,11 +288,12 @@ def main() -> int:
         rounds, decisions, fairness = [], [], []
         for index in range(args.rounds):
             print(f"round {index + 1}/{args.rounds}", flush=True)
-            before = decision_histograms(urls["picker"])
-            rounds.append(run_round(fronts, args.model, index))
-            after = decision_histograms(urls["picker"])
-            decisions.append({kind or "_wall": quantile_bound(before[kind], after[kind], 0.99)
-                              for kind in before})
+            if not args.fairness_only:
+                before = decision_histograms(urls["picker"])
+                rounds.append(run_round(fronts, args.model, index))
+                after = decision_histograms(urls["picker"])
+                decisions.append({kind or "_wall": quantile_bound(before[kind], after[kind],
+                                                                  0.99) for kind in before})
             if args.fairness:
                 fairness.append(fairness_round(
                     {name: urls[name] for name in ("picker", "picker, no flow control")},
@@ -300,7 +306,8 @@ def main() -> int:
         args.save.write_text(json.dumps({"rounds": rounds, "decision_p99_s": decisions,
                                          "hop": hop, "decision_alone": alone,
                                          "fairness": fairness}, indent=1))
-    print(table(rounds), end="\n\n")
+    if rounds:
+        print(table(rounds), end="\n\n")
     if fairness:
         print(fairness_table(fairness), end="\n\n")
     for kind, name in (("_wall", "wall"), ("_cpu", "CPU")):
