@@ -20,7 +20,7 @@ from strata.http_headers import ENDPOINT_HEADER
 from tests.polling import async_wait_until, wait_until
 from tests.server_process import RouterProcess, ServerProcess, healthy
 
-MAX_TOKENS = 96
+MAX_TOKENS = 64
 CHAT = "/v1/chat/completions"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two engines and a router share the machine's cores
 

@@ -216,7 +216,7 @@ def test_fuzz_openapi_spec_gives_no_server_error(strata_server):
 
     for operation in operations:
         @given(case=operation.as_strategy())
-        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck),
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck),
                   database=None)
         def fuzz(case):
             if isinstance(case.body, dict) and "model" in case.body:
