@@ -13,10 +13,9 @@ from __future__ import annotations
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 
 from strata.router.endpoints import Endpoint
+from strata.router.envoy_config import METADATA_NAMESPACE, SUBSET_NAMESPACE
 
-SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
-SERVED_NAMESPACE = "envoy.lb"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
 UPSTREAM_ADDRESS = "upstream.address"
 
@@ -41,7 +40,7 @@ def in_subset(ranked: list[Endpoint], subset: list[str] | None) -> list[Endpoint
 
 def served_address(request: ProcessingRequest) -> str | None:
     """IP:port of the endpoint that answered, if the data plane says."""
-    sources = [(request.metadata_context.filter_metadata.get(SERVED_NAMESPACE), SERVED_KEY),
+    sources = [(request.metadata_context.filter_metadata.get(METADATA_NAMESPACE), SERVED_KEY),
                # attributes are keyed by the ext_proc filter's name
                *((attributes, UPSTREAM_ADDRESS) for attributes in request.attributes.values())]
     for struct, key in sources:

@@ -58,12 +58,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from strata.router.data_plane import in_subset, served_address, subset_hint
 from strata.router.endpoints import Endpoint
+from strata.router.envoy_config import DESTINATION, METADATA_NAMESPACE
 from strata.router.prompt import RouteError
 from strata.router.routing import PD_HEADERS, Decision, Router
 
 SERVICE = DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
-DESTINATION = "x-gateway-destination-endpoint"
-METADATA_NAMESPACE = "envoy.lb"
 FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = ProcessingMode.BUFFERED
 CHUNK_BYTES = 62_000  # Envoy wants streamed body chunks under 64 KiB

@@ -240,7 +240,7 @@ class Proxy:
 
     async def _send(self, request: Request, body: bytes, decision: Decision) -> Response:
         headers = _forwarded(request.headers, HOP_BY_HOP | set(PD_HEADERS))
-        failover = self._failover(request.url.path, body, decision, dict(headers))
+        failover = self._failover(request.url.path, decision, dict(headers))
         if failover is not None and failover.relay is not None:
             body = failover.relay.request.upstream_body()
         headers |= self.router.pd_headers(decision.prefiller)
@@ -285,13 +285,10 @@ class Proxy:
             return upstream
         return last_error
 
-    def _failover(self, path: str, body: bytes, decision: Decision,
-                  headers: dict[str, str]) -> Failover | None:
-        """A streamed request's failover; None for others, whose bodies are not read again
-        (a key this short is in any streamed body)."""
-        if b'"stream"' not in body:
-            return None
-        data = orjson.loads(body)  # the router has parsed it already: it is valid JSON
+    def _failover(self, path: str, decision: Decision, headers: dict[str, str]
+                  ) -> Failover | None:
+        """A streamed request's failover; None for others."""
+        data = decision.request  # as the router parsed it
         if data.get("stream") is not True:
             return None
         open_next = functools.partial(self._continuation, decision, headers)

@@ -47,6 +47,7 @@ class Decision:
     prompt: PromptBlocks
     ranked: list[Endpoint]  # best first; a failed send falls back to the next
     prefiller: Endpoint | None = None  # P/D: computes the prompt for the decode endpoint
+    request: dict = field(default_factory=dict)  # the body, parsed once
     output_tokens: int = 0  # the most it may generate (its max_tokens, times n)
     charged: dict[str, float] = field(default_factory=dict)  # url -> its in-flight tokens
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -163,7 +164,7 @@ class Router:
         pick = self.policy.pick(self._request(prompt, "decode"), endpoints)
         if not pick.ranked:
             raise RouteError(503, f"no ready endpoint serves the model `{model}`", "model")
-        decision = Decision(prompt, pick.ranked, scores=pick.scores,
+        decision = Decision(prompt, pick.ranked, scores=pick.scores, request=data,
                             output_tokens=max_output_tokens(data))
         decision.prefiller = self._prefiller(prompt, pick.ranked[0], endpoints)
         return decision
