@@ -11,7 +11,14 @@ import httpx
 import pytest
 
 from strata.block_hash import prompt_block_ids
-from strata.router.endpoints import Endpoint, EndpointMetrics, parse_endpoint, parse_metrics
+from strata.router.endpoints import (
+    METRICS_QUERY,
+    WANTED,
+    Endpoint,
+    EndpointMetrics,
+    parse_endpoint,
+    parse_metrics,
+)
 from strata.router.picker import Picker, PickRequest, kv_cache_scores, queue_scores
 from strata.router.prefix_index import ApproximatePrefixIndex
 from strata.router.prompt import read_prompt
@@ -33,9 +40,16 @@ def test_endpoint_flags_parse_and_bad_ones_are_refused():
 
 
 def test_metrics_of_a_live_server_parse(strata_server):
-    metrics = parse_metrics(httpx.get(f"{strata_server.url}/metrics").text)
+    full = httpx.get(f"{strata_server.url}/metrics").text
+    metrics = parse_metrics(full)
     assert metrics.models == {"stories"} and metrics.block_size == 16
     assert metrics.num_blocks > 0 and 0 <= metrics.kv_cache_usage <= 1
+    # What the scraper asks for (name[]): only the wanted samples, and the same reading.
+    page = httpx.get(f"{strata_server.url}/metrics?{METRICS_QUERY}").text
+    names = {line.split("{")[0] for line in page.splitlines() if not line.startswith("#")}
+    assert names == set(WANTED) and "vllm:time_to_first_token_seconds" in full
+    assert len(page) < len(full) / 5
+    assert parse_metrics(page) == metrics
 
 
 def test_scores_follow_the_formulas():
@@ -180,7 +194,7 @@ schedulingProfiles:
 kind: EndpointPickerConfig
 plugins:
   - type: prefix-cache-affinity-filter
-    parameters: {penaltySeconds: 2.5}
+    parameters: {penaltySeconds: 2.5, waitRatio: 3}
   - type: token-load-scorer
 schedulingProfiles:
   - name: default
@@ -190,7 +204,8 @@ schedulingProfiles:
         weight: 4
 """)
     loaded = load_profile(profile)
-    assert loaded.weights == {"token-load": 4.0} and loaded.affinity.penalty_seconds == 2.5
+    assert loaded.weights == {"token-load": 4.0}
+    assert (loaded.affinity.penalty_seconds, loaded.affinity.wait_ratio) == (2.5, 3.0)
     profile.write_text("plugins:\n  - type: lora-affinity-scorer\n")
     with pytest.raises(ValueError, match="lora-affinity-scorer"):
         load_profile(profile)
@@ -243,7 +258,7 @@ def test_affinity_yields_to_load_past_the_penalty():
         e.token_rate = 1000.0
     request = PickRequest("m", prefix_match=lambda e: 0.9 if e is holder else 0.0,
                           prompt_tokens=1000)
-    picker = Picker(affinity=PrefixAffinityFilter(penalty_seconds=0.5))
+    picker = Picker(affinity=PrefixAffinityFilter(penalty_seconds=0.5, wait_ratio=1.0))
     # holder: (in flight + 100 uncached) / 1000; other: (0 + 1000) / 1000 = 1 s
     holder.in_flight_tokens = 1300  # 1.4 s, within 1 s + 0.5
     assert [e.url for e in picker.pick(request, [holder, other]).ranked] == ["http://a:1",
@@ -253,6 +268,12 @@ def test_affinity_yields_to_load_past_the_penalty():
     assert pick.endpoint is other and pick.ranked == [other, holder]  # the holder: fallback
     other.token_rate = 500.0  # a slower other: 2 s, and the holder keeps it again
     assert picker.pick(request, [holder, other]).endpoint is holder
+    # The default also asks for twice the other's wait: 1.6 s is not, 2.1 s is.
+    other.token_rate = 1000.0
+    picker = Picker(affinity=PrefixAffinityFilter())
+    assert picker.pick(request, [holder, other]).endpoint is holder
+    holder.in_flight_tokens = 2000
+    assert picker.pick(request, [holder, other]).endpoint is other
     # without the filter, the prefix weight keeps it on the loaded holder
     assert Picker().pick(request, [holder, other]).endpoint is holder
 
@@ -309,3 +330,24 @@ def test_the_token_rate_is_measured_from_the_work_counters_while_busy():
     endpoint.metrics = later
     measure_rate(endpoint, parse_metrics(page(2000, 600, 100, running=3)), 0.5)
     assert endpoint.token_rate == pytest.approx(500.0)  # 500 tokens in a 1 s window
+
+
+def test_idle_endpoints_are_scraped_less_often_than_busy_ones():
+    from strata.router.endpoints import STALE_AFTER
+    from strata.router.pool import IDLE_SCRAPE_INTERVAL, SCRAPE_INTERVAL, due
+
+    now = 100.0
+    idle = endpoint("http://a")
+    idle.scraped_at = now - SCRAPE_INTERVAL
+    assert not due(idle, now)
+    idle.scraped_at = now - IDLE_SCRAPE_INTERVAL
+    assert due(idle, now)  # read often enough to stay healthy, and to see others' load
+    assert IDLE_SCRAPE_INTERVAL < STALE_AFTER / 2
+    busy = endpoint("http://b")
+    busy.metrics.num_running = 1
+    sent_to = endpoint("http://c")
+    sent_to.in_flight = 1  # this router's own request: no scrape lag allowed
+    unknown = Endpoint("http://d")  # never read, or its last scrape failed
+    for each in (busy, sent_to):
+        each.scraped_at = now - SCRAPE_INTERVAL
+    assert due(busy, now) and due(sent_to, now) and due(unknown, now)

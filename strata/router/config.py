@@ -5,7 +5,7 @@ Inference Extension's `EndpointPickerConfig`, so one file reads the same to both
     kind: EndpointPickerConfig
     plugins:
       - type: prefix-cache-affinity-filter
-        parameters: {penaltySeconds: 0.5}
+        parameters: {penaltySeconds: 0.5, waitRatio: 2}
       - type: queue-scorer
       - type: kv-cache-utilization-scorer
       - type: prefix-cache-scorer
@@ -50,7 +50,8 @@ class PickerProfile:
     """The default: the three GIE scorers, no affinity filter. Measured (docs/benchmarks.md,
     Router): the filter at 0.5 s spread tenants evenly but cut the hit rate from 82% to
     54-61% and all-at-once throughput by a fifth; recomputing prefixes cost more than the
-    imbalance it removed."""
+    imbalance it removed. With waitRatio 2 as well, the hit rate fell less (62-77%) but
+    TTFT and throughput still lost to the profile without it."""
 
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     affinity: PrefixAffinityFilter | None = None
@@ -80,7 +81,8 @@ def load_profile(path: Path) -> PickerProfile:
         elif plugin["type"] == AFFINITY_FILTER:
             parameters = plugin.get("parameters") or {}
             profile.affinity = PrefixAffinityFilter(
-                float(parameters.get("penaltySeconds", PrefixAffinityFilter.penalty_seconds)))
+                float(parameters.get("penaltySeconds", PrefixAffinityFilter.penalty_seconds)),
+                float(parameters.get("waitRatio", PrefixAffinityFilter.wait_ratio)))
     return profile
 
 

@@ -68,12 +68,17 @@ def token_load_scores(endpoints: list[Endpoint]) -> list[float]:
 @dataclass
 class PrefixAffinityFilter:
     """Keeps the endpoints that hold some of the prompt, unless the best of them would make
-    it wait longer than the best other endpoint by more than penalty_seconds; then keeps
-    the others (the prefix is computed again, where there is room). A wait is the tokens
-    ahead of the request (this router's in flight there, plus what the request must compute
-    there) over the endpoint's measured token rate."""
+    it wait longer than the best other endpoint by more than penalty_seconds and more than
+    wait_ratio times as long; then keeps the others (the prefix is computed again, where
+    there is room). A wait is the tokens ahead of the request (this router's in flight
+    there, plus what the request must compute there) over the endpoint's measured token
+    rate. Both bounds, as SGLang's cache-aware router has an absolute and a relative one:
+    under a heavy load every wait is long, and an absolute penalty alone would spread
+    tenants over an imbalance of a fraction of it (recomputing their prefixes), while one
+    tenant's flood on one replica is many times the others' wait."""
 
     penalty_seconds: float = 0.5
+    wait_ratio: float = 2.0
     default_rate: float = 1000.0  # tokens/s of an endpoint not measured yet
 
     def wait(self, endpoint: Endpoint, request: PickRequest, match: float) -> float:
@@ -88,7 +93,9 @@ class PrefixAffinityFilter:
             return endpoints
         best_hit = min(self.wait(e, request, m) for e, m in hits)
         best_other = min(self.wait(e, request, m) for e, m in others)
-        kept = others if best_hit > best_other + self.penalty_seconds else hits
+        overloaded = (best_hit > best_other + self.penalty_seconds
+                      and best_hit > best_other * self.wait_ratio)
+        kept = others if overloaded else hits
         return [e for e, _ in kept]
 
 

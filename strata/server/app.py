@@ -57,8 +57,9 @@ def build_app(serving: OpenAIServing, api_key: str | None = None,
         return Response(status_code=200)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(serving.metrics.exposition(), media_type=PROMETHEUS_CONTENT_TYPE)
+    async def metrics(request: Request) -> Response:
+        names = request.query_params.getlist("name[]")
+        return Response(serving.metrics.exposition(names), media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/version")
     async def version() -> Response:
