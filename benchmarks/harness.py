@@ -29,6 +29,19 @@ def comparison_parser(doc: str, port: int) -> argparse.ArgumentParser:
     return parser
 
 
+PIDS: dict[str, int] = {}  # url -> the pid of the child process() started for it
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Moves a running process, every thread of it and its descendants to cores (threads
+    and children keep the affinity they had when they started)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cores)
+        for child in (task / "children").read_text().split():
+            pin(int(child), cores)
+
+
 @contextlib.contextmanager
 def process(command: list[str], log: Path, url: str, cores: str | None = None,
             threads: int | None = None):
@@ -39,6 +52,7 @@ def process(command: list[str], log: Path, url: str, cores: str | None = None,
         command = ["taskset", "-c", cores, *command]
     with open(log, "w") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        PIDS[url] = child.pid
         try:
             wait_healthy(url, child, 600)
             yield url

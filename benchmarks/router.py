@@ -26,11 +26,18 @@ Also measured:
   processes had the cores); and alone, through an in-process Router (see
   decision_time_alone);
 - each hop's added latency: 200 one-token requests, one at a time, rotating between a
-  replica directly, the picker's proxy, and Envoy + picker (the other routers stopped);
+  replica directly, the picker's proxy, and Envoy + picker (the other routers stopped):
+  first with every process sharing the cores, then with the picker and Envoy moved to a
+  core of their own and the replicas and this client to the other, as the picker runs in a
+  pod of its own on a cluster (the CPU they share is then not part of the hop);
 - fairness: a quiet tenant sends 16 requests, one every 250 ms, alone and then while a
   flooding tenant sends ten times as many at once (each tenant in its own
-  x-gateway-inference-fairness-id), through the picker with flow control and through one
-  started with --no-flow-control: the quiet tenant's TTFT p50 under the flood over alone.
+  x-gateway-inference-fairness-id; the flood from a process of its own), through Envoy +
+  picker and the picker's proxy with flow control, and through a proxy started with
+  --no-flow-control: the quiet tenant's TTFT p50 under the flood over alone.
+  And the floor this machine sets: the quiet tenant sent straight to one replica and the
+  flood straight to another (where the default picker keeps one tenant), so nothing is
+  shared but the CPU cores: what perfect isolation would give.
 
 Figures are medians over rounds; the ratio columns are medians of per-round ratios.
 """
@@ -40,6 +47,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -49,10 +58,12 @@ from pathlib import Path
 import httpx
 import orjson
 from harness import (
+    PIDS,
     bench_ids,
     comparison_parser,
     comparison_table,
     markdown_table,
+    pin,
     process,
     serve,
 )
@@ -153,19 +164,30 @@ def decision_time_alone(model: Path, requests: int = 2000) -> dict:
     return times
 
 
-def hop_latency(urls: dict[str, str], requests: int = 200) -> dict:
-    """Seconds per one-token request through each url, one at a time, in rotating order."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its threads', not its children's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hop_latency(urls: dict[str, str], router_pid: int, requests: int = 200) -> dict:
+    """Seconds per one-token request through each url, one at a time, in rotating order,
+    and the router process' CPU time per request while each url's requests ran (its scrapes
+    included: the clock ticks are too coarse to tell them apart, the sum over 200 is not)."""
     body = {"model": "bench", "prompt": list(range(10, 26)), "max_tokens": 1}
     times: dict[str, list[float]] = {name: [] for name in urls}
+    cpu = dict.fromkeys(urls, 0.0)
     order = list(urls.items())
     with httpx.Client(timeout=60) as client:
         for i in range(requests):
             for name, url in order[i % len(order):] + order[:i % len(order)]:
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), cpu_seconds(router_pid)
                 client.post(f"{url}/v1/completions", json=body).raise_for_status()
                 times[name].append(time.perf_counter() - started)
+                cpu[name] += cpu_seconds(router_pid) - started_cpu
     return {name: {"p50_ms": 1e3 * statistics.median(values),
-                   "p99_ms": 1e3 * statistics.quantiles(values, n=100)[98]}
+                   "p99_ms": 1e3 * statistics.quantiles(values, n=100)[98],
+                   "router_cpu_ms": 1e3 * cpu[name] / requests}
             for name, values in times.items()}
 
 
@@ -188,30 +210,54 @@ async def ttft(client: httpx.AsyncClient, url: str, tenant: str, prompt: list[in
     return first
 
 
-async def quiet_tenant(url: str, seed: int, flood: bool) -> list[float | None]:
-    """The quiet tenant's TTFTs: 16 requests, one every 250 ms, its prompts sharing a 1,024-
-    token prefix; with flood, a second tenant sends 160 such requests of its own at once."""
-    rng = random.Random(seed)
+def tenant_prompts(rng: random.Random, count: int) -> list[list[int]]:
+    """count prompts sharing a 1,024-token prefix, each with a 64-token question."""
+    prefix = [rng.randrange(1000, 30000) for _ in range(1024)]
+    return [prefix + [rng.randrange(1000, 30000) for _ in range(64)] for _ in range(count)]
 
-    def prompts(count: int) -> list[list[int]]:
-        prefix = [rng.randrange(1000, 30000) for _ in range(1024)]
-        return [prefix + [rng.randrange(1000, 30000) for _ in range(64)] for _ in range(count)]
 
+async def send_all(requests: list[tuple[str, str, list[int], float]]) -> list[float | None]:
+    """TTFTs of (url, tenant, prompt, delay) requests, sent concurrently."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)
                                  ) as client:
-        quiet = [ttft(client, url, "quiet", prompt, 0.25 * i)
-                 for i, prompt in enumerate(prompts(16))]
-        flooding = [ttft(client, url, "flood", prompt, 0.0) for prompt in prompts(160)
-                    ] if flood else []
-        return (await asyncio.gather(*quiet, *flooding))[:16]
+        return await asyncio.gather(*(ttft(client, *request) for request in requests))
 
 
-def fairness_round(routers: dict[str, str], round_index: int) -> dict:
+def flood(urls: list[str], prompts: list[list[int]], started: multiprocessing.Event) -> None:
+    """The flooding tenant, in a process of its own: its streams' events would otherwise
+    delay the quiet tenant's in a shared event loop, and count as its TTFT."""
+    started.set()
+    asyncio.run(send_all([(urls[i % len(urls)], "flood", prompt, 0.0)
+                          for i, prompt in enumerate(prompts)]))
+
+
+def quiet_tenant(url: str, flood_urls: list[str], seed: int, flooded: bool
+                 ) -> list[float | None]:
+    """The quiet tenant's TTFTs: 16 requests to url, one every 250 ms; if flooded, a second
+    tenant sends 160 requests of its own at once, in turn to each of flood_urls."""
+    rng = random.Random(seed)
+    quiet = [(url, "quiet", prompt, 0.25 * i) for i, prompt in enumerate(tenant_prompts(rng, 16))]
+    if not flooded:
+        return asyncio.run(send_all(quiet))
+    context = multiprocessing.get_context("spawn")
+    started = context.Event()
+    flooding = context.Process(target=flood, args=(flood_urls, tenant_prompts(rng, 160),
+                                                   started))
+    flooding.start()
+    try:
+        started.wait(60)
+        return asyncio.run(send_all(quiet))
+    finally:
+        flooding.join()
+
+
+def fairness_round(fronts: dict[str, tuple[str, list[str]]], round_index: int) -> dict:
+    """fronts: name -> (the quiet tenant's url, the flood's urls)."""
     results = {}
-    for offset, (name, url) in enumerate(routers.items()):
+    for offset, (name, (url, flood_urls)) in enumerate(fronts.items()):
         seed = 7000 + 10 * round_index + offset
-        alone = asyncio.run(quiet_tenant(url, seed, flood=False))
-        flooded = asyncio.run(quiet_tenant(url, seed + 5, flood=True))
+        alone = quiet_tenant(url, flood_urls, seed, flooded=False)
+        flooded = quiet_tenant(url, flood_urls, seed + 5, flooded=True)
         refused = sum(t is None for t in alone + flooded)
         alone_s = statistics.median(t for t in alone if t is not None)
         flood_s = statistics.median(t for t in flooded if t is not None)
@@ -296,11 +342,19 @@ def main() -> int:
                                                                   0.99) for kind in before})
             if args.fairness:
                 fairness.append(fairness_round(
-                    {name: urls[name] for name in ("picker", "picker, no flow control")},
-                    index))
+                    {name: (urls[name], [urls[name]])
+                     for name in ("envoy + picker", "picker", "picker, no flow control")}
+                    | {"isolated (the floor)": (replicas[0], replicas[1:2])}, index))
         others.close()  # the other routers' scrapes would load the replicas the hop reads
-        hop = hop_latency({"direct": replicas[0], "picker": urls["picker"],
-                           "envoy + picker": urls["envoy + picker"]})
+        hops = {"direct": replicas[0], "picker": urls["picker"],
+                "envoy + picker": urls["envoy + picker"]}
+        hop = {"shared cores": hop_latency(hops, PIDS[urls["picker"]])}
+        for url in replicas:
+            pin(PIDS[url], {0})
+        pin(os.getpid(), {0})
+        for url in (urls["picker"], urls["envoy + picker"]):
+            pin(PIDS[url], {1})
+        hop["picker on a core of its own"] = hop_latency(hops, PIDS[urls["picker"]])
     alone = decision_time_alone(args.model)
     if args.save:
         args.save.write_text(json.dumps({"rounds": rounds, "decision_p99_s": decisions,
@@ -316,8 +370,10 @@ def main() -> int:
     for kind, v in alone.items():
         print(f"picker decision time alone, {kind}: "
               f"p50 {v['p50_ms']:.3f} ms, p99 {v['p99_ms']:.3f} ms")
-    print("one-token request, one at a time: " + "; ".join(
-        f"{name} p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms" for name, v in hop.items()))
+    for setup, times in hop.items():
+        print(f"one-token request, one at a time, {setup}: " + "; ".join(
+            f"{name} p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms, router CPU "
+            f"{v['router_cpu_ms']:.2f} ms per request" for name, v in times.items()))
     return 0
 
 
