@@ -35,6 +35,19 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoints-file", type=Path, default=None,
                         help="YAML `endpoints: [{url, role, model, kv-events}]`, re-read "
                              "when it changes")
+    parser.add_argument("--pool-selector", default=None, metavar="SELECTOR",
+                        help="route to the Kubernetes pods this label selector matches (e.g. "
+                             "'app=strata,llm-d.ai/role in (decode,both)'), watched through "
+                             "the API server: Running and Ready ones, role and model from their "
+                             "labels llm-d.ai/role (default both) and llm-d.ai/model")
+    parser.add_argument("--pool-namespace", default=None, metavar="NS",
+                        help="the pods' namespace (default: the router pod's own in a "
+                             "cluster, else the kubeconfig context's, else default)")
+    parser.add_argument("--pool-target-port", type=int, default=8000, metavar="PORT",
+                        help="the port the pods serve on")
+    parser.add_argument("--kubeconfig", type=Path, default=None, metavar="PATH",
+                        help="how to reach the API server (default: the in-cluster service "
+                             "account in a pod, else $KUBECONFIG, else ~/.kube/config)")
     add_policy_args(parser)
     parser.add_argument("--tokenizer", action="append", default=[], metavar="[MODEL=]PATH",
                         help="the model's tokenizer, so text prompts are hashed as the engine "

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from strata.checkpoint import resolve_model_path
 from strata.router.config import PickerProfile, load_objectives, load_profile
 from strata.router.flow_control import FlowControlConfig
+from strata.router.k8s_source import PodSource
 from strata.router.kv_event_index import KVEventIndex
 from strata.router.metrics import RouterMetrics
 from strata.router.picker import Picker, RoundRobin
@@ -28,12 +29,19 @@ LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # where a server on every addr
 
 
 def _source(args: argparse.Namespace) -> EndpointSource:
+    given = [flag for flag, on in (("--endpoint", args.endpoint),
+                                   ("--endpoints-file", args.endpoints_file is not None),
+                                   ("--pool-selector", args.pool_selector is not None)) if on]
+    if len(given) > 1:
+        raise ValueError(f"give endpoints one way, not by {' and '.join(given)}")
+    if args.pool_selector is not None:
+        return PodSource(args.pool_selector, args.pool_namespace, args.pool_target_port,
+                         args.kubeconfig)
     if args.endpoints_file is not None:
-        if args.endpoint:
-            raise ValueError("give endpoints by --endpoint or --endpoints-file, not both")
         return YamlSource(args.endpoints_file)
     if not args.endpoint:
-        raise ValueError("no endpoints: give --endpoint URL (repeatable) or --endpoints-file")
+        raise ValueError("no endpoints: give --endpoint URL (repeatable), --endpoints-file or "
+                         "--pool-selector")
     return StaticSource(args.endpoint)
 
 
@@ -47,7 +55,8 @@ def _tokenizers(specs: list[str]) -> dict[str | None, Tokenizer]:
 
 def build(args: argparse.Namespace) -> Starlette:
     """The app to serve: the proxy, with the scraper and the other fronts beside it."""
-    pool = EndpointPool(_source(args))
+    source = _source(args)
+    pool = EndpointPool(source)
     profile = load_profile(args.config) if args.config else PickerProfile()
     policy = (RoundRobin() if args.policy == "round-robin"
               else Picker(profile.weights, affinity=profile.affinity))
@@ -64,6 +73,8 @@ def build(args: argparse.Namespace) -> Starlette:
                     args.pd_threshold_tokens, args.prefix_caching_hash_seed,
                     args.kv_peer_token, flow_control, objectives)
     background = [pool.run]
+    if isinstance(source, PodSource):
+        background.append(source.run)  # its watch, beside the scraper that reads it
     if isinstance(index, KVEventIndex):
         background.append(lambda: index.run(lambda: pool.endpoints))
     if args.ext_proc_port:
@@ -103,6 +114,9 @@ def print_envoy_config(args: argparse.Namespace) -> int:
     if not args.ext_proc_port:
         raise ValueError("--print-envoy-config needs --ext-proc-port, where Envoy reaches the "
                          "picker")
+    if args.pool_selector is not None:
+        raise ValueError("--print-envoy-config lists static endpoints: give --endpoint or "
+                         "--endpoints-file, not --pool-selector")
     picker_host = LOOPBACK.get(args.host, args.host)  # Envoy beside a router on every address
     spec = GatewaySpec(args.host, args.gateway_port, f"{picker_host}:{args.ext_proc_port}",
                        [endpoint_address(e.url) for e in _source(args).endpoints()],

@@ -1,7 +1,7 @@
-"""The endpoint pool: where the endpoints come from (an EndpointSource: flags or a YAML file
-now, Kubernetes pods by label later) and a scraper that reads each busy one's /metrics every
-50 ms, and each idle one's every 250 ms. An endpoint whose scrapes fail goes stale, and so
-unhealthy, within a second, and is healthy again at its first good scrape."""
+"""The endpoint pool: where the endpoints come from (an EndpointSource: flags, a YAML file,
+or Kubernetes pods by label in k8s_source.py) and a scraper that reads each busy one's
+/metrics every 50 ms, and each idle one's every 250 ms. An endpoint whose scrapes fail goes
+stale, and so unhealthy, within a second, and is healthy again at its first good scrape."""
 
 from __future__ import annotations
 
