@@ -204,12 +204,14 @@ def add_serve_parser(commands) -> None:
 
 
 def up(args: argparse.Namespace) -> int:
+    from strata.router.flags import flow_control_argv
     from strata.up import GatewayOptions, Parallelism, RouterOptions
     from strata.up import up as run_up
 
     return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
                   args.prefill, args.decode,
-                  RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens),
+                  RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens,
+                                flow_control_argv(args)),
                   Parallelism(args.tensor_parallel_size, args.nnodes),
                   GatewayOptions(args.gateway, args.gateway_failure_mode))
 
@@ -232,7 +234,7 @@ def add_route_parser(commands) -> None:
 
 
 def add_up_parser(commands) -> None:
-    from strata.router.flags import add_policy_args, add_up_gateway_args
+    from strata.router.flags import add_flow_control_args, add_policy_args, add_up_gateway_args
 
     parser = commands.add_parser(
         "up", help="start several `strata serve` replicas on this machine, the router in front",
@@ -255,6 +257,7 @@ def add_up_parser(commands) -> None:
                         help="run each engine's ranks as this many \"nodes\": a leader "
                              "`strata serve` and headless ones, meeting over loopback")
     add_policy_args(parser)
+    add_flow_control_args(parser)
     add_up_gateway_args(parser)
     parser.set_defaults(handler=up)
 

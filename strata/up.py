@@ -98,6 +98,7 @@ class RouterOptions:
     policy: str = "picker"
     prefix_index: str = "approximate"
     pd_threshold_tokens: int = 256
+    flow_control: list[str] = field(default_factory=list)  # its flags, as route takes them
 
 
 @dataclass
@@ -196,7 +197,8 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
             sys.executable, "-m", "strata.cli", "route", "--host", host, "--port",
             str(router_port), *endpoints, *tokenizer, "--policy", router.policy,
             "--prefix-index", router.prefix_index, "--pd-threshold-tokens",
-            str(router.pd_threshold_tokens), *_hash_seed(serve_args), *ext_proc])
+            str(router.pd_threshold_tokens), *router.flow_control, *_hash_seed(serve_args),
+            *ext_proc])
         started.append(front)
         if not _wait_healthy([front], lambda: stop_requested):
             return 1

@@ -184,3 +184,19 @@ def test_up_disaggregated_serves_through_the_router(tmp_path, strata_server):
             raise AssertionError(f"{url} still answers")
         except httpx.ConnectError:
             pass
+
+
+def test_up_hands_its_flow_control_flags_to_the_router():
+    from strata.cli import main_parser
+    from strata.router.flags import flow_control_argv
+
+    parser = main_parser()
+    given = parser.parse_known_args(["up", "--no-flow-control", "--flow-request-ttl", "5",
+                                     "--saturation-queue-depth", "2", "--objectives", "o.yaml",
+                                     "--max-num-seqs", "8"])[0]
+    route = parser.parse_args(["route", "--endpoint", "http://a:1", *flow_control_argv(given)])
+    for name in ("flow_control", "flow_request_ttl", "saturation_queue_depth",
+                 "saturation_kv_cache", "flow_max_requests", "flow_max_bytes", "objectives"):
+        assert getattr(route, name) == getattr(given, name), name
+    assert (route.flow_control, route.flow_request_ttl, route.saturation_queue_depth,
+            route.objectives) == (False, 5.0, 2.0, Path("o.yaml"))

@@ -97,6 +97,21 @@ def add_flow_control_args(parser: argparse.ArgumentParser) -> None:
                              "(negative: sheddable)")
 
 
+FLOW_CONTROL_VALUES = ("--saturation-queue-depth", "--saturation-kv-cache",
+                       "--flow-max-requests", "--flow-max-bytes", "--flow-request-ttl")
+
+
+def flow_control_argv(args: argparse.Namespace) -> list[str]:
+    """The flow-control flags of args as `strata route` takes them: what `strata up` hands
+    its router."""
+    argv = [] if args.flow_control else ["--no-flow-control"]
+    for flag in FLOW_CONTROL_VALUES:
+        argv += [flag, str(getattr(args, flag[2:].replace("-", "_")))]
+    if args.objectives is not None:
+        argv += ["--objectives", str(args.objectives)]
+    return argv
+
+
 def add_envoy_config_args(parser: argparse.ArgumentParser) -> None:
     """`strata route --print-envoy-config`: Envoy in front of this router, run by the user."""
     parser.add_argument("--print-envoy-config", action="store_true",
