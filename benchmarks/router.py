@@ -65,6 +65,7 @@ from harness import (
     markdown_table,
     pin,
     process,
+    process_cpu_seconds,
     serve,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -164,12 +165,6 @@ def decision_time_alone(model: Path, requests: int = 2000) -> dict:
     return times
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (its threads', not its children's)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def hop_latency(urls: dict[str, str], router_pid: int, requests: int = 200) -> dict:
     """Seconds per one-token request through each url, one at a time, in rotating order,
     and the router process' CPU time per request while each url's requests ran (its scrapes
@@ -181,10 +176,10 @@ def hop_latency(urls: dict[str, str], router_pid: int, requests: int = 200) -> d
     with httpx.Client(timeout=60) as client:
         for i in range(requests):
             for name, url in order[i % len(order):] + order[:i % len(order)]:
-                started, started_cpu = time.perf_counter(), cpu_seconds(router_pid)
+                started, started_cpu = time.perf_counter(), process_cpu_seconds(router_pid)
                 client.post(f"{url}/v1/completions", json=body).raise_for_status()
                 times[name].append(time.perf_counter() - started)
-                cpu[name] += cpu_seconds(router_pid) - started_cpu
+                cpu[name] += process_cpu_seconds(router_pid) - started_cpu
     return {name: {"p50_ms": 1e3 * statistics.median(values),
                    "p99_ms": 1e3 * statistics.quantiles(values, n=100)[98],
                    "router_cpu_ms": 1e3 * cpu[name] / requests}

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from harness import commit, machine, markdown_table
+from harness import commit, machine, markdown_table, process_cpu_seconds
 from tqdm import tqdm
 
 from strata import LLM, SamplingParams
@@ -146,13 +146,10 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float] | None:
     try:
         first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
         user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, first[1:9])
-        own = 0
-        for pid in pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            own += int(fields[11]) + int(fields[12])  # utime, stime
+        own = sum(map(process_cpu_seconds, pids))
     except (OSError, ValueError):
         return None
-    return (user + nice + system + irq + softirq + steal) * TICK_S, own * TICK_S
+    return (user + nice + system + irq + softirq + steal) * TICK_S, own
 
 
 def other_load(before: tuple[float, float] | None, after: tuple[float, float] | None,

@@ -97,18 +97,18 @@ def add_flow_control_args(parser: argparse.ArgumentParser) -> None:
                              "(negative: sheddable)")
 
 
-FLOW_CONTROL_VALUES = ("--saturation-queue-depth", "--saturation-kv-cache",
-                       "--flow-max-requests", "--flow-max-bytes", "--flow-request-ttl")
-
-
 def flow_control_argv(args: argparse.Namespace) -> list[str]:
     """The flow-control flags of args as `strata route` takes them: what `strata up` hands
-    its router."""
-    argv = [] if args.flow_control else ["--no-flow-control"]
-    for flag in FLOW_CONTROL_VALUES:
-        argv += [flag, str(getattr(args, flag[2:].replace("-", "_")))]
-    if args.objectives is not None:
-        argv += ["--objectives", str(args.objectives)]
+    its router. Read from add_flow_control_args' own flags, so a new one is handed too."""
+    flags = argparse.ArgumentParser(add_help=False)
+    add_flow_control_args(flags)
+    argv: list[str] = []
+    for action in flags._actions:
+        value, flag = getattr(args, action.dest), action.option_strings[0]
+        if action.nargs == 0:  # --no-flow-control: a switch that stores False
+            argv += [] if value else [flag]
+        elif value is not None:
+            argv += [flag, str(value)]
     return argv
 
 
