@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from strata.bench.cli import add_bench_parser
 from strata.config import DEFAULT_MODEL
@@ -208,12 +209,42 @@ def up(args: argparse.Namespace) -> int:
     from strata.up import GatewayOptions, Parallelism, RouterOptions
     from strata.up import up as run_up
 
+    if args.filename is not None:
+        return up_from_manifests(args)
     return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
                   args.prefill, args.decode,
                   RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens,
                                 flow_control_argv(args)),
                   Parallelism(args.tensor_parallel_size, args.nnodes),
                   GatewayOptions(args.gateway, args.gateway_failure_mode))
+
+
+MANIFEST_UP_FLAGS = {"host", "port", "filename", "volume", "pod_network"}
+
+
+def up_from_manifests(args: argparse.Namespace) -> int:
+    """`strata up -f`: everything comes from the manifests; a flag that sets a replica's or
+    the router's own options would be ignored there, so it is an error."""
+    from strata.kube.run import ManifestOptions
+    from strata.kube.run import up_from_manifests as run
+
+    (commands,) = [a for a in main_parser()._actions
+                   if isinstance(a, argparse._SubParsersAction)]
+    clashing = [a.option_strings[0] if a.option_strings else f"{a.dest} {getattr(args, a.dest)}"
+                for a in commands.choices["up"]._actions
+                if a.dest not in MANIFEST_UP_FLAGS | {"help"}
+                and getattr(args, a.dest) != a.default]
+    if clashing or args.serve_args:
+        raise ValueError(f"strata up -f: the manifests say how each process runs; "
+                         f"{', '.join(clashing + args.serve_args)} cannot be given too")
+    claims = {}
+    for volume in args.volume:
+        claim, sep, folder = volume.partition("=")
+        if not sep or not Path(folder).is_dir():
+            raise ValueError(f"--volume {volume}: CLAIM=DIR, with DIR a folder")
+        claims[claim] = Path(folder).resolve()
+    text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    return run(text, ManifestOptions(args.host, args.port, claims, args.pod_network))
 
 
 def route(args: argparse.Namespace) -> int:
@@ -259,6 +290,19 @@ def add_up_parser(commands) -> None:
     add_policy_args(parser)
     add_flow_control_args(parser)
     add_up_gateway_args(parser)
+    manifests = parser.add_argument_group(
+        "from Kubernetes manifests", "run a rendered overlay of deploy/kubernetes/ here: "
+        "`kubectl kustomize deploy/kubernetes/overlays/colocated | strata up -f - --volume "
+        "strata-models=../shared/models` (docs/kubernetes.md)")
+    manifests.add_argument("-f", "--filename", default=None, metavar="FILE",
+                           help="the manifests (kubectl kustomize's output; - reads stdin): "
+                                "each pod a set of processes on a loopback address of its "
+                                "own, the Gateway Envoy on --host:--port")
+    manifests.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
+                           help="the folder standing for a PersistentVolumeClaim (repeatable)")
+    manifests.add_argument("--pod-network", default=None, metavar="CIDR",
+                           help="the pods' addresses, inside 127.0.0.0/8 (default: a random "
+                                "/24)")
     parser.set_defaults(handler=up)
 
 

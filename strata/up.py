@@ -57,8 +57,7 @@ RECOVERED_AFTER = 60.0  # up this long since its start: its next death is a firs
 class Child:
     """One `strata serve` or `strata route` process, and when to restart it."""
 
-    index: int
-    role: str  # replica | prefill | decode | router | "replica I, node" (headless node K)
+    name: str  # "replica 0", "prefill 1", "router 2", "replica 0, node 1" (a headless node)
     url: str | None  # None: serves no API (a headless node)
     command: list[str]
     env: dict[str, str]
@@ -79,7 +78,7 @@ class Child:
         if now - self.started_at >= RECOVERED_AFTER:
             self.restart_delay = RESTART_DELAY
         self.restart_at = now + self.restart_delay
-        print(f"strata up: {self.role} {self.index} (pid {self.process.pid}) exited with code "
+        print(f"strata up: {self.name} (pid {self.process.pid}) exited with code "
               f"{self.process.returncode}; restarting it in {self.restart_delay:.0f} s",
               file=sys.stderr, flush=True)
         self.restart_delay = min(2 * self.restart_delay, MAX_RESTART_DELAY)
@@ -87,7 +86,7 @@ class Child:
     def restart(self) -> None:
         self.restart_at = None
         self.start()
-        print(f"strata up: {self.role} {self.index} restarted (pid {self.process.pid})",
+        print(f"strata up: {self.name} restarted (pid {self.process.pid})",
               file=sys.stderr, flush=True)
 
 
@@ -183,7 +182,7 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
                      for k in range(parallel.nnodes)]
         for k, node_args in enumerate(nodes):
             command = _serve(model, host, engine_port, args + node_args)
-            started.append(_start(k if k else i, f"{role} {i}, node" if k else role,
+            started.append(_start(f"{role} {i}, node {k}" if k else f"{role} {i}",
                                   None if k else f"http://{host}:{engine_port}", command,
                                   threads, group=i if len(nodes) > 1 else None))
         endpoints += ["--endpoint", endpoint]
@@ -193,7 +192,7 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
     try:
         if not _wait_healthy(started, lambda: stop_requested):
             return 1
-        front = _start(len(roles), "router", f"http://{host}:{router_port}", [
+        front = _start(f"router {len(roles)}", f"http://{host}:{router_port}", [
             sys.executable, "-m", "strata.cli", "route", "--host", host, "--port",
             str(router_port), *endpoints, *tokenizer, "--policy", router.policy,
             "--prefix-index", router.prefix_index, "--pd-threshold-tokens",
@@ -203,7 +202,7 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         if not _wait_healthy([front], lambda: stop_requested):
             return 1
         if gateway_command is not None:
-            gateway_child = _start(len(roles) + 1, "gateway", f"http://{host}:{port}",
+            gateway_child = _start(f"gateway {len(roles) + 1}", f"http://{host}:{port}",
                                    gateway_command)
             started.append(gateway_child)
             # its /health goes through the router to a replica
@@ -212,7 +211,7 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         print(f"strata up: {len(started)} process(es) ready (Ctrl-C stops them all)",
               flush=True)
         for child in started:
-            print(f"  {child.role} {child.index}: {child.url or 'headless'}  "
+            print(f"  {child.name}: {child.url or 'headless'}  "
                   f"(pid {child.process.pid})", flush=True)
         _supervise(started, lambda: stop_requested)
         return 0
@@ -258,12 +257,12 @@ def _serve(model: str | None, host: str, port: int, serve_args: list[str]) -> li
             "--host", host, "--port", str(port), *serve_args]
 
 
-def _start(index: int, role: str, url: str | None, command: list[str],
+def _start(name: str, url: str | None, command: list[str],
            threads: int | None = None, group: int | None = None) -> Child:
     env = dict(os.environ)
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    child = Child(index, role, url, command, env, group)
+    child = Child(name, url, command, env, group)
     child.start()
     return child
 
@@ -293,7 +292,7 @@ def _wait_healthy(children: list[Child], stopping: Callable[[], bool]) -> bool:
             if child.url is not None:
                 wait_healthy(child.url, child.process, STARTUP_TIMEOUT, stopping)
             elif child.process.poll() is not None:
-                raise ServerExited(f"{child.role} {child.index} exited with code "
+                raise ServerExited(f"{child.name} exited with code "
                                    f"{child.process.returncode}")
         return not stopping()
     except (ServerExited, TimeoutError) as exc:

