@@ -207,9 +207,14 @@ class LocalCluster:
                 return
             slot.child.died(time.monotonic())
             if slot.pod.group is not None:  # RecreateGroupOnPodRestart
-                for other in self.slots:
-                    if other.pod.group == slot.pod.group and other.child.process.poll() is None:
-                        other.child.process.terminate()
+                group = [other.child.process for other in self.slots
+                         if other.pod.group == slot.pod.group]
+                for process in group:
+                    if process.poll() is None:
+                        process.terminate()
+                # all down before any starts again: the group forms anew, once
+                while any(process.poll() is None for process in group):
+                    await asyncio.sleep(POLL)
             await asyncio.sleep(max(0.0, slot.child.restart_at - time.monotonic()))
             slot.child.restart()
 
