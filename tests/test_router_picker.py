@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from strata.block_hash import prompt_block_ids
 from strata.router.endpoints import (
@@ -296,16 +297,26 @@ def test_routing_charges_uncached_prompt_and_output_tokens_until_the_request_end
     endpoint = pool.endpoints[0]
     endpoint.metrics = EndpointMetrics(models={"m"}, block_size=16)
     endpoint.scraped_at = time.monotonic() + 60
-    router = Router(pool, Picker(), ApproximatePrefixIndex(), RouterMetrics(lambda: []))
+    metrics = RouterMetrics(lambda: pool.endpoints)
+    router = Router(pool, Picker(), ApproximatePrefixIndex(), metrics)
     body = b'{"model": "m", "prompt": %s, "max_tokens": 10, "n": 2}' % str(
         list(range(64))).encode()
+
+    def exported(name: str) -> dict[str, float]:  # by role, as /metrics shows it
+        return {s.labels["role"]: s.value
+                for family in text_string_to_metric_families(metrics.render().decode())
+                for s in family.samples if s.name == name and s.labels["name"] == "strata"}
+
     first = asyncio.run(router.admit(body, {}))
     assert endpoint.in_flight_tokens == 64 + 20  # nothing cached: the whole prompt
     second = asyncio.run(router.admit(body, {}))
     assert endpoint.in_flight_tokens == 84 + 20  # its prompt is held there now
+    assert exported("strata:router_inflight_tokens") == {"both": 104, "decode": 0}
+    assert exported("strata:router_inflight_requests") == {"both": 2, "decode": 0}
     router.finished(endpoint, first)
     router.finished(endpoint, second)
     assert endpoint.in_flight_tokens == 0 and endpoint.in_flight == 0
+    assert exported("strata:router_inflight_tokens") == {"both": 0, "decode": 0}
 
 
 def test_the_token_rate_is_measured_from_the_work_counters_while_busy():

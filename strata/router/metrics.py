@@ -46,6 +46,24 @@ class PoolCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=["name"])
             family.add_metric([self.pool_name], value)
             yield family
+        # What this picker has sent each role and not seen end, for a scaler that sizes the
+        # decode pool apart from the prefill one. Requests go to decode (or both) endpoints;
+        # a prefiller is only named beside one, and its work is the engines' to report.
+        requests = GaugeMetricFamily(
+            "strata:router_inflight_requests",
+            "Requests this picker sent to the pool's endpoints of each role, not yet ended",
+            labels=["name", "role"])
+        tokens = GaugeMetricFamily(
+            "strata:router_inflight_tokens",
+            "Their tokens: each one's prompt not cached where it went, plus max_tokens x n",
+            labels=["name", "role"])
+        for role in ("both", "decode"):
+            endpoints = [e for e in self.endpoints() if e.role == role]
+            requests.add_metric([self.pool_name, role], float(sum(e.in_flight
+                                                                  for e in endpoints)))
+            tokens.add_metric([self.pool_name, role], sum(e.in_flight_tokens for e in endpoints))
+        yield requests
+        yield tokens
 
 
 class QueueCollector(Collector):
