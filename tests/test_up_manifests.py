@@ -122,6 +122,11 @@ def test_a_leaderworkerset_group_is_a_leader_and_workers_meeting_at_the_leaders_
 def test_what_cannot_run_here_is_an_error(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--volume strata-models=DIR"):
         layout(tmp_path, overlay("colocated"), other=tmp_path).pods()
+    manifests = Manifests.parse(overlay("colocated"))
+    manifests.one("Deployment", "strata")["spec"]["template"]["spec"]["initContainers"] = [
+        {"name": "fetch", "image": "busybox"}]
+    with pytest.raises(ValueError, match="pod strata-0: initContainers are not supported"):
+        PodLayout(manifests, NETWORK, tmp_path, {"strata-models": MODELS}).pods()
     with pytest.raises(ValueError, match="inside 127.0.0.0/8"):
         PodLayout(Manifests([]), ipaddress.ip_network("10.0.0.0/24"), tmp_path, {})
     rendered = tmp_path / "colocated.yaml"
@@ -217,9 +222,12 @@ class LocalSet:
             assert not os.path.exists(f"/proc/{pid}") or \
                 Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", f"pid {pid} left"
 
-    def _log_tail(self) -> str:
+    def log_text(self) -> str:
         self.log.seek(0)
-        return self.log.read()[-4000:]
+        return self.log.read()
+
+    def _log_tail(self) -> str:
+        return self.log_text()[-4000:]
 
 
 @pytest.fixture
@@ -247,6 +255,8 @@ def test_colocated_overlay_answers_through_gateway_and_picker_and_restarts_a_dea
         local_set):
     running = local_set(overlay("colocated"))
     assert sorted(running.pods) == ["strata-0", "strata-1", "strata-epp-0"]
+    assert ("not acted on here: Role strata-epp, RoleBinding strata-epp, ServiceAccount "
+            "strata-epp\n") in running.log_text()
     prompt, expected = golden()
     assert running.complete(prompt, len(expected)) == expected
     assert running.metric("strata-epp-0", "inference_pool_ready_pods") == 2

@@ -108,6 +108,9 @@ class PodLayout:
 
     def _pod(self, name: str, template: PodTemplate, injected: dict[str, str] | None = None,
              ip: str | None = None, group: str | None = None) -> LocalPod:
+        for part in ("initContainers", "ephemeralContainers"):
+            if template.spec.get(part):
+                raise ValueError(f"pod {name}: {part} are not supported here")
         ip = ip or self._address()
         namespace = template.owner["metadata"].get("namespace", "default")
         fields = {"metadata.name": name, "metadata.namespace": namespace, "status.podIP": ip,

@@ -33,6 +33,9 @@ class Probe:
             raise ValueError(f"container {container['name']}: a probe of a kind not supported "
                              f"here ({sorted(spec)})")
         action = spec[kinds[0]]
+        if action.get("scheme", "HTTP") != "HTTP" or "host" in action:
+            raise ValueError(f"container {container['name']}: a probe over HTTPS or to another "
+                             f"host is not supported here")
         port = action["port"]
         number = port if isinstance(port, int) else container_port(container, port)
         if number is None:

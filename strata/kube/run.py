@@ -50,6 +50,9 @@ from strata.router.gateway import envoy_command
 from strata.up import STARTUP_TIMEOUT, Child, _stop
 
 POLL = 0.2  # seconds between looks at a container's process
+# The kinds this runs or reads; any other (RBAC, KEDA, PodMonitors, ...) is said and skipped.
+ACTED_ON = {"Deployment", "LeaderWorkerSet", "Service", "ConfigMap", "Secret",
+            "PersistentVolumeClaim", "InferencePool", "Gateway", "HTTPRoute"}
 
 
 @dataclass
@@ -92,6 +95,11 @@ class LocalCluster:
         self.pods = layout.pods()
         if not self.pods:
             raise ValueError("the manifests run no pod (no Deployment or LeaderWorkerSet)")
+        ignored = sorted({f"{o['kind']} {o['metadata']['name']}" for o in manifests.objects
+                          if o["kind"] not in ACTED_ON})
+        if ignored:
+            print(f"strata up: not acted on here: {', '.join(ignored)}", file=sys.stderr,
+                  flush=True)
         for name, key in layout.generated_secrets:
             print(f"strata up: Secret {name} (key {key}) is not in the manifests: a random "
                   f"value for this run", file=sys.stderr, flush=True)
