@@ -216,7 +216,7 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         _supervise(started, lambda: stop_requested)
         return 0
     finally:
-        _stop(started)
+        stop_children(started)
 
 
 def _envoy_command(host: str, port: int, ext_proc_port: int, engines: list[str],
@@ -300,7 +300,8 @@ def _wait_healthy(children: list[Child], stopping: Callable[[], bool]) -> bool:
         return False
 
 
-def _stop(children: list[Child]) -> None:
+def stop_children(children: list[Child]) -> None:
+    """SIGTERM to each (it drains), then SIGKILL to any still running after STOP_TIMEOUT."""
     for child in children:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)  # drains in-flight requests

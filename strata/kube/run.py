@@ -47,7 +47,7 @@ from strata.kube.local_pods import LocalContainer, LocalPod, PodLayout, child_en
 from strata.kube.objects import Manifests, selects
 from strata.router.envoy_config import GatewaySpec, bootstrap
 from strata.router.gateway import envoy_command
-from strata.up import STARTUP_TIMEOUT, Child, _stop
+from strata.up import STARTUP_TIMEOUT, Child, stop_children
 
 POLL = 0.2  # seconds between looks at a container's process
 # The kinds this runs or reads; any other (RBAC, KEDA, PodMonitors, ...) is said and skipped.
@@ -156,7 +156,7 @@ class LocalCluster:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.to_thread(_stop, children)
+            await asyncio.to_thread(stop_children, children)
             await self.api.close()
             server.should_exit = True
             await api_task
@@ -249,7 +249,7 @@ class LocalCluster:
                 elif kind == "readiness" and failures[kind] >= probe.failure_threshold:
                     await self._set_ready(slot, False)
                 elif kind != "readiness" and failures[kind] >= probe.failure_threshold:
-                    await asyncio.to_thread(_stop, [slot.child])
+                    await asyncio.to_thread(stop_children, [slot.child])
                     return (f"failed its {kind} probe {failures[kind]} times "
                             f"(window {probe.window:g} s)")
             if started and "readiness" not in probes:
