@@ -1,4 +1,5 @@
-"""strata: the command line (`strata generate | serve | up | bench serve`)."""
+"""strata: the command line (`strata generate | serve | up | route | bench serve | autoscale
+simulate`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from strata.autoscale.cli import add_autoscale_parser
 from strata.bench.cli import add_bench_parser
 from strata.config import DEFAULT_MODEL
 
@@ -326,6 +328,7 @@ def main_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     add_up_parser(commands)
     add_route_parser(commands)
+    add_autoscale_parser(commands)
     return parser
 
 
