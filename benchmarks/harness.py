@@ -32,12 +32,6 @@ def comparison_parser(doc: str, port: int) -> argparse.ArgumentParser:
 PIDS: dict[str, int] = {}  # url -> the pid of the child process() started for it
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all its threads (not its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def pin(pid: int, cores: set[int]) -> None:
     """Moves a running process, every thread of it and its descendants to cores (threads
     and children keep the affinity they had when they started)."""

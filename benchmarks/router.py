@@ -65,11 +65,11 @@ from harness import (
     markdown_table,
     pin,
     process,
-    process_cpu_seconds,
     serve,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from strata.proc_stats import process_cpu_seconds
 from strata.router.endpoints import EndpointMetrics
 from strata.router.envoy_config import GatewaySpec, bootstrap, endpoint_address
 from strata.router.gateway import envoy_command

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from harness import commit, machine, markdown_table, process_cpu_seconds
+from harness import commit, machine, markdown_table
 from tqdm import tqdm
 
 from strata import LLM, SamplingParams
@@ -45,6 +45,7 @@ from strata.config import parse_size
 from strata.engine.core import EngineCore
 from strata.model.layers import Linear
 from strata.model.parallel import TensorParallel
+from strata.proc_stats import process_cpu_seconds
 
 # 32 tokens; ids from 3 skip the special tokens. Every request has the same prompt, so the
 # prefix cache shares its two blocks: 64 requests fit N = 1's 170 blocks at 256 MiB.

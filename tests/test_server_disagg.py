@@ -17,10 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from strata.proc_stats import process_cpu_seconds
 from tests.conftest import CONNECTORS
 from tests.listener import Listener
 from tests.metrics_scrape import scrape, wait_idle
 from tests.server_process import ServerProcess
+from tests.test_up import descendants
 
 BODY = {"model": "stories", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
         "return_token_ids": True}
@@ -180,6 +182,22 @@ def test_a_dead_prefiller_costs_a_fallback_not_a_request(pd_pair, strata_server)
     after = wait_idle(decode.url)
     assert after["strata:kv_transfer_fallbacks_total"] == \
         before["strata:kv_transfer_fallbacks_total"] + 2
+
+
+def test_an_idle_pair_uses_next_to_no_cpu(pd_pair):
+    """After transfers, the pair idles: its frontends and engines, every thread, use under a
+    tenth of a core together. (NIXL's own progress thread, polling every millisecond, kept
+    a core 90-100% busy in each engine: the serving thread progresses reads instead.)"""
+    prefill, decode = pd_pair
+    prompt = [random.Random("idle").randrange(3, 512) for _ in range(100)]
+    token_ids(decode.url, prompt, False, TRUSTED | {
+        "x-prefiller-host-port": f"127.0.0.1:{prefill.port}"})
+    pids = [pid for server in pd_pair
+            for pid in (server.process.pid, *descendants(server.process.pid))]
+    before, started = sum(map(process_cpu_seconds, pids)), time.monotonic()
+    time.sleep(2)  # the measurement's window: a busy loop shows in any 2 s
+    used = sum(map(process_cpu_seconds, pids)) - before
+    assert used / (time.monotonic() - started) < 0.1, f"{used:.2f} CPU s in 2 s"
 
 
 def test_killing_the_prefiller_mid_load_loses_no_request(tmp_path, strata_server):

@@ -38,7 +38,13 @@ class NixlKVConnector(TcpKVConnector):
     def register(self, kv_caches, layout: KVLayout) -> None:
         # NIXL calls from the engine (notifications), serving (metadata) and reading threads.
         self._nixl_lock = threading.Lock()
-        self.agent = nixl_agent(self.engine_id, nixl_agent_config(backends=["UCX"]))
+        # No progress thread: NIXL's wakes every millisecond and spins a core at 90-100% on
+        # an idle server. The serving thread progresses UCX instead while a peer's READ is
+        # expected (progress_reads), and the reading side as it checks its READ.
+        self.agent = nixl_agent(self.engine_id, nixl_agent_config(enable_prog_thread=False,
+                                                                  backends=["UCX"]))
+        self._expected: dict[str, float] = {}  # request id -> when to stop waiting for its READ
+        self._notifications: list[str] = []  # READs done, for poll() to report
         self.memory_type = "VRAM" if kv_caches.is_cuda else "DRAM"
         self._registration = self.agent.register_memory(kv_caches)
         self._peers: dict[tuple[str, int], PeerPool] = {}
@@ -107,15 +113,38 @@ class NixlKVConnector(TcpKVConnector):
                 for layer in range(self.kv_caches.shape[0]) for kv in (0, 1)
                 for start, length in runs]
 
+    def expect_read(self, request_id: str) -> None:
+        with self._nixl_lock:
+            self._expected[request_id] = time.monotonic() + self.timeout
+
+    def progress_reads(self) -> bool:
+        with self._nixl_lock:
+            if not self._expected:
+                return False
+            self._take_notifications()
+            now = time.monotonic()
+            for request_id, deadline in list(self._expected.items()):
+                if deadline < now:  # the reader gave up (its own timeout): stop for it
+                    del self._expected[request_id]
+            return bool(self._expected)
+
+    def _take_notifications(self) -> None:
+        """READs that ended (each names its prefill request), into _notifications; under
+        _nixl_lock. Asking for them is also what progresses UCX on this side."""
+        for messages in self.agent.get_new_notifs().values():
+            for message in messages:
+                request_id = message.decode()
+                self._expected.pop(request_id, None)
+                self._notifications.append(request_id)
+
     def poll(self):
         results, read_done = super().poll()
         with self._nixl_lock:
-            notifications = self.agent.get_new_notifs()
-        for messages in notifications.values():
-            for message in messages:
-                request_id = message.decode()
-                self.release(request_id)
-                read_done.append(request_id)
+            self._take_notifications()
+            done, self._notifications = self._notifications, []
+        for request_id in done:
+            self.release(request_id)
+            read_done.append(request_id)
         return results, read_done
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ class Reply(msgspec.Struct, tag=True):
 Message = Handshake | Read
 logger = logging.getLogger("strata.engine.kv_connector")
 POLL_MS = 100  # how often the threads look for work and for close()
+READ_PROGRESS_MS = 1  # how often, while a peer reads blocks one-sidedly, they are progressed
 
 
 class TcpKVConnector(KVConnector):
@@ -121,7 +122,8 @@ class TcpKVConnector(KVConnector):
         decoder = msgspec.msgpack.Decoder(Message)
         encoder = msgspec.msgpack.Encoder()
         while not self._closed.is_set():
-            if not self.server.poll(POLL_MS):
+            waiting = self.progress_reads()
+            if not self.server.poll(READ_PROGRESS_MS if waiting else POLL_MS):
                 continue
             frames = self.server.recv_multipart()
             if len(frames) != 2:
@@ -147,11 +149,21 @@ class TcpKVConnector(KVConnector):
             reply = encoder.encode(Reply(message.transfer_id, self.engine_id, error))
             if error is not None or not message.send_blocks:
                 self.server.send_multipart([peer, reply])
+                if error is None and message.block_ids:
+                    self.expect_read(message.request_id)
                 continue
             self.server.send_multipart([peer, reply, payload], copy=False)
             with self._lock:
                 self._published.pop(message.request_id, None)
             self._read_done.put(message.request_id)
+
+    def expect_read(self, request_id: str) -> None:
+        """A peer was told the request's blocks are there and reads them itself next."""
+
+    def progress_reads(self) -> bool:
+        """Move the reads peers make by themselves along; True while some are expected.
+        (This connector sends blocks in its replies: none are.)"""
+        return False
 
     def _blocks(self, read: Read) -> tuple[memoryview | None, str | None]:
         # Copied under the lock: once release() returns, the engine may reuse the blocks.
