@@ -213,12 +213,21 @@ def up(args: argparse.Namespace) -> int:
 
     if args.filename is not None:
         return up_from_manifests(args)
+    autoscale = None
+    if args.autoscale is not None:
+        if args.replicas != 1:
+            raise ValueError("--autoscale MIN:MAX replaces --replicas")
+        from strata.autoscale.local import AutoscaleOptions, parse_replica_range
+
+        autoscale = AutoscaleOptions(*parse_replica_range(args.autoscale),
+                                     args.autoscale_target_seconds, args.autoscale_window,
+                                     args.autoscale_interval, args.autoscale_token_rate)
     return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
                   args.prefill, args.decode,
                   RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens,
                                 flow_control_argv(args)),
                   Parallelism(args.tensor_parallel_size, args.nnodes),
-                  GatewayOptions(args.gateway, args.gateway_failure_mode))
+                  GatewayOptions(args.gateway, args.gateway_failure_mode), autoscale)
 
 
 MANIFEST_UP_FLAGS = {"host", "port", "filename", "volume", "pod_network"}
@@ -292,6 +301,20 @@ def add_up_parser(commands) -> None:
     add_policy_args(parser)
     add_flow_control_args(parser)
     add_up_gateway_args(parser)
+    scaling = parser.add_argument_group(
+        "autoscaling", "replicas started and stopped on the token backlog (docs/autoscaling.md)")
+    scaling.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                         help="between MIN (0: from zero) and MAX replicas, instead of "
+                              "--replicas")
+    scaling.add_argument("--autoscale-target-seconds", type=float, default=2.0,
+                         help="seconds of work one replica may hold before another starts")
+    scaling.add_argument("--autoscale-window", type=float, default=60.0,
+                         help="seconds of lower demand before a replica is drained")
+    scaling.add_argument("--autoscale-interval", type=float, default=1.0,
+                         help="seconds between the scaler's looks at the router")
+    scaling.add_argument("--autoscale-token-rate", type=float, default=1000.0,
+                         help="work tokens/s of one replica, until the router has measured "
+                              "one")
     manifests = parser.add_argument_group(
         "from Kubernetes manifests", "run a rendered overlay of deploy/kubernetes/ here: "
         "`kubectl kustomize deploy/kubernetes/overlays/colocated | strata up -f - --volume "

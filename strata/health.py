@@ -17,15 +17,15 @@ class ServerExited(RuntimeError):
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float,
-                 stopping: Callable[[], bool] = lambda: False) -> bool:
-    """True once `url`/health answers 200; False if `stopping()` turns true first. Raises
+                 stopping: Callable[[], bool] = lambda: False, path: str = "/health") -> bool:
+    """True once `url` + `path` answers 200; False if `stopping()` turns true first. Raises
     ServerExited if the process exits, TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not stopping():
         if process.poll() is not None:
             raise ServerExited(f"the server at {url} exited with code {process.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass

@@ -41,10 +41,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from strata.config import DEFAULT_MODEL
 from strata.health import ServerExited, wait_healthy
 from strata.parent_death import die_with_parent
+
+if TYPE_CHECKING:
+    from strata.autoscale.local import AutoscaleOptions
 
 STARTUP_TIMEOUT = 600.0
 STOP_TIMEOUT = 60.0
@@ -62,7 +66,8 @@ class Child:
     command: list[str]
     env: dict[str, str]
     group: int | None = None  # the replica whose nodes live and die together
-    process: subprocess.Popen = field(init=False)
+    health_path: str = "/health"  # what answers 200 once it is up
+    process: subprocess.Popen | None = field(default=None, init=False)  # None: never started
     started_at: float = 0.0
     restart_delay: float = RESTART_DELAY
     restart_at: float | None = None  # set while it is dead
@@ -123,12 +128,21 @@ class Parallelism:
 
 def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[str],
        prefill: int = 0, decode: int = 0, router: RouterOptions | None = None,
-       parallel: Parallelism | None = None, gateway: GatewayOptions | None = None) -> int:
+       parallel: Parallelism | None = None, gateway: GatewayOptions | None = None,
+       autoscale: AutoscaleOptions | None = None) -> int:
     """N engines (or prefill and decode ones) on the ports after --port, the router (or
-    Envoy in front of it) on it."""
+    Envoy in front of it) on it; with autoscale, MAX engines' ports, MIN of them started."""
     router = router or RouterOptions()
     gateway = gateway or GatewayOptions()
     parallel = parallel or Parallelism()
+    if autoscale is not None:
+        if prefill or decode or parallel.nnodes > 1:
+            raise ValueError("--autoscale scales plain replicas: not with --prefill/--decode "
+                             "or --nnodes")
+        if gateway.kind != "none" and autoscale.min_replicas == 0:
+            raise ValueError("--autoscale 0:N behind --gateway envoy: not supported (start "
+                             "from 1)")
+        replicas = autoscale.max_replicas
     if prefill or decode:
         if prefill < 1 or decode < 1:
             raise ValueError("--prefill and --decode need at least one instance each")
@@ -161,7 +175,7 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    started, endpoints = [], []
+    engines, endpoints = [], []
     # The engines' ranks share the machine's cores: torch threads beyond a share only spin.
     ranks = len(roles) * parallel.tensor_parallel_size
     threads = max(1, len(os.sched_getaffinity(0)) // ranks)
@@ -182,22 +196,28 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
                      for k in range(parallel.nnodes)]
         for k, node_args in enumerate(nodes):
             command = _serve(model, host, engine_port, args + node_args)
-            started.append(_start(f"{role} {i}, node {k}" if k else f"{role} {i}",
+            engines.append(_child(f"{role} {i}, node {k}" if k else f"{role} {i}",
                                   None if k else f"http://{host}:{engine_port}", command,
                                   threads, group=i if len(nodes) > 1 else None))
         endpoints += ["--endpoint", endpoint]
     # Precise mode hashes prompts as the engines do; approximate mode needs no tokenizer
     # (blocks of characters, ~1 ms faster per 1,000 tokens of text).
     tokenizer = ["--tokenizer", model or DEFAULT_MODEL] if router.prefix_index == "precise" else []
+    started = list(engines if autoscale is None else engines[:autoscale.min_replicas])
+    for child in started:
+        child.start()
+    scaler = None
     try:
         if not _wait_healthy(started, lambda: stop_requested):
             return 1
+        # With no engine up (scaling from zero) the router's /health is 503: its /metrics
+        # says it runs.
         front = _start(f"router {len(roles)}", f"http://{host}:{router_port}", [
             sys.executable, "-m", "strata.cli", "route", "--host", host, "--port",
             str(router_port), *endpoints, *tokenizer, "--policy", router.policy,
             "--prefix-index", router.prefix_index, "--pd-threshold-tokens",
             str(router.pd_threshold_tokens), *router.flow_control, *_hash_seed(serve_args),
-            *ext_proc])
+            *ext_proc], health_path="/metrics" if autoscale and not started else "/health")
         started.append(front)
         if not _wait_healthy([front], lambda: stop_requested):
             return 1
@@ -213,10 +233,23 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
         for child in started:
             print(f"  {child.name}: {child.url or 'headless'}  "
                   f"(pid {child.process.pid})", flush=True)
-        _supervise(started, lambda: stop_requested)
+        if autoscale is None:
+            _supervise(started, lambda: stop_requested)
+            return 0
+        print(f"  autoscale {autoscale.min_replicas}:{autoscale.max_replicas}: "
+              f"{', '.join(c.name for c in engines if c not in started) or 'none'} on "
+              f"demand", flush=True)
+        from strata.autoscale.local import LocalScaler
+
+        scaler = LocalScaler(engines, len([c for c in started if c in engines]),
+                             front.url, autoscale)
+        _supervise([c for c in started if c not in engines], lambda: stop_requested,
+                   scaler.step)
         return 0
     finally:
-        stop_children(started)
+        stop_children(started + (scaler.running() if scaler else []))
+        if scaler is not None:
+            scaler.close()
 
 
 def _envoy_command(host: str, port: int, ext_proc_port: int, engines: list[str],
@@ -257,21 +290,30 @@ def _serve(model: str | None, host: str, port: int, serve_args: list[str]) -> li
             "--host", host, "--port", str(port), *serve_args]
 
 
-def _start(name: str, url: str | None, command: list[str],
-           threads: int | None = None, group: int | None = None) -> Child:
+def _child(name: str, url: str | None, command: list[str],
+           threads: int | None = None, group: int | None = None,
+           health_path: str = "/health") -> Child:
     env = dict(os.environ)
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    child = Child(name, url, command, env, group)
+    return Child(name, url, command, env, group, health_path)
+
+
+def _start(name: str, url: str | None, command: list[str], health_path: str = "/health",
+           ) -> Child:
+    child = _child(name, url, command, health_path=health_path)
     child.start()
     return child
 
 
-def _supervise(children: list[Child], stopping: Callable[[], bool]) -> None:
+def _supervise(children: list[Child], stopping: Callable[[], bool],
+               tick: Callable[[float], None] = lambda now: None) -> None:
     """Until `stopping()`: restart each child that dies, once its restart delay is over; a
-    dead member of a group first takes the rest of its group down."""
+    dead member of a group first takes the rest of its group down. `tick(now)` each round
+    (the autoscaler)."""
     while not stopping():
         now = time.monotonic()
+        tick(now)
         for child in children:
             if child.restart_at is None and child.process.poll() is not None:
                 child.died(now)
@@ -290,7 +332,8 @@ def _wait_healthy(children: list[Child], stopping: Callable[[], bool]) -> bool:
     try:
         for child in children:
             if child.url is not None:
-                wait_healthy(child.url, child.process, STARTUP_TIMEOUT, stopping)
+                wait_healthy(child.url, child.process, STARTUP_TIMEOUT, stopping,
+                             child.health_path)
             elif child.process.poll() is not None:
                 raise ServerExited(f"{child.name} exited with code "
                                    f"{child.process.returncode}")
@@ -302,6 +345,7 @@ def _wait_healthy(children: list[Child], stopping: Callable[[], bool]) -> bool:
 
 def stop_children(children: list[Child]) -> None:
     """SIGTERM to each (it drains), then SIGKILL to any still running after STOP_TIMEOUT."""
+    children = [child for child in children if child.process is not None]
     for child in children:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)  # drains in-flight requests

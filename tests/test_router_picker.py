@@ -317,6 +317,9 @@ def test_routing_charges_uncached_prompt_and_output_tokens_until_the_request_end
     router.finished(endpoint, second)
     assert endpoint.in_flight_tokens == 0 and endpoint.in_flight == 0
     assert exported("strata:router_inflight_tokens") == {"both": 0, "decode": 0}
+    assert exported("strata:router_token_rate") == {"both": 0, "decode": 0}  # none measured
+    endpoint.token_rate = 1500.0
+    assert exported("strata:router_token_rate") == {"both": 1500, "decode": 0}
 
 
 def test_the_token_rate_is_measured_from_the_work_counters_while_busy():

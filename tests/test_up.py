@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import httpx
 
 from strata.http_headers import ENDPOINT_HEADER
 from tests.conftest import STORIES
+from tests.polling import wait_until
 from tests.server_process import free_port, healthy
 
 
@@ -200,3 +203,94 @@ def test_up_hands_its_flow_control_flags_to_the_router():
         assert getattr(route, name) == getattr(given, name), name
     assert (route.flow_control, route.flow_request_ttl, route.saturation_queue_depth,
             route.objectives) == (False, 5.0, 2.0, Path("o.yaml"))
+
+
+GOLDEN = json.loads((STORIES.parent / "golden_greedy.json").read_text())["stories260K"]
+
+
+def test_autoscale_from_zero_answers_the_first_request_once_a_replica_is_up(tmp_path):
+    """`--autoscale 0:1`: only the router runs; the first request waits in its queue (flow
+    control) while the scaler, seeing it queued, starts a replica; it gets the golden
+    tokens."""
+    port = free_port(consecutive=2)
+    process, urls = start_up(tmp_path, "--autoscale", "0:1", "--autoscale-interval", "0.2",
+                             "--autoscale-window", "600", "--port", str(port), processes=1)
+    try:
+        assert urls == {"router 1": f"http://127.0.0.1:{port}"}
+        assert not healthy(f"http://127.0.0.1:{port + 1}")  # no replica yet
+        prompt = GOLDEN["prompt_ids"]
+        response = httpx.post(f"{urls['router 1']}/v1/completions", timeout=60, json={
+            "model": str(STORIES), "prompt": prompt, "max_tokens": 16, "temperature": 0,
+            "return_token_ids": True})
+        assert response.status_code == 200, response.text
+        expected = GOLDEN["greedy_ids_48"][len(prompt):len(prompt) + 16]
+        assert response.json()["choices"][0]["token_ids"] == expected
+        log_path = tmp_path / "up.log"
+        assert "autoscale: 0 -> 1 replica(s)" in log_path.read_text()
+        # the router may take the replica a moment before the scaler's own look says so
+        wait_until(lambda: "replica 0 ready after" in log_path.read_text(), "its ready line",
+                   timeout=10)
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+
+
+def test_autoscale_scales_out_under_load_and_drains_back_in_without_a_failure(tmp_path):
+    """`--autoscale 1:3` under steady load: the backlog (over 0.2 s of work) starts the two
+    other replicas and requests reach them; once the load stops, after the 2-s window,
+    they are drained (SIGTERM, exit 0) and the one left serves. No request fails."""
+    port = free_port(consecutive=4)
+    process, urls = start_up(tmp_path, "--autoscale", "1:3", "--autoscale-target-seconds",
+                             "0.2", "--autoscale-window", "2", "--autoscale-interval", "0.2",
+                             "--port", str(port), processes=2)
+    router = urls["router 3"]
+    served_by: set[str] = set()
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        for j in itertools.count():
+            if stop.is_set():
+                return
+            response = httpx.post(f"{router}/v1/completions", timeout=60, json={
+                "model": str(STORIES), "prompt": f"{i} {j} Once upon a time",
+                "max_tokens": 128, "ignore_eos": True})
+            if response.status_code != 200 or \
+                    response.json()["usage"]["completion_tokens"] != 128:
+                failures.append(response.text)
+            served_by.add(response.headers.get(ENDPOINT_HEADER, "?"))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(served_by) == 3 or failures, "requests on three replicas",
+                   timeout=120)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures[:3]
+        log_path = tmp_path / "up.log"
+        wait_until(lambda: log_path.read_text().count("stopped (exit code 0)") == 2,
+                   "two replicas drained", timeout=60)
+        log = log_path.read_text()
+        assert "autoscale: 1 -> 3 replica(s)" in log or "autoscale: 2 -> 3 replica(s)" in log
+        response = httpx.post(f"{router}/v1/completions", timeout=60, json={
+            "model": str(STORIES), "prompt": "Once", "max_tokens": 4})
+        assert response.status_code == 200
+    finally:
+        stop.set()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+
+
+def test_autoscale_flags_are_checked(capsys):
+    from strata.cli import main
+
+    for argv, message in [(["--autoscale", "3:1"], "MIN:MAX with 0 <= MIN <= MAX"),
+                          (["--autoscale", "0:0"], "MAX >= 1"),
+                          (["--autoscale", "1:2", "--replicas", "2"], "replaces --replicas"),
+                          (["--autoscale", "1:2", "--prefill", "1", "--decode", "1"],
+                           "plain replicas")]:
+        assert main(["up", str(STORIES), *argv]) == 2
+        assert message in capsys.readouterr().err

@@ -57,13 +57,20 @@ class PoolCollector(Collector):
             "strata:router_inflight_tokens",
             "Their tokens: each one's prompt not cached where it went, plus max_tokens x n",
             labels=["name", "role"])
+        rates = GaugeMetricFamily(
+            "strata:router_token_rate",
+            "Work tokens (prompt computed + output) per second of one busy endpoint of each "
+            "role, the mean of those measured (0: none measured yet)", labels=["name", "role"])
         for role in ("both", "decode"):
             endpoints = [e for e in self.endpoints() if e.role == role]
             requests.add_metric([self.pool_name, role], float(sum(e.in_flight
                                                                   for e in endpoints)))
             tokens.add_metric([self.pool_name, role], sum(e.in_flight_tokens for e in endpoints))
+            measured = [e.token_rate for e in endpoints if e.token_rate]
+            rates.add_metric([self.pool_name, role], _mean(measured))
         yield requests
         yield tokens
+        yield rates
 
 
 class QueueCollector(Collector):
