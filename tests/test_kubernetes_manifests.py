@@ -540,3 +540,27 @@ def test_autoscaling_scales_prefill_and_decode_on_metrics_strata_exports():
                  "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prefix_cache_hits_total"):
         assert name in used
+
+
+@pytest.mark.timeout(60)
+def test_the_decode_scaledobject_is_the_token_backlog_policy_written_out():
+    """Its first trigger is strata.autoscale.keda's rendering of the policy, with the
+    ScaledObject's own bounds and scale-in window: the manifest cannot drift from the
+    policy `strata up --autoscale` runs."""
+    from strata.autoscale.keda import backlog_trigger
+    from strata.autoscale.policy import BacklogPolicy
+
+    scaled = render("autoscaling").one("ScaledObject", "strata-decode")["spec"]
+    down = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    policy = BacklogPolicy(target_seconds=2.0, min_replicas=scaled["minReplicaCount"],
+                           max_replicas=scaled["maxReplicaCount"],
+                           scale_in_window=down["stabilizationWindowSeconds"])
+    trigger = scaled["triggers"][0]
+    expected = backlog_trigger(policy, "decode", NAMESPACE,
+                               trigger["metadata"]["serverAddress"])
+
+    def normalized(t: dict) -> dict:
+        query = " ".join(t["metadata"]["query"].split())
+        return t | {"metadata": t["metadata"] | {"query": query}}
+
+    assert normalized(trigger) == normalized(expected)

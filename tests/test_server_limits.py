@@ -24,6 +24,7 @@ class HealthProbe:
 
     def __init__(self, url: str) -> None:
         self.url, self.latencies, self._stop = url, [], threading.Event()
+        self._probing = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -32,9 +33,13 @@ class HealthProbe:
                 started = time.monotonic()
                 assert client.get(f"{self.url}/health").status_code == 200
                 self.latencies.append(time.monotonic() - started)
+                self._probing.set()
 
     def __enter__(self) -> HealthProbe:
         self._thread.start()
+        # The block starts once the probe answers: a client's set-up (its TLS context) can
+        # take longer than a quick block, which would then run unprobed.
+        assert self._probing.wait(10), "/health did not answer"
         return self
 
     def __exit__(self, *exc) -> None:
