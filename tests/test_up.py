@@ -254,14 +254,14 @@ def test_autoscale_scales_out_under_load_and_drains_back_in_without_a_failure(tm
                 return
             response = httpx.post(f"{router}/v1/completions", timeout=60, json={
                 "model": str(STORIES), "prompt": f"{i} {j} Once upon a time",
-                "max_tokens": 128, "ignore_eos": True})
+                "max_tokens": 64, "ignore_eos": True})
             if response.status_code != 200 or \
-                    response.json()["usage"]["completion_tokens"] != 128:
+                    response.json()["usage"]["completion_tokens"] != 64:
                 failures.append(response.text)
             served_by.add(response.headers.get(ENDPOINT_HEADER, "?"))
 
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for thread in threads:
             thread.start()
         wait_until(lambda: len(served_by) == 3 or failures, "requests on three replicas",
