@@ -25,7 +25,7 @@ from harness import commit, machine, process, serve
 
 from strata.autoscale.cli import run_policies, table
 from strata.autoscale.simulator import ReplicaModel
-from strata.autoscale.traces import bursty
+from strata.autoscale.traces import bursty, write_csv
 
 PROMPT_TOKENS = (200, 1000)  # the trace's prompt and output lengths (uniform)
 OUTPUT_TOKENS = (50, 300)
@@ -103,11 +103,13 @@ def simulate(engine: ReplicaModel, args: argparse.Namespace) -> None:
                       burst_rate=base_rate * args.burst_factor, burst_every=900,
                       burst_length=300, prompt_tokens=PROMPT_TOKENS,
                       output_tokens=OUTPUT_TOKENS, seed=1)
+    write_csv(args.log_dir / "autoscale-trace.csv", requests)  # for `--trace` reruns
     slo = 4 * mean_prompt / engine.prefill_tokens_per_second + 1.0
     print(f"\nTrace: {len(requests)} requests over 3600 s, {base_rate:.2f}/s between "
           f"bursts, {base_rate * args.burst_factor:.2f}/s for 300 s every 900 s; prompts "
           f"{PROMPT_TOKENS[0]}-{PROMPT_TOKENS[1]} tokens, outputs {OUTPUT_TOKENS[0]}-"
-          f"{OUTPUT_TOKENS[1]}. SLO: TTFT <= {slo:.2f} s (four mean prefills + 1 s).")
+          f"{OUTPUT_TOKENS[1]} (written to {args.log_dir / 'autoscale-trace.csv'}). SLO: "
+          f"TTFT <= {slo:.2f} s (four mean prefills + 1 s).")
     for cold_start in (engine.cold_start, 60.0, 240.0):
         model = ReplicaModel(engine.prefill_tokens_per_second,
                              engine.decode_tokens_per_second, engine.max_batch, cold_start)
