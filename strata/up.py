@@ -24,6 +24,10 @@ Envoy's ext_proc (and its HTTP proxy) on free ports, and Envoy sends each reques
 replica the router names (--gateway-failure-mode: what Envoy does while the router is
 down). Envoy is a child like the others, started once the router is healthy.
 
+With --autoscale MIN:MAX, the router is told MAX replicas' ports and MIN of them start;
+the others start and stop as the token backlog the router reports asks
+(strata/autoscale/local.py).
+
 Each child has its own process group, so a Ctrl-C reaches only this command, which then
 stops each child once. And the kernel sends each child SIGTERM when this command dies
 (PR_SET_PDEATHSIG), however it dies: a SIGKILL of `strata up` leaves nothing running.
@@ -247,8 +251,10 @@ def up(model: str | None, replicas: int, host: str, port: int, serve_args: list[
                    scaler.step)
         return 0
     finally:
-        stop_children(started + (scaler.running() if scaler else []))
-        if scaler is not None:
+        if scaler is None:
+            stop_children(started)
+        else:  # the replicas are the scaler's (each once: a second SIGTERM cuts a drain)
+            stop_children([c for c in started if c not in engines] + scaler.running())
             scaler.close()
 
 

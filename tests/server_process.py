@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,6 +26,17 @@ def free_port(consecutive: int = 1) -> int:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         if all(_bindable(port + i) for i in range(1, consecutive)):
+            return port
+
+
+def free_fixed_ports(consecutive: int) -> int:
+    """Like free_port, but below the ephemeral range: for ports bound late (a replica that
+    starts on demand), which a connection's ephemeral source port could take meanwhile."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    while True:
+        port = rng.randrange(max(1024, low - 12000), low - consecutive)
+        if all(_bindable(port + i) for i in range(consecutive)):
             return port
 
 

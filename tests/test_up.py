@@ -20,7 +20,7 @@ import httpx
 from strata.http_headers import ENDPOINT_HEADER
 from tests.conftest import STORIES
 from tests.polling import wait_until
-from tests.server_process import free_port, healthy
+from tests.server_process import free_fixed_ports, free_port, healthy
 
 
 def start_up(tmp_path, *args: str, processes: int) -> tuple[subprocess.Popen, dict[str, str]]:
@@ -212,7 +212,7 @@ def test_autoscale_from_zero_answers_the_first_request_once_a_replica_is_up(tmp_
     """`--autoscale 0:1`: only the router runs; the first request waits in its queue (flow
     control) while the scaler, seeing it queued, starts a replica; it gets the golden
     tokens."""
-    port = free_port(consecutive=2)
+    port = free_fixed_ports(2)
     process, urls = start_up(tmp_path, "--autoscale", "0:1", "--autoscale-interval", "0.2",
                              "--autoscale-window", "600", "--port", str(port), processes=1)
     try:
@@ -239,7 +239,7 @@ def test_autoscale_scales_out_under_load_and_drains_back_in_without_a_failure(tm
     """`--autoscale 1:3` under steady load: the backlog (over 0.2 s of work) starts the two
     other replicas and requests reach them; once the load stops, after the 2-s window,
     they are drained (SIGTERM, exit 0) and the one left serves. No request fails."""
-    port = free_port(consecutive=4)
+    port = free_fixed_ports(4)
     process, urls = start_up(tmp_path, "--autoscale", "1:3", "--autoscale-target-seconds",
                              "0.2", "--autoscale-window", "2", "--autoscale-interval", "0.2",
                              "--port", str(port), processes=2)
