@@ -7,21 +7,31 @@
    (between bursts a third of one replica's prefill capacity, bursts --burst-factor times
    that), for cold starts of the measured length, 60 s and 240 s: SLO attainment,
    replica-seconds and scale events of each policy.
+3. With --local, a short bursty load (open loop, streamed) against `strata up
+   --autoscale 1:3` and fixed pools of 1 and 3 replicas on this machine: TTFT p50/p99,
+   failed requests, and replica-seconds (the `strata serve` processes alive, sampled every
+   0.5 s).
 
-    .venv/bin/python benchmarks/autoscale.py --model /tmp/tiny-llama
+    .venv/bin/python benchmarks/autoscale.py --model /tmp/tiny-llama [--local]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import random
+import re
+import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
-from harness import commit, machine, process, serve
+from harness import commit, machine, markdown_table, process, serve
 
 from strata.autoscale.cli import run_policies, table
 from strata.autoscale.simulator import ReplicaModel
@@ -40,6 +50,7 @@ def main() -> int:
     parser.add_argument("--burst-factor", type=float, default=8.0)
     parser.add_argument("--max-replicas", type=int, default=6)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--local", action="store_true", help="also part 3")
     args = parser.parse_args()
     print(machine())
     print(commit())
@@ -49,6 +60,8 @@ def main() -> int:
           f"{engine.prefill_tokens_per_second:.0f} tokens/s, decode "
           f"{engine.decode_tokens_per_second:.1f} tokens/s per sequence at a full batch")
     simulate(engine, args)
+    if args.local:
+        local(engine, args)
     return 0
 
 
@@ -80,8 +93,6 @@ def first_token_seconds(url: str, prompt: list[int]) -> float:
 
 def per_sequence_rate(url: str, batch: int, round_: int) -> float:
     """Output tokens per second of one sequence while `batch` decode together."""
-    import concurrent.futures
-
     tokens = 128
 
     def one(i: int) -> float:
@@ -118,6 +129,94 @@ def simulate(engine: ReplicaModel, args: argparse.Namespace) -> None:
                                   cpu_target=0.8, queue_per_replica=4.0)
         print(f"\nCold start {cold_start:.1f} s:")
         print(table(run_policies(requests, model, options), slo))
+
+
+
+# --- Part 3: the local scaler under a burst -------------------------------------------
+
+PHASES = ((20.0, 1.0), (30.0, 8.0), (40.0, 1.0))  # (seconds, times the base rate)
+
+
+def local(engine: ReplicaModel, args: argparse.Namespace) -> None:
+    base = engine.prefill_tokens_per_second / 400 / 3  # 400-token prompts: a third of one
+    rng = random.Random(7)
+    arrivals, now = [], 0.0
+    for seconds, factor in PHASES:
+        end = now + seconds
+        while (now := now + rng.expovariate(base * factor)) < end:
+            arrivals.append(now)
+        now = end
+    setups = [("autoscale 1:3", ["--autoscale", "1:3", "--autoscale-window", "20"]),
+              ("fixed 1", ["--replicas", "1"]), ("fixed 3", ["--replicas", "3"])]
+    rows = []
+    for name, flags in setups:
+        port = args.port + 10
+        log = open(args.log_dir / f"autoscale-local-{name.replace(' ', '-')}.log", "w")  # noqa: SIM115
+        up = subprocess.Popen([sys.executable, "-m", "strata.cli", "up", str(args.model),
+                               "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
+                               "--served-model-name", "bench",
+                               "--disable-uvicorn-access-log", *flags],
+                              stdout=subprocess.PIPE, stderr=log, text=True)
+        while "Ctrl-C" not in (line := up.stdout.readline()):
+            assert line, f"strata up ended: see {log.name}"
+        samples: list[int] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_replicas, args=(up.pid, stop, samples))
+        sampler.start()
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(256) as pool:
+            futures = [pool.submit(_timed_request, f"http://127.0.0.1:{port}", i, started + t)
+                       for i, t in enumerate(arrivals)]
+            results = [f.result() for f in futures]
+        stop.set()
+        sampler.join()
+        up.send_signal(signal.SIGINT)
+        up.wait(120)
+        ttfts = sorted(t for t in results if t is not None)
+        if not ttfts:
+            raise RuntimeError(f"{name}: every request failed (see {log.name})")
+        seconds = sum(samples) * 0.5
+        scaled = len(re.findall(r"autoscale: \d -> \d", Path(log.name).read_text()))
+        rows.append([name, f"{len(results)}", f"{results.count(None)}",
+                     f"{statistics.median(ttfts):.2f} s",
+                     f"{ttfts[int(0.99 * (len(ttfts) - 1))]:.2f} s", f"{seconds:.0f}",
+                     f"{scaled}"])
+    print(f"\nLocal: {len(arrivals)} requests of 400-token prompts and 64 output tokens, "
+          f"{base:.2f}/s for 20 s, {8 * base:.2f}/s for 30 s, {base:.2f}/s for 40 s")
+    print(markdown_table(["setup", "requests", "failed", "TTFT p50", "TTFT p99",
+                          "replica-s", "scale decisions"], rows))
+
+
+def _sample_replicas(parent: int, stop, samples: list[int]) -> None:
+    """Every 0.5 s, how many `strata serve` processes `strata up` (parent) has running."""
+    while not stop.wait(0.5):
+        running = 0
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            for child in (task / "children").read_text().split():
+                try:
+                    running += b"strata.cli\0serve" in Path(f"/proc/{child}/cmdline").read_bytes()
+                except OSError:
+                    continue  # it ended meanwhile
+        samples.append(running)
+
+
+def _timed_request(url: str, i: int, at: float) -> float | None:
+    """TTFT of one streamed request sent at `at` (monotonic), or None if it failed."""
+    time.sleep(max(0.0, at - time.monotonic()))
+    started = time.perf_counter()
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=300, json={
+                "model": "bench", "prompt": [3 + (i * 7 + k) % 4000 for k in range(400)],
+                "max_tokens": 64, "ignore_eos": True, "stream": True}) as response:
+            if response.status_code != 200:
+                return None
+            first = None
+            for line in response.iter_lines():
+                if first is None and line.startswith("data: {"):
+                    first = time.perf_counter() - started
+            return first
+    except httpx.HTTPError:
+        return None
 
 
 if __name__ == "__main__":
