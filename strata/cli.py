@@ -276,6 +276,7 @@ def add_route_parser(commands) -> None:
 
 
 def add_up_parser(commands) -> None:
+    from strata.autoscale.local import AutoscaleOptions
     from strata.router.flags import add_flow_control_args, add_policy_args, add_up_gateway_args
 
     parser = commands.add_parser(
@@ -306,13 +307,16 @@ def add_up_parser(commands) -> None:
     scaling.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                          help="between MIN (0: from zero) and MAX replicas, instead of "
                               "--replicas")
-    scaling.add_argument("--autoscale-target-seconds", type=float, default=2.0,
+    scaling.add_argument("--autoscale-target-seconds", type=float,
+                         default=AutoscaleOptions.target_seconds,
                          help="seconds of work one replica may hold before another starts")
-    scaling.add_argument("--autoscale-window", type=float, default=60.0,
+    scaling.add_argument("--autoscale-window", type=float,
+                         default=AutoscaleOptions.scale_in_window,
                          help="seconds of lower demand before a replica is drained")
-    scaling.add_argument("--autoscale-interval", type=float, default=1.0,
+    scaling.add_argument("--autoscale-interval", type=float, default=AutoscaleOptions.interval,
                          help="seconds between the scaler's looks at the router")
-    scaling.add_argument("--autoscale-token-rate", type=float, default=1000.0,
+    scaling.add_argument("--autoscale-token-rate", type=float,
+                         default=AutoscaleOptions.token_rate,
                          help="work tokens/s of one replica, until the router has measured "
                               "one")
     manifests = parser.add_argument_group(

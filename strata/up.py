@@ -92,6 +92,17 @@ class Child:
               file=sys.stderr, flush=True)
         self.restart_delay = min(2 * self.restart_delay, MAX_RESTART_DELAY)
 
+    def tend(self, now: float) -> bool:
+        """Start it again once its restart delay is over; True when it has just died."""
+        if self.restart_at is None:
+            if self.process.poll() is None:
+                return False
+            self.died(now)
+            return True
+        if now >= self.restart_at:
+            self.restart()
+        return False
+
     def restart(self) -> None:
         self.restart_at = None
         self.start()
@@ -321,14 +332,11 @@ def _supervise(children: list[Child], stopping: Callable[[], bool],
         now = time.monotonic()
         tick(now)
         for child in children:
-            if child.restart_at is None and child.process.poll() is not None:
-                child.died(now)
+            if child.tend(now):
                 for sibling in children:
                     if child.group is not None and sibling.group == child.group and \
                             sibling.process.poll() is None:
                         sibling.process.terminate()
-            elif child.restart_at is not None and now >= child.restart_at:
-                child.restart()
         time.sleep(0.2)
 
 

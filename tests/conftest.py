@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 STORIES = SHARED_MODELS / "stories260K"
+# transformers' greedy ids for each shared model (../shared/models/README.md)
+GOLDEN = json.loads((SHARED_MODELS / "golden_greedy.json").read_text())
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Small shapes that still exercise GQA, biases, q/k norm and rope scaling.

@@ -1,14 +1,11 @@
 """Greedy ids of the shared trained models equal golden_greedy.json (llama2.c / transformers)."""
 
-import json
 
 import pytest
 import torch
 
 from strata import LLM, SamplingParams
-from tests.conftest import SHARED_MODELS, record_logits
-
-GOLDEN = json.loads((SHARED_MODELS / "golden_greedy.json").read_text())
+from tests.conftest import GOLDEN, SHARED_MODELS, record_logits
 
 
 @pytest.mark.parametrize("name", ["stories260K", "TinyStories-656K"])

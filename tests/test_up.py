@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import re
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from strata.http_headers import ENDPOINT_HEADER
-from tests.conftest import STORIES
+from tests.conftest import GOLDEN, STORIES
 from tests.polling import wait_until
 from tests.server_process import free_fixed_ports, free_port, healthy
 
@@ -205,9 +204,6 @@ def test_up_hands_its_flow_control_flags_to_the_router():
             route.objectives) == (False, 5.0, 2.0, Path("o.yaml"))
 
 
-GOLDEN = json.loads((STORIES.parent / "golden_greedy.json").read_text())["stories260K"]
-
-
 def test_autoscale_from_zero_answers_the_first_request_once_a_replica_is_up(tmp_path):
     """`--autoscale 0:1`: only the router runs; the first request waits in its queue (flow
     control) while the scaler, seeing it queued, starts a replica; it gets the golden
@@ -218,12 +214,12 @@ def test_autoscale_from_zero_answers_the_first_request_once_a_replica_is_up(tmp_
     try:
         assert urls == {"router 1": f"http://127.0.0.1:{port}"}
         assert not healthy(f"http://127.0.0.1:{port + 1}")  # no replica yet
-        prompt = GOLDEN["prompt_ids"]
+        prompt = GOLDEN["stories260K"]["prompt_ids"]
         response = httpx.post(f"{urls['router 1']}/v1/completions", timeout=60, json={
             "model": str(STORIES), "prompt": prompt, "max_tokens": 16, "temperature": 0,
             "return_token_ids": True})
         assert response.status_code == 200, response.text
-        expected = GOLDEN["greedy_ids_48"][len(prompt):len(prompt) + 16]
+        expected = GOLDEN["stories260K"]["greedy_ids_48"][len(prompt):len(prompt) + 16]
         assert response.json()["choices"][0]["token_ids"] == expected
         log_path = tmp_path / "up.log"
         assert "autoscale: 0 -> 1 replica(s)" in log_path.read_text()

@@ -27,7 +27,7 @@ from strata.kube.api_server import PodApi, write_kubeconfig
 from strata.kube.local_pods import PodLayout
 from strata.kube.objects import Manifests
 from strata.router.k8s_source import PodSource
-from tests.conftest import STORIES, transformers_greedy
+from tests.conftest import GOLDEN, STORIES, transformers_greedy
 from tests.kustomize import KUSTOMIZE, kustomize
 from tests.metrics_scrape import scrape
 from tests.polling import async_wait_until, wait_until
@@ -245,7 +245,7 @@ def local_set(tmp_path):
 
 
 def golden() -> tuple[list[int], list[int]]:
-    case = json.loads((MODELS / "golden_greedy.json").read_text())["stories260K"]
+    case = GOLDEN["stories260K"]
     prompt = case["prompt_ids"]
     return prompt, case["greedy_ids_48"][len(prompt):]
 

@@ -109,18 +109,17 @@ class LocalScaler:
         child = slot.child
         if slot.state == "stopped":
             return
-        if slot.state == "dead":
-            if now >= child.restart_at:
-                child.restart()
-                slot.state = "starting"
-            return
-        if child.process.poll() is not None:
-            if slot.state == "draining":
+        if slot.state == "draining":
+            if child.process.poll() is not None:
                 slot.state = "stopped"
                 self._log(f"{child.name} stopped (exit code {child.process.returncode})")
-            else:
-                child.died(now)
-                slot.state = "dead"
+            return
+        if child.tend(now):  # died while wanted: started again after its delay
+            slot.state = "dead"
+            return
+        if slot.state == "dead":
+            if child.restart_at is None:  # tend() started it again
+                slot.state = "starting"
             return
         if slot.state == "starting" and self._answers(f"{child.url}/health"):
             slot.state = "ready"

@@ -28,12 +28,30 @@ class Signals:
 
 
 @dataclass
+class Stabilized:
+    """Kubernetes' HPA behaviour around a recommendation: up at once, down to the highest
+    recommendation of the last `window` seconds, within [min, max]."""
+
+    min_replicas: int
+    max_replicas: int
+    window: float = 300.0
+    recent: deque = field(default_factory=deque, repr=False)  # (time, recommendation)
+
+    def __call__(self, recommendation: int, now: float) -> int:
+        recommendation = min(max(recommendation, self.min_replicas), self.max_replicas)
+        self.recent.append((now, recommendation))
+        while self.recent[0][0] < now - self.window:
+            self.recent.popleft()
+        return max(r for _, r in self.recent)
+
+
+@dataclass
 class BacklogPolicy:
     target_seconds: float = 2.0  # the backlog one replica may hold, in seconds of its work
     min_replicas: int = 0
     max_replicas: int = 4
     scale_in_window: float = 300.0  # seconds
-    _recent: deque = field(default_factory=deque, repr=False)  # (time, recommendation)
+    _stabilize: Stabilized = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -41,6 +59,8 @@ class BacklogPolicy:
                              f"0 <= min <= max and max >= 1")
         if self.target_seconds <= 0:
             raise ValueError("the target backlog must be positive")
+        self._stabilize = Stabilized(self.min_replicas, self.max_replicas,
+                                     self.scale_in_window)
 
     def recommend(self, signals: Signals) -> int:
         """The replicas this backlog needs now, before stabilization."""
@@ -52,7 +72,4 @@ class BacklogPolicy:
 
     def desired(self, signals: Signals, now: float) -> int:
         """The replicas to have (ready or starting): at once up, down after the window."""
-        self._recent.append((now, self.recommend(signals)))
-        while self._recent[0][0] < now - self.scale_in_window:
-            self._recent.popleft()
-        return max(wanted for _, wanted in self._recent)
+        return self._stabilize(self.recommend(signals), now)

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from strata.autoscale.policy import BacklogPolicy, Signals
+from strata.autoscale.policy import BacklogPolicy, Signals, Stabilized
 
 
 @dataclass(frozen=True)
@@ -269,24 +269,6 @@ class Simulation:
 
 
 # --- The policies compared ----------------------------------------------------------
-
-@dataclass
-class Stabilized:
-    """Kubernetes' HPA behaviour around a recommendation: up at once, down to the highest
-    recommendation of the last `window` seconds, within [min, max]."""
-
-    min_replicas: int
-    max_replicas: int
-    window: float = 300.0
-    recent: deque = field(default_factory=deque)
-
-    def __call__(self, recommendation: int, now: float) -> int:
-        recommendation = min(max(recommendation, self.min_replicas), self.max_replicas)
-        self.recent.append((now, recommendation))
-        while self.recent[0][0] < now - self.window:
-            self.recent.popleft()
-        return max(r for _, r in self.recent)
-
 
 def hpa_cpu(min_replicas: int = 1, max_replicas: int = 4, target: float = 0.8,
             tolerance: float = 0.1, window: float = 300.0) -> Policy:
