@@ -3,10 +3,11 @@
 1. The engine: a replica's cold start (process start to /health 200), its prefill rate (a
    long prompt's time to first token, alone) and its decode rate per sequence (a full
    batch's streamed outputs), each the median of --rounds.
-2. `strata autoscale simulate`'s model with those figures, on a bursty trace sized to them
-   (between bursts a third of one replica's prefill capacity, bursts --burst-factor times
-   that), for cold starts of the measured length, 60 s and 240 s: SLO attainment,
-   replica-seconds and scale events of each policy.
+2. `strata autoscale simulate`'s model with those figures, on two bursty traces sized to
+   them (between bursts a third of one replica's prefill capacity, bursts --burst-factor
+   times that, as steps or built up over 300 s), for cold starts of the measured length,
+   60 s and 240 s: SLO attainment, replica-seconds and scale events of each policy; and
+   Strata's policy over its parameters on the second trace.
 3. With --local, a short bursty load (open loop, streamed) against `strata up
    --autoscale 1:3` and fixed pools of 1 and 3 replicas on this machine: TTFT p50/p99,
    failed requests, and replica-seconds (the `strata serve` processes alive, sampled every
@@ -34,7 +35,7 @@ import httpx
 from harness import commit, machine, markdown_table, process, serve
 
 from strata.autoscale.cli import run_policies, table
-from strata.autoscale.simulator import ReplicaModel
+from strata.autoscale.simulator import ReplicaModel, Simulation, load_policy
 from strata.autoscale.traces import bursty, write_csv
 
 PROMPT_TOKENS = (200, 1000)  # the trace's prompt and output lengths (uniform)
@@ -107,29 +108,62 @@ def per_sequence_rate(url: str, batch: int, round_: int) -> float:
         return statistics.median(pool.map(one, range(batch)))
 
 
+TRACES = {"steps": 0.0, "ramps of 300 s": 300.0}  # the bursts' build-up
+SIMULATED = 7200.0  # seconds of trace: four periods of 1800 s, a 300-s burst at each end
+
+
 def simulate(engine: ReplicaModel, args: argparse.Namespace) -> None:
     mean_prompt = sum(PROMPT_TOKENS) / 2
     base_rate = engine.prefill_tokens_per_second / mean_prompt / 3  # a third of one replica
-    requests = bursty(duration=3600, base_rate=base_rate,
-                      burst_rate=base_rate * args.burst_factor, burst_every=900,
-                      burst_length=300, prompt_tokens=PROMPT_TOKENS,
-                      output_tokens=OUTPUT_TOKENS, seed=1)
-    write_csv(args.log_dir / "autoscale-trace.csv", requests)  # for `--trace` reruns
     slo = 4 * mean_prompt / engine.prefill_tokens_per_second + 1.0
-    print(f"\nTrace: {len(requests)} requests over 3600 s, {base_rate:.2f}/s between "
-          f"bursts, {base_rate * args.burst_factor:.2f}/s for 300 s every 900 s; prompts "
-          f"{PROMPT_TOKENS[0]}-{PROMPT_TOKENS[1]} tokens, outputs {OUTPUT_TOKENS[0]}-"
-          f"{OUTPUT_TOKENS[1]} (written to {args.log_dir / 'autoscale-trace.csv'}). SLO: "
-          f"TTFT <= {slo:.2f} s (four mean prefills + 1 s).")
-    for cold_start in (engine.cold_start, 60.0, 240.0):
+    print(f"\nTraces: {SIMULATED:.0f} s in periods of 1800 s: {base_rate:.2f} requests/s, "
+          f"then a burst at {base_rate * args.burst_factor:.2f}/s for 300 s (as a step, or "
+          f"built up and let down over 300 s each side); prompts {PROMPT_TOKENS[0]}-"
+          f"{PROMPT_TOKENS[1]} tokens, outputs {OUTPUT_TOKENS[0]}-{OUTPUT_TOKENS[1]}. SLO: "
+          f"TTFT <= {slo:.2f} s (four mean prefills + 1 s). Every policy looks every 15 s "
+          f"with a scale-in window of twice the cold start (at least 60 s); Strata's: "
+          f"target utilization 0.8, backlog 2 s, look-ahead the cold start + 15 s.")
+    options = SimpleNamespace(min_replicas=0, max_replicas=args.max_replicas, interval=15.0,
+                              window=None, target_seconds=2.0, target_utilization=0.8,
+                              lookahead=None, cpu_target=0.8, queue_per_replica=4.0)
+    for trace_name, ramp in TRACES.items():
+        requests = bursty(duration=SIMULATED, base_rate=base_rate,
+                          burst_rate=base_rate * args.burst_factor, burst_every=1800,
+                          burst_length=300, prompt_tokens=PROMPT_TOKENS,
+                          output_tokens=OUTPUT_TOKENS, ramp=ramp, seed=1)
+        path = args.log_dir / f"autoscale-trace-{trace_name.split()[0]}.csv"
+        write_csv(path, requests)  # for `strata autoscale simulate --trace` reruns
+        for cold_start in (engine.cold_start, 60.0, 240.0):
+            model = ReplicaModel(engine.prefill_tokens_per_second,
+                                 engine.decode_tokens_per_second, engine.max_batch, cold_start)
+            print(f"\n{trace_name} ({len(requests)} requests, {path}), cold start "
+                  f"{cold_start:.1f} s:")
+            print(table(run_policies(requests, model, options), slo))
+        if ramp:
+            sweep(engine, requests, slo, options)
+
+
+def sweep(engine: ReplicaModel, requests, slo: float, options: SimpleNamespace) -> None:
+    """Strata's policy on a trace over its parameters: how the target utilization and the
+    scale-in window trade SLO for cost, at the measured cold start and at 60 s."""
+    for cold_start in (engine.cold_start, 60.0):
         model = ReplicaModel(engine.prefill_tokens_per_second,
                              engine.decode_tokens_per_second, engine.max_batch, cold_start)
-        options = SimpleNamespace(min_replicas=0, max_replicas=args.max_replicas,
-                                  interval=15.0, window=300.0, target_seconds=2.0,
-                                  cpu_target=0.8, queue_per_replica=4.0)
-        print(f"\nCold start {cold_start:.1f} s:")
-        print(table(run_policies(requests, model, options), slo))
-
+        rows = []
+        for utilization in (0.7, 0.8, 0.9):
+            row = [f"{utilization:g}"]
+            for window in (60.0, 120.0, 300.0):
+                policy = load_policy(model, 0, options.max_replicas, utilization,
+                                     options.target_seconds, cold_start + options.interval,
+                                     window)
+                outcome = Simulation(requests, model, policy, 1, options.interval).run()
+                row.append(f"{100 * outcome.attainment(slo):.2f}%, "
+                           f"{outcome.replica_seconds:.0f}")
+            rows.append(row)
+        print(f"\nStrata's policy on this trace, cold start {cold_start:.1f} s: SLO "
+              f"attainment and replica-s by target utilization and scale-in window")
+        print(markdown_table(["utilization", "window 60 s", "window 120 s", "window 300 s"],
+                             rows))
 
 
 # --- Part 3: the local scaler under a burst -------------------------------------------
@@ -146,7 +180,9 @@ def local(engine: ReplicaModel, args: argparse.Namespace) -> None:
         while (now := now + rng.expovariate(base * factor)) < end:
             arrivals.append(now)
         now = end
-    setups = [("autoscale 1:3", ["--autoscale", "1:3", "--autoscale-window", "20"]),
+    setups = [("autoscale 1:3", ["--autoscale", "1:3", "--autoscale-window", "20",
+                                 "--autoscale-prefill-rate",
+                                 f"{engine.prefill_tokens_per_second:.0f}"]),
               ("fixed 1", ["--replicas", "1"]), ("fixed 3", ["--replicas", "3"])]
     rows = []
     for name, flags in setups:

@@ -219,9 +219,13 @@ def up(args: argparse.Namespace) -> int:
             raise ValueError("--autoscale MIN:MAX replaces --replicas")
         from strata.autoscale.local import AutoscaleOptions, parse_replica_range
 
+        engine_parser = argparse.ArgumentParser(add_help=False)
+        add_engine_args(engine_parser)
+        engine, _ = engine_parser.parse_known_args(args.serve_args)
         autoscale = AutoscaleOptions(*parse_replica_range(args.autoscale),
-                                     args.autoscale_target_seconds, args.autoscale_window,
-                                     args.autoscale_interval, args.autoscale_token_rate)
+                                     args.autoscale_prefill_rate,
+                                     args.autoscale_target_utilization, args.autoscale_window,
+                                     args.autoscale_interval, batch_slots=engine.max_num_seqs)
     return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
                   args.prefill, args.decode,
                   RouterOptions(args.policy, args.prefix_index, args.pd_threshold_tokens,
@@ -303,22 +307,23 @@ def add_up_parser(commands) -> None:
     add_flow_control_args(parser)
     add_up_gateway_args(parser)
     scaling = parser.add_argument_group(
-        "autoscaling", "replicas started and stopped on the token backlog (docs/autoscaling.md)")
+        "autoscaling", "replicas started and stopped on the load: prompt tokens coming in "
+        "and requests in flight (docs/autoscaling.md)")
     scaling.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                          help="between MIN (0: from zero) and MAX replicas, instead of "
                               "--replicas")
-    scaling.add_argument("--autoscale-target-seconds", type=float,
-                         default=AutoscaleOptions.target_seconds,
-                         help="seconds of work one replica may hold before another starts")
+    scaling.add_argument("--autoscale-target-utilization", type=float,
+                         default=AutoscaleOptions.target_utilization,
+                         help="share of a replica's prefill rate and batch slots to fill")
+    scaling.add_argument("--autoscale-prefill-rate", type=float,
+                         default=AutoscaleOptions.prefill_rate,
+                         help="prompt tokens/s of one replica (benchmarks/autoscale.py "
+                              "measures it)")
     scaling.add_argument("--autoscale-window", type=float,
                          default=AutoscaleOptions.scale_in_window,
                          help="seconds of lower demand before a replica is drained")
     scaling.add_argument("--autoscale-interval", type=float, default=AutoscaleOptions.interval,
                          help="seconds between the scaler's looks at the router")
-    scaling.add_argument("--autoscale-token-rate", type=float,
-                         default=AutoscaleOptions.token_rate,
-                         help="work tokens/s of one replica, until the router has measured "
-                              "one")
     manifests = parser.add_argument_group(
         "from Kubernetes manifests", "run a rendered overlay of deploy/kubernetes/ here: "
         "`kubectl kustomize deploy/kubernetes/overlays/colocated | strata up -f - --volume "

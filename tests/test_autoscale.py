@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from strata.autoscale.policy import BacklogPolicy, Signals
+from strata.autoscale.policy import LoadPolicy, Needs, Signals
 from strata.autoscale.simulator import (
     ReplicaModel,
     Request,
@@ -13,59 +13,97 @@ from strata.autoscale.simulator import (
     fixed,
     hpa_cpu,
     keda_queue,
-    token_backlog,
+    load_policy,
 )
 
 # --- The policy ----------------------------------------------------------------------
 
-RATE = 1000.0  # tokens per second of one replica
-
-
-def signals(backlog: float, queued: int = 0) -> Signals:
-    return Signals(backlog, queued, RATE)
+def policy(**fields) -> LoadPolicy:
+    """One replica: 1000 prompt tokens/s, a batch of 10; half of each used per replica."""
+    return LoadPolicy(**({"prefill_tokens_per_second": 1000.0, "batch_slots": 10,
+                          "target_utilization": 0.5, "max_replicas": 8} | fields))
 
 
 @pytest.mark.timeout(10)
-def test_replicas_follow_the_backlog_in_seconds_of_work():
-    policy = BacklogPolicy(target_seconds=2.0, min_replicas=0, max_replicas=8)
-    assert policy.recommend(signals(0)) == 0  # nothing to do: scale to zero
-    assert policy.recommend(signals(0, queued=1)) == 1  # from zero on the first request
-    assert policy.recommend(signals(1)) == 1
-    assert policy.recommend(signals(2000)) == 1  # 2 s of work: one replica's target
-    assert policy.recommend(signals(2001)) == 2
-    assert policy.recommend(signals(9000)) == 5
-    assert policy.recommend(signals(10 ** 9)) == 8  # the maximum
-    assert BacklogPolicy(min_replicas=2).recommend(signals(0)) == 2
+def test_each_need_in_replicas_and_the_larger_wins():
+    assert policy().recommend(Signals(), now=0) == 0  # nothing to do: scale to zero
+    assert policy().recommend(Signals(in_flight_requests=1), now=0) == 1  # from zero
+    assert policy(min_replicas=2).recommend(Signals(), now=0) == 2
+    # Prefill: 20000 prompt tokens in 10 s = 2000/s, two replicas' worth, at half each: 4.
+    prefill = policy()
+    assert prefill.recommend(Signals(), now=0) == 0
+    assert prefill.recommend(Signals(prompt_tokens_total=20000.0), now=10) == 4
+    assert prefill.last_needs == Needs(prefill=4.0, decode=0.0)
+    # Decode: 12 requests in flight, 1.2 batches, at half a batch each: 2.4, so 3.
+    assert policy().recommend(Signals(in_flight_requests=12), now=0) == 3
+    # Backlog: 9000 tokens queued for prefill, 9 s of work, 2 s per replica: 4.5, so 5.
+    assert policy().recommend(Signals(in_flight_requests=9, tokens_waiting=9000.0),
+                              now=0) == 5
+    every = policy()
+    every.recommend(Signals(), now=0)
+    assert every.recommend(Signals(12, 20000.0, 5000.0), now=10) == 4
+    assert every.last_needs == Needs(prefill=4.0, decode=2.4, backlog=2.5)
+    assert policy().recommend(Signals(in_flight_requests=10 ** 6), now=0) == 8  # the max
     with pytest.raises(ValueError):
-        BacklogPolicy(min_replicas=3, max_replicas=2)
+        LoadPolicy(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError):
+        LoadPolicy(target_utilization=0)
+
+
+@pytest.mark.timeout(10)
+def test_a_rising_load_is_met_where_it_will_be_when_a_replica_is_up():
+    """Prompt tokens arriving at 100 t tokens/s (the counter: 50 t^2), looked at every 15 s
+    over a 60-s window. At t = 60 the rate is 6000/s; 30 s later, a replica's cold start and
+    the interval, it is 9000/s: nine replicas' prefill at full use, eighteen at half. Without
+    the look-ahead the policy sees the rate now, 6000/s (the window's mean is 3000/s). In
+    flight, rising 1 a second from 0, the same: 60 now, 90 then."""
+    ahead, now_only = policy(lookahead=30.0, max_replicas=99), policy(max_replicas=99)
+    for t in range(0, 61, 15):
+        signals = Signals(prompt_tokens_total=50.0 * t * t)
+        wanted = ahead.recommend(signals, now=t), now_only.recommend(signals, now=t)
+    assert ahead.last_needs.prefill == pytest.approx(18.0) and wanted == (18, 12)
+    ahead, now_only = policy(lookahead=30.0, max_replicas=99), policy(max_replicas=99)
+    for t in range(0, 61, 15):
+        wanted = (ahead.recommend(Signals(in_flight_requests=t), now=t),
+                  now_only.recommend(Signals(in_flight_requests=t), now=t))
+    assert wanted == (18, 12)  # 90 and 60 in flight, 5 per replica
+    # A falling load is not extrapolated down: the window brings the count down.
+    falling = policy(lookahead=30.0)
+    for t in range(0, 61, 15):
+        falling.recommend(Signals(in_flight_requests=60 - t), now=t)
+    assert falling.last_needs.decode == 0.0
 
 
 @pytest.mark.timeout(10)
 def test_out_at_once_in_after_the_window_and_no_overshoot_while_replicas_start():
-    policy = BacklogPolicy(target_seconds=2.0, max_replicas=8, scale_in_window=60)
-    assert policy.desired(signals(5000), now=0) == 3  # out at once
-    # The three are starting and the backlog waits for them: the count wanted is of
-    # replicas ready or not, so it stays (a scaler adding what the backlog needs to what it
-    # has ready would start three more at every tick of the cold start).
-    assert [policy.desired(signals(5000), now=t) for t in range(5, 35, 5)] == [3] * 6
-    # The backlog is worked off: nothing less before the window has passed...
-    assert policy.desired(signals(0), now=40) == 3
-    assert policy.desired(signals(0), now=90) == 3  # 60 s after the last 3 (at t=30)
-    assert policy.desired(signals(0), now=91) == 0  # ...then down
-    assert policy.desired(signals(1), now=92) == 1  # and up again at once
+    scaler = policy(scale_in_window=60)
+    load = Signals(in_flight_requests=14)  # 2.8 replicas' worth
+    assert scaler.desired(load, now=0) == 3  # out at once
+    # The three are starting and the load waits for them: the count wanted is of replicas
+    # ready or not, so it stays (a scaler adding what the load needs to what it has ready
+    # would start three more at every tick of the cold start).
+    assert [scaler.desired(load, now=t) for t in range(5, 35, 5)] == [3] * 6
+    # The load is served: nothing less before the window has passed...
+    assert scaler.desired(Signals(), now=40) == 3
+    assert scaler.desired(Signals(), now=90) == 3  # 60 s after the last 3 (at t=30)
+    assert scaler.desired(Signals(), now=91) == 0  # ...then down
+    assert scaler.desired(Signals(in_flight_requests=1), now=92) == 1  # and up again at once
 
 
 @pytest.mark.timeout(10)
 def test_prefill_and_decode_pools_scale_apart():
-    prefill = BacklogPolicy(target_seconds=1.0, max_replicas=8, scale_in_window=30)
-    decode = BacklogPolicy(target_seconds=4.0, max_replicas=8, scale_in_window=30)
-    # A burst of long prompts: the prefill backlog grows, the decode one does not.
-    steps = [(Signals(8000, 4, 2000.0), Signals(1000, 0, 500.0)),
-             (Signals(16000, 8, 2000.0), Signals(1000, 0, 500.0)),
-             (Signals(0, 0, 2000.0), Signals(6000, 0, 500.0))]
-    wanted = [(prefill.desired(p, now=t), decode.desired(d, now=t))
-              for t, (p, d) in enumerate(steps)]
-    assert wanted == [(4, 1), (8, 1), (8, 3)]
+    """Each pool's policy is fed its own role's signals: a burst of long prompts loads the
+    prefillers (prompt tokens) and not the decoders; long outputs pile up requests at the
+    decoders (in flight) and not at the prefillers."""
+    prefill = policy(scale_in_window=0)
+    decode = policy(scale_in_window=0)
+    prompts = [0.0, 20000.0, 40000.0, 40000.0]  # the prefillers' prompt-token counter
+    in_flight = [0, 2, 2, 24]  # the decoders' requests
+    wanted = [(prefill.desired(Signals(prompt_tokens_total=p, in_flight_requests=1), t * 10),
+               decode.desired(Signals(in_flight_requests=n), t * 10))
+              for t, (p, n) in enumerate(zip(prompts, in_flight))]
+    # prompt rates over the window so far: -, 2000/s, 2000/s, 1333/s
+    assert wanted == [(1, 0), (4, 1), (4, 1), (3, 5)]
 
 
 # --- The simulator -------------------------------------------------------------------
@@ -94,7 +132,7 @@ def test_from_zero_the_first_request_waits_for_the_tick_and_the_cold_start():
     """No replica; one request at 7 s. The scaler sees it at its tick at 10 s, the replica
     is ready 30 s later, the prompt takes 0.5 s: TTFT 33.5 s; the replica costs from 10 s
     to the end of the decode at 42.5 s, when the trace is done."""
-    outcome = Simulation([Request(7.0, 500, 100)], MODEL, token_backlog(0, 2, window=0),
+    outcome = Simulation([Request(7.0, 500, 100)], MODEL, load_policy(MODEL, 0, 2, window=0),
                          initial_replicas=0, interval=5.0).run()
     assert outcome.ttft == [33.5]
     assert outcome.replica_seconds == 32.5
@@ -103,17 +141,18 @@ def test_from_zero_the_first_request_waits_for_the_tick_and_the_cold_start():
 
 @pytest.mark.timeout(10)
 def test_a_burst_scales_out_by_backlog_and_cpu_and_queue_see_it_differently():
-    """Twenty 1000-token prompts at once on one replica: 20 s of prefill. The backlog policy
-    (target 2 s) asks for the maximum at the first tick; HPA on CPU sees one replica 100%
-    busy and asks for ceil(1 x 1.25) = 2; KEDA on the queue sees 19 waiting, asks for 4."""
+    """Twenty 1000-token prompts at once on one replica: 20 s of prefill. Strata's policy
+    sees 19 s of it queued (the backlog need, 2 s per replica) and asks for the maximum at
+    the first tick; HPA on CPU sees one replica 100% busy and asks for ceil(1 x 1.25) = 2;
+    KEDA on the queue sees 19 waiting, asks for 4."""
     burst = [Request(0.0, 1000, 10) for _ in range(20)]
     model = ReplicaModel(1000.0, 50.0, max_batch=32, cold_start=5.0)
     wanted = {}
-    for name, policy in [("backlog", token_backlog(1, 4)), ("cpu", hpa_cpu(1, 4)),
+    for name, policy in [("load", load_policy(model, 1, 4)), ("cpu", hpa_cpu(1, 4)),
                          ("queue", keda_queue(1, 4))]:
         outcome = Simulation(burst, model, policy, interval=1.0).run()
         wanted[name] = outcome.timeline[1]  # the first change: (time, replicas)
-    assert wanted == {"backlog": (0.0, 4), "cpu": (1.0, 2), "queue": (0.0, 4)}
+    assert wanted == {"load": (0.0, 4), "cpu": (1.0, 2), "queue": (0.0, 4)}
 
 
 @pytest.mark.timeout(10)
@@ -132,8 +171,18 @@ def test_a_trace_file_is_read_and_a_bad_one_says_where(tmp_path):
                    burst_length=30, seed=3)
     assert trace == bursty(duration=600, base_rate=1, burst_rate=10, burst_every=300,
                            burst_length=30, seed=3)  # seeded
-    in_bursts = sum(r.arrival % 300 < 30 for r in trace)
+    in_bursts = sum(r.arrival % 300 >= 270 for r in trace)  # a burst ends each period
     assert 400 < in_bursts < 800 and 400 < len(trace) - in_bursts < 650  # ~600 and ~540
+    # Built up over 60 s: after a 150-s lull, the rate climbs from 1/s to 10/s over 60 s,
+    # holds 30 s and falls over 60 s; 5.5/s on average on each side: ~1320 in all.
+    ramped = bursty(duration=600, base_rate=1, burst_rate=10, burst_every=300,
+                    burst_length=30, ramp=60, seed=3)
+    phases = [r.arrival % 300 for r in ramped]
+    assert 1200 < sum(150 <= p < 210 or 240 <= p < 300 for p in phases) < 1450
+    climbing = sum(150 <= p < 180 for p in phases), sum(180 <= p < 210 for p in phases)
+    assert 2 * climbing[0] < climbing[1]  # ~195 then ~465
+    with pytest.raises(ValueError, match="must fit"):
+        bursty(burst_every=100, burst_length=30, ramp=40)
     path = tmp_path / "trace.csv"
     write_csv(path, trace)
     assert read_csv(path) == [Request(r.arrival, r.prompt_tokens, r.output_tokens)
@@ -161,9 +210,10 @@ def test_simulate_prints_each_policy_and_plots_the_replicas(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "80 requests over 118 s" in out
     for cold in ("5", "30"):
-        section = out.split(f"cold start {cold} s\n")[1].split("\nwrote")[0]
+        section = out.split(f"cold start {cold} s, scale-in window 60 s\n")[1].split(
+            "\nwrote")[0]
         rows = section.splitlines()[2:]  # under the header and its rule
         assert [row.split(" | ")[0] for row in rows] == [
             "| fixed 1", "| fixed 2", "| fixed 3", "| HPA CPU 0.8", "| KEDA queue 4",
-            "| token backlog 2 s"]
+            "| Strata load 0.8"]
         assert (tmp_path / f"replicas-cold{cold}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

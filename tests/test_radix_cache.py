@@ -143,8 +143,8 @@ def test_events_name_blocks_by_chained_hash_and_clear_sends_one_event():
 def test_random_scheduling_keeps_the_books_and_the_event_index_exact(seed):
     """Thousands of steps of the real scheduler over a small pool with shared prefixes,
     aborts and preemptions; a fake model samples random tokens. After every step: every
-    block free, cached or held exactly as the counts say, and an index rebuilt from the
-    events alone equals the tree."""
+    block free, cached or held exactly as the counts say, an index rebuilt from the events
+    alone equals the tree, and the waiting requests' token count is theirs."""
     rng = random.Random(seed)
     events = []
     kv = KVCacheManager(24, BS, enable_prefix_caching=True, on_event=events.append)
@@ -169,6 +169,8 @@ def test_random_scheduling_keeps_the_books_and_the_event_index_exact(seed):
                    if r.num_computed_tokens + n == r.num_tokens]
         scheduler.update_from_output(out, ModelRunnerOutput(sampled))
         check_kv_books(kv, list(scheduler.requests.values()))
+        # the queued prefill work it exports, kept incrementally, against a recount
+        assert scheduler.num_waiting_tokens == sum(r.num_tokens for r in scheduler.waiting)
         for event in events:
             if isinstance(event, BlockStored):
                 assert not index & set(event.block_hashes)
@@ -183,4 +185,4 @@ def test_random_scheduling_keeps_the_books_and_the_event_index_exact(seed):
     assert num_removed > 0  # the pool was small enough to evict
     scheduler.abort_requests(list(scheduler.requests))
     check_kv_books(kv, [])
-    assert kv.usage == 0
+    assert kv.usage == 0 and scheduler.num_waiting_tokens == 0

@@ -232,11 +232,12 @@ def test_autoscale_from_zero_answers_the_first_request_once_a_replica_is_up(tmp_
 
 
 def test_autoscale_scales_out_under_load_and_drains_back_in_without_a_failure(tmp_path):
-    """`--autoscale 1:3` under steady load: the backlog (over 0.2 s of work) starts the two
-    other replicas and requests reach them; once the load stops, after the 2-s window,
+    """`--autoscale 1:3` under steady load: four requests always in flight, against a batch
+    of 8 filled to 0.2 (2.5 replicas' worth), start the two other replicas and requests
+    reach them; once the load stops, after the 2-s window,
     they are drained (SIGTERM, exit 0) and the one left serves. No request fails."""
     port = free_fixed_ports(4)
-    process, urls = start_up(tmp_path, "--autoscale", "1:3", "--autoscale-target-seconds",
+    process, urls = start_up(tmp_path, "--autoscale", "1:3", "--autoscale-target-utilization",
                              "0.2", "--autoscale-window", "2", "--autoscale-interval", "0.2",
                              "--port", str(port), processes=2)
     router = urls["router 3"]

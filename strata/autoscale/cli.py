@@ -15,7 +15,7 @@ from strata.autoscale.simulator import (
     fixed,
     hpa_cpu,
     keda_queue,
-    token_backlog,
+    load_policy,
 )
 from strata.autoscale.traces import bursty, read_csv
 
@@ -36,6 +36,8 @@ def add_autoscale_parser(commands) -> None:
     trace.add_argument("--burst-rate", type=float, default=8.0, help="requests/s in a burst")
     trace.add_argument("--burst-every", type=float, default=600.0, help="seconds")
     trace.add_argument("--burst-length", type=float, default=60.0, help="seconds")
+    trace.add_argument("--ramp", type=float, default=0.0,
+                       help="seconds a burst takes to build up and to fall (0: a step)")
     trace.add_argument("--seed", type=int, default=0)
     model = sim.add_argument_group("one replica, as measured on the real engine")
     model.add_argument("--prefill-rate", type=float, required=True,
@@ -52,10 +54,16 @@ def add_autoscale_parser(commands) -> None:
     policy.add_argument("--max-replicas", type=int, default=4)
     policy.add_argument("--interval", type=float, default=15.0,
                         help="seconds between the scaler's looks (HPA's sync period)")
-    policy.add_argument("--window", type=float, default=300.0,
-                        help="scale-in stabilization window, seconds")
+    policy.add_argument("--window", type=float, default=None,
+                        help="scale-in stabilization window, seconds (default: twice the "
+                             "cold start, at least 60)")
+    policy.add_argument("--target-utilization", type=float, default=0.8,
+                        help="Strata's: of a replica's prefill rate and batch slots")
     policy.add_argument("--target-seconds", type=float, default=2.0,
-                        help="token backlog: seconds of work one replica may hold")
+                        help="Strata's: queued prefill work one replica may hold, seconds")
+    policy.add_argument("--lookahead", type=float, default=None,
+                        help="Strata's: seconds the load is extrapolated ahead (default: the "
+                             "cold start plus the interval)")
     policy.add_argument("--cpu-target", type=float, default=0.8, help="HPA: utilization")
     policy.add_argument("--queue-per-replica", type=float, default=4.0,
                         help="KEDA: waiting requests per replica")
@@ -68,14 +76,14 @@ def add_autoscale_parser(commands) -> None:
 def simulate(args: argparse.Namespace) -> int:
     requests = read_csv(args.trace) if args.trace else bursty(
         args.duration, args.base_rate, args.burst_rate, args.burst_every, args.burst_length,
-        seed=args.seed)
+        ramp=args.ramp, seed=args.seed)
     print(f"{len(requests)} requests over {max(r.arrival for r in requests):.0f} s; SLO: TTFT <= "
-          f"{args.slo_ttft:g} s; scaler every {args.interval:g} s, scale-in window "
-          f"{args.window:g} s")
+          f"{args.slo_ttft:g} s; scaler every {args.interval:g} s")
     for cold_start in (float(c) for c in args.cold_start.split(",")):
         model = ReplicaModel(args.prefill_rate, args.decode_rate, args.max_batch, cold_start)
         outcomes = run_policies(requests, model, args)
-        print(f"\ncold start {cold_start:g} s")
+        window = scale_in_window(cold_start) if args.window is None else args.window
+        print(f"\ncold start {cold_start:g} s, scale-in window {window:g} s")
         print(table(outcomes, args.slo_ttft))
         if args.png:
             path = args.png.with_name(f"{args.png.stem}-cold{cold_start:g}{args.png.suffix}")
@@ -86,19 +94,29 @@ def simulate(args: argparse.Namespace) -> int:
 
 def run_policies(requests, model: ReplicaModel, args: argparse.Namespace
                  ) -> dict[str, Outcome]:
+    """Each policy over the trace. The scaled ones start with one ready replica (or their
+    minimum): the trace is a stretch of a pool's life, not its first minutes."""
     low, high = args.min_replicas, args.max_replicas
+    lookahead = model.cold_start + args.interval if args.lookahead is None else args.lookahead
+    window = scale_in_window(model.cold_start) if args.window is None else args.window
     policies = {f"fixed {n}": (fixed(n), n) for n in range(1, high + 1)}
     policies |= {
         f"HPA CPU {args.cpu_target:g}": (hpa_cpu(low, high, args.cpu_target,
-                                                  window=args.window), max(1, low)),
+                                                  window=window), max(1, low)),
         f"KEDA queue {args.queue_per_replica:g}": (keda_queue(low, high, args.queue_per_replica,
-                                                              args.window), low),
-        f"token backlog {args.target_seconds:g} s": (token_backlog(low, high,
-                                                                    args.target_seconds,
-                                                                    args.window), low),
+                                                              window), max(1, low)),
+        f"Strata load {args.target_utilization:g}": (
+            load_policy(model, low, high, args.target_utilization, args.target_seconds,
+                        lookahead, window), max(1, low)),
     }
     return {name: Simulation(requests, model, policy, initial, args.interval).run()
             for name, (policy, initial) in policies.items()}
+
+
+def scale_in_window(cold_start: float) -> float:
+    """Twice the cold start, at least a minute: a replica drained and asked for again
+    within its cold start costs that cold start's load served short."""
+    return max(60.0, 2 * cold_start)
 
 
 def table(outcomes: dict[str, Outcome], slo_ttft: float) -> str:

@@ -1,23 +1,42 @@
-"""The token-backlog policy as a KEDA trigger: the Prometheus query and threshold that make
-KEDA's HPA compute what BacklogPolicy.recommend computes (AverageValue: replicas =
-ceil(query / threshold), query = backlog seconds of one replica's work, threshold = the
-target seconds). deploy/kubernetes/'s decode ScaledObject carries it; a test holds the two
-equal."""
+"""Strata's load policy as KEDA triggers: the Prometheus queries and thresholds that make
+KEDA's HPA compute what LoadPolicy.recommend computes. AverageValue: replicas =
+ceil(query / threshold), and HPA takes the largest over the triggers, as the policy takes
+the largest need. The look-ahead is PromQL's predict_linear over the trend window (a
+least-squares line where the policy uses two halves), kept only when above the current
+value, as the policy never extrapolates down. deploy/kubernetes/'s ScaledObjects carry
+these; a test holds them equal."""
 
 from __future__ import annotations
 
-from strata.autoscale.policy import BacklogPolicy
+from strata.autoscale.policy import LoadPolicy
+
+STEP = 15  # seconds between the subquery's samples: HPA's sync period
 
 
-def backlog_trigger(policy: BacklogPolicy, role: str, namespace: str, server_address: str,
-                    default_rate: float = 1000.0) -> dict:
-    """The trigger for one role's pool. The rate is the picker's measured one (the mean over
-    that role's endpoints), or default_rate until it has measured one."""
+def triggers(policy: LoadPolicy, role: str, namespace: str, server_address: str) -> list[dict]:
+    """The triggers for one role's pool: prefill sizes on the prompt tokens coming in,
+    decode on the requests in flight, and both on the tokens waiting at their replicas."""
     selector = f'{{namespace="{namespace}",role="{role}"}}'
-    query = (f"sum(strata:router_inflight_tokens{selector})\n"
-             f"/ (avg(strata:router_token_rate{selector} > 0)\n"
-             f"   or vector({default_rate:g}))")
-    return {"type": "prometheus", "name": f"{role}-token-backlog",
-            "metricType": "AverageValue",
-            "metadata": {"serverAddress": server_address, "query": query,
-                         "threshold": f"{policy.target_seconds:g}"}}
+
+    def trigger(name: str, query: str, threshold: float) -> dict:
+        return {"type": "prometheus", "name": f"{role}-{name}", "metricType": "AverageValue",
+                "metadata": {"serverAddress": server_address, "query": query,
+                             "threshold": f"{threshold:g}"}}
+
+    rate = policy.prefill_tokens_per_second
+    backlog = trigger("tokens-waiting", f"sum(strata:router_tokens_waiting{selector})\n"
+                      f"/ {rate:g}", policy.target_seconds)
+    if role == "prefill":
+        prompts = f"sum(rate(strata:router_prompt_tokens_total{selector}[{policy.trend_window:g}s]))"
+        return [trigger("prompt-tokens", f"{_ahead(prompts, policy)}\n/ {rate:g}",
+                        policy.target_utilization), backlog]
+    in_flight = f"sum(strata:router_inflight_requests{selector})"
+    return [trigger("in-flight", f"{_ahead(in_flight, policy)}\n/ {policy.batch_slots}",
+                    policy.target_utilization), backlog]
+
+
+def _ahead(series: str, policy: LoadPolicy) -> str:
+    """The series, or its value `lookahead` seconds ahead on its trend if that is higher."""
+    trend = (f"predict_linear(({series})[{policy.trend_window:g}s:{STEP}s], "
+             f"{policy.lookahead:g})")
+    return f"(({trend} >= {series}) or {series})"

@@ -1,12 +1,14 @@
-"""`strata up --autoscale MIN:MAX`: `strata up`'s replicas started and stopped by the
-token-backlog policy, from what its router exports.
+"""`strata up --autoscale MIN:MAX`: `strata up`'s replicas started and stopped by Strata's
+load policy (strata/autoscale/policy.py), from what its router exports.
 
 The router knows every replica's address from the start (MAX of them, on their ports); a
 replica not running is simply down to it. Every `interval` the scaler reads the router's
-/metrics: the tokens it has in flight (`strata:router_inflight_tokens`), the requests held
-in its flow-control queue (`inference_extension_flow_control_queue_size`), and a busy
-replica's measured rate (`strata:router_token_rate`, or --autoscale-token-rate until one is
-measured). The policy says how many replicas to have:
+/metrics: the requests it has in flight (`strata:router_inflight_requests`), the prompt
+tokens it has sent (`strata:router_prompt_tokens_total`) and the requests held in its
+flow-control queue (`inference_extension_flow_control_queue_size`). A replica's prefill
+rate is --autoscale-prefill-rate, its batch the replicas' --max-num-seqs, and the
+look-ahead the last replica's time to ready plus the interval. The policy says how many
+replicas to have:
 - more: the lowest stopped ones start; the router takes each once it answers its scrapes.
   From zero, the first request waits in the router's queue (flow control holds requests
   while no replica is ready) and is answered once one is up.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from strata.autoscale.policy import BacklogPolicy, Signals
+from strata.autoscale.policy import LoadPolicy, Signals
 from strata.up import Child
 
 
@@ -34,10 +36,12 @@ from strata.up import Child
 class AutoscaleOptions:
     min_replicas: int
     max_replicas: int
-    target_seconds: float = 2.0
+    prefill_rate: float = 1000.0  # prompt tokens/s of one replica
+    target_utilization: float = 0.8
     scale_in_window: float = 60.0
     interval: float = 1.0
-    token_rate: float = 1000.0  # work tokens/s of one replica, until the router measures one
+    trend_window: float = 20.0  # seconds the arrival rate and its rise are read over
+    batch_slots: int = 256  # the replicas' --max-num-seqs
 
 
 def parse_replica_range(text: str) -> tuple[int, int]:
@@ -65,8 +69,12 @@ class LocalScaler:
         self.slots = [Slot(child, "ready" if i < running else "stopped")
                       for i, child in enumerate(children)]
         self.router_url, self.options = router_url, options
-        self.policy = BacklogPolicy(options.target_seconds, options.min_replicas,
-                                    options.max_replicas, options.scale_in_window)
+        self.policy = LoadPolicy(options.prefill_rate, options.batch_slots,
+                                 options.target_utilization, lookahead=options.interval,
+                                 trend_window=options.trend_window,
+                                 min_replicas=options.min_replicas,
+                                 max_replicas=options.max_replicas,
+                                 scale_in_window=options.scale_in_window)
         self.http = httpx.Client(timeout=1.0)
         self.next_look = 0.0
 
@@ -86,12 +94,13 @@ class LocalScaler:
             return  # the router is down or starting: strata up restarts it
         active = [s for s in self.slots if s.state in ("starting", "ready", "dead")]
         wanted = self.policy.desired(signals, now)
+        needs = self.policy.last_needs
         if wanted == len(active):
             return
-        self._log(f"{len(active)} -> {wanted} replica(s): backlog "
-                  f"{signals.backlog_tokens:.0f} tokens at {signals.tokens_per_second:.0f} "
-                  f"tokens/s = {signals.backlog_tokens / signals.tokens_per_second:.1f} s of "
-                  f"work, {signals.queued_requests} queued")
+        self._log(f"{len(active)} -> {wanted} replica(s): needs prefill {needs.prefill:.2f} "
+                  f"(of {self.options.prefill_rate:.0f} prompt tokens/s), decode "
+                  f"{needs.decode:.2f} ({signals.in_flight_requests} in flight, "
+                  f"{self.options.batch_slots} a batch)")
         if wanted > len(active):
             for slot in [s for s in self.slots if s.state == "stopped"][:wanted - len(active)]:
                 slot.child.start()
@@ -123,6 +132,8 @@ class LocalScaler:
             return
         if slot.state == "starting" and self._answers(f"{child.url}/health"):
             slot.state = "ready"
+            # the next replica will take about as long: the policy looks that far ahead
+            self.policy.lookahead = now - child.started_at + self.options.interval
             self._log(f"{child.name} ready after {now - child.started_at:.1f} s")
 
     def _answers(self, url: str) -> bool:
@@ -145,10 +156,10 @@ class LocalScaler:
         values = self._scrape(self.router_url, labelled=True)
         if values is None:
             return None
-        rate = values.get(("strata:router_token_rate", "both"), 0.0)
-        return Signals(values.get(("strata:router_inflight_tokens", "both"), 0.0),
-                       int(values.get("inference_extension_flow_control_queue_size", 0.0)),
-                       rate or self.options.token_rate)
+        in_flight = values.get(("strata:router_inflight_requests", "both"), 0.0) + \
+            values.get("inference_extension_flow_control_queue_size", 0.0)
+        return Signals(int(in_flight),
+                       values.get(("strata:router_prompt_tokens_total", "both"), 0.0))
 
     def _scrape(self, url: str, labelled: bool = False) -> dict | None:
         """Sample name -> value summed over label sets (and, labelled, (name, role) too)."""

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from strata.autoscale.policy import BacklogPolicy, Signals, Stabilized
+from strata.autoscale.policy import LoadPolicy, Signals, Stabilized
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,6 @@ class ReplicaModel:
     max_batch: int = 256
     cold_start: float = 60.0
 
-    def work_rate(self, prompt_tokens: float, output_tokens: float) -> float:
-        """Work tokens (prompt + output) per second of one busy replica for this mix: the
-        rate a backlog of such requests is worked off at (prefill-bound unless the batch
-        limits decode)."""
-        prefill_seconds = prompt_tokens / self.prefill_tokens_per_second
-        decode_seconds = output_tokens / self.decode_tokens_per_second / self.max_batch
-        return (prompt_tokens + output_tokens) / max(prefill_seconds, decode_seconds)
-
 
 @dataclass(frozen=True)
 class PoolView:
@@ -61,8 +53,9 @@ class PoolView:
     starting: int
     busy_fraction: float  # mean over ready replicas, since the last tick (a CPU-like signal)
     waiting_requests: int  # not yet prefilling: held by the picker or queued at a replica
-    backlog_tokens: float  # prompt and output tokens not yet computed, picker's included
-    tokens_per_second: float  # one replica's work rate (ReplicaModel.work_rate)
+    in_flight_requests: int  # arrived and not finished, the picker's queue included
+    prompt_tokens_arrived: float  # since the start: a counter, as Prometheus has it
+    tokens_waiting: float  # prompt tokens at the replicas whose prefill has not begun
 
 
 Policy = Callable[[PoolView, float], int]  # (view, now) -> replicas wanted
@@ -112,15 +105,14 @@ class Simulation:
             raise ValueError("an empty trace")
         self.requests = sorted(requests, key=lambda r: r.arrival)
         self.model, self.policy, self.interval = model, policy, interval
-        mean_prompt = sum(r.prompt_tokens for r in requests) / len(requests)
-        mean_output = sum(r.output_tokens for r in requests) / len(requests)
-        self.work_rate = model.work_rate(mean_prompt, mean_output)
         self.replicas: list[Replica] = []
         self.held: deque[int] = deque()  # request indices waiting for a ready replica
         self.ttft: list[float | None] = [None] * len(self.requests)
         self.events: list = []
         self.order = itertools.count()
         self.done = 0
+        self.arrived = 0
+        self.prompt_tokens_arrived = 0.0
         self.scale_events = 0
         self.timeline: list[tuple[float, int]] = []
         for _ in range(initial_replicas):
@@ -175,6 +167,8 @@ class Simulation:
             self.held.popleft()
 
     def _arrive(self, now: float, index: int) -> None:
+        self.arrived += 1
+        self.prompt_tokens_arrived += self.requests[index].prompt_tokens
         if self.held or not self._route(now, index):
             self.held.append(index)
 
@@ -257,15 +251,15 @@ class Simulation:
             busy.append(min(1.0, replica.busy_seconds / self.interval))
         for replica in self.replicas:
             replica.busy_seconds = 0.0
-        held = [self.requests[i] for i in self.held]
         return PoolView(
             ready=len(ready), starting=sum(not r.ready for r in self._serving()),
             busy_fraction=sum(busy) / len(busy) if busy else 0.0,
-            waiting_requests=len(held) + sum(len(r.waiting) + len(r.prefill_queue)
-                                             for r in self._serving()),
-            backlog_tokens=sum(r.backlog for r in self._serving()) +
-            sum(r.prompt_tokens + r.output_tokens for r in held),
-            tokens_per_second=self.work_rate)
+            waiting_requests=len(self.held) + sum(len(r.waiting) + len(r.prefill_queue)
+                                                  for r in self._serving()),
+            in_flight_requests=self.arrived - self.done,
+            prompt_tokens_arrived=self.prompt_tokens_arrived,
+            tokens_waiting=sum(self.requests[i].prompt_tokens for r in self._serving()
+                               for i in (*r.waiting, *r.prefill_queue)))
 
 
 # --- The policies compared ----------------------------------------------------------
@@ -297,21 +291,24 @@ def keda_queue(min_replicas: int = 0, max_replicas: int = 4, per_replica: float 
 
     def policy(view: PoolView, now: float) -> int:
         wanted = math.ceil(view.waiting_requests / per_replica - 1e-9)
-        if view.waiting_requests or view.backlog_tokens:
+        if view.in_flight_requests:
             wanted = max(wanted, 1)
         return stabilize(wanted, now)
 
     return policy
 
 
-def token_backlog(min_replicas: int = 0, max_replicas: int = 4, target_seconds: float = 2.0,
-                  window: float = 300.0) -> Policy:
-    """Strata's: BacklogPolicy on the pool's token backlog."""
-    backlog = BacklogPolicy(target_seconds, min_replicas, max_replicas, window)
+def load_policy(model: ReplicaModel, min_replicas: int = 0, max_replicas: int = 4,
+                target_utilization: float = 0.7, target_seconds: float = 2.0,
+                lookahead: float = 0.0, window: float = 300.0) -> Policy:
+    """Strata's: LoadPolicy, with the modelled replica's prefill rate and batch."""
+    load = LoadPolicy(model.prefill_tokens_per_second, model.max_batch, target_utilization,
+                      target_seconds, lookahead, min_replicas=min_replicas,
+                      max_replicas=max_replicas, scale_in_window=window)
 
     def policy(view: PoolView, now: float) -> int:
-        return backlog.desired(Signals(view.backlog_tokens, view.waiting_requests,
-                                       view.tokens_per_second), now)
+        return load.desired(Signals(view.in_flight_requests, view.prompt_tokens_arrived,
+                                    view.tokens_waiting), now)
 
     return policy
 

@@ -43,15 +43,31 @@ def write_csv(path: Path, requests: list[Request]) -> None:
 def bursty(duration: float = 3600.0, base_rate: float = 1.0, burst_rate: float = 8.0,
            burst_every: float = 600.0, burst_length: float = 60.0,
            prompt_tokens: tuple[int, int] = (200, 2000), output_tokens: tuple[int, int] = (50, 500),
-           seed: int = 0) -> list[Request]:
-    """Poisson arrivals at base_rate per second, and at burst_rate during the first
-    burst_length seconds of every burst_every; prompt and output lengths uniform in their
-    ranges."""
+           ramp: float = 0.0, seed: int = 0) -> list[Request]:
+    """Poisson arrivals in periods of burst_every seconds: at base_rate per second, then a
+    burst at the period's end: the rate climbs linearly to burst_rate over `ramp` seconds (0:
+    a step), holds for burst_length, and falls back to base_rate over `ramp`. Prompt and
+    output lengths uniform in their ranges."""
+    if burst_every < burst_length + 2 * ramp:
+        raise ValueError("a burst (its length and two ramps) must fit in burst_every")
+
+    lull = burst_every - burst_length - 2 * ramp  # each period starts with it
+
+    def rate(t: float) -> float:
+        phase = t % burst_every - lull
+        if phase < 0:
+            return base_rate
+        rise = min(1.0, phase / ramp) if ramp else 1.0
+        fall = min(1.0, max(0.0, (burst_length + 2 * ramp - phase) / ramp)) if ramp else float(
+            phase < burst_length)
+        return base_rate + (burst_rate - base_rate) * min(rise, fall)
+
+    # Lewis' thinning: candidates at the peak rate, each kept with rate(t) / peak.
     rng = random.Random(seed)
+    peak = max(base_rate, burst_rate)
     requests, now = [], 0.0
-    while True:
-        rate = burst_rate if now % burst_every < burst_length else base_rate
-        now += rng.expovariate(rate)
-        if now >= duration:
-            return requests
-        requests.append(Request(now, rng.randint(*prompt_tokens), rng.randint(*output_tokens)))
+    while (now := now + rng.expovariate(peak)) < duration:
+        if rng.random() * peak < rate(now):
+            requests.append(Request(now, rng.randint(*prompt_tokens),
+                                    rng.randint(*output_tokens)))
+    return requests

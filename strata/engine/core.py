@@ -168,6 +168,7 @@ class EngineCore:
         scheduler = self.scheduler
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_waiting_tokens=scheduler.num_waiting_tokens,
             kv_cache_usage=self.kv_cache_manager.usage, num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=scheduler.num_prompt_tokens_admitted,
             prefix_cache_hits=scheduler.num_cached_tokens_admitted,

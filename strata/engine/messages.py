@@ -39,6 +39,7 @@ class EngineStats(msgspec.Struct):
 
     num_running: int = 0
     num_waiting: int = 0
+    num_waiting_tokens: int = 0  # the waiting requests' tokens: the prefill work queued
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0  # cumulative
     prefix_cache_queries: int = 0  # cumulative, in tokens

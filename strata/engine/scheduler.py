@@ -56,6 +56,9 @@ class Scheduler:
         self.transferring: dict[str, Request] = {}  # reading their prompt's K/V from a peer
         self.held: dict[str, Request] = {}  # finished prefills whose blocks a peer may read
         self.num_preemptions = 0
+        # Tokens the waiting requests will compute (at most: some may be cached), kept as
+        # they come and go: each waits with no token computed and its count fixed.
+        self.num_waiting_tokens = 0
         self.num_prompt_tokens_admitted = 0
         self.num_cached_tokens_admitted = 0  # of those, found in the prefix cache
         self._lpm_ordered = False  # the waiting queue is in LPM order, not arrival order
@@ -72,6 +75,7 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_waiting_tokens += request.num_tokens
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
         aborted = [self.requests[i] for i in request_ids if i in self.requests]
@@ -85,6 +89,7 @@ class Scheduler:
                 self.running.remove(request)
             else:
                 self.waiting.remove(request)
+                self.num_waiting_tokens -= request.num_tokens
             self.finish(request, RequestStatus.FINISHED_ABORTED)
         return aborted
 
@@ -196,6 +201,7 @@ class Scheduler:
 
     def _mark_scheduled(self, request: Request) -> None:
         self.waiting.remove(request)
+        self.num_waiting_tokens -= request.num_tokens
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()
             request.num_cached_tokens = request.num_computed_tokens
@@ -283,6 +289,7 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        self.num_waiting_tokens += request.num_tokens
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_output: ModelRunnerOutput) -> list[EngineCoreOutput]:

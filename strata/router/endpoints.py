@@ -18,6 +18,7 @@ STALE_AFTER = 1.0  # seconds without a good scrape before an endpoint gets no ne
 class EndpointMetrics:
     num_waiting: float = 0.0
     num_running: float = 0.0
+    num_tokens_waiting: float = 0.0  # the waiting requests' tokens: prefill work queued
     kv_cache_usage: float = 0.0
     work_tokens: float = 0.0  # prompt tokens computed (not found cached) + tokens generated
     block_size: int | None = None  # from vllm:cache_config_info
@@ -91,6 +92,7 @@ def parse_endpoint(spec: str) -> Endpoint:
 
 GAUGES = {"vllm:num_requests_waiting": "num_waiting",
           "vllm:num_requests_running": "num_running",
+          "strata:num_tokens_waiting": "num_tokens_waiting",
           "vllm:kv_cache_usage_perc": "kv_cache_usage"}
 WORK = {"vllm:prompt_tokens_total": 1.0, "vllm:prefix_cache_hits_total": -1.0,
         "vllm:generation_tokens_total": 1.0}  # their sum: the tokens an engine computed

@@ -61,6 +61,10 @@ class PoolCollector(Collector):
             "strata:router_token_rate",
             "Work tokens (prompt computed + output) per second of one busy endpoint of each "
             "role, the mean of those measured (0: none measured yet)", labels=["name", "role"])
+        waiting = GaugeMetricFamily(
+            "strata:router_tokens_waiting",
+            "Tokens waiting to be prefilled at the pool's ready endpoints of each role (their "
+            "strata:num_tokens_waiting, as last scraped)", labels=["name", "role"])
         for role in ("both", "decode"):
             endpoints = [e for e in self.endpoints() if e.role == role]
             requests.add_metric([self.pool_name, role], float(sum(e.in_flight
@@ -68,9 +72,13 @@ class PoolCollector(Collector):
             tokens.add_metric([self.pool_name, role], sum(e.in_flight_tokens for e in endpoints))
             measured = [e.token_rate for e in endpoints if e.token_rate]
             rates.add_metric([self.pool_name, role], _mean(measured))
+        for role in ("both", "prefill", "decode"):
+            waiting.add_metric([self.pool_name, role], sum(
+                e.metrics.num_tokens_waiting for e in ready if e.role == role))
         yield requests
         yield tokens
         yield rates
+        yield waiting
 
 
 class QueueCollector(Collector):
@@ -101,6 +109,12 @@ class RouterMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("strata:router_requests", "Requests sent, per endpoint",
                                 ["endpoint", "model_name"], registry=self.registry)
+        self.pool_name = pool_name
+        self.prompt_tokens = Counter(
+            "strata:router_prompt_tokens",
+            "Prompt tokens sent to each role's endpoints, less what was cached where they "
+            "went: the prefill work coming in (its rate is what an autoscaler sizes the "
+            "prefill capacity on)", ["name", "role"], registry=self.registry)
         self.prefills = Counter("strata:router_prefills", "P/D: prompts sent to a prefiller",
                                 ["endpoint"], registry=self.registry)
         self.retries = Counter("strata:router_retries",

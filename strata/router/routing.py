@@ -203,6 +203,8 @@ class Router:
             1.0 - self.index.match(endpoint.url, decision.prompt.block_ids))
         decision.charged[endpoint.url] = uncached + decision.output_tokens
         endpoint.in_flight_tokens += decision.charged[endpoint.url]
+        role = "prefill" if decision.prefiller is not None else endpoint.role
+        self.metrics.prompt_tokens.labels(self.metrics.pool_name, role).inc(uncached)
         for target in filter(None, (endpoint, decision.prefiller)):
             self.index.routed(target, decision.prompt.block_ids)
         self.metrics.requests.labels(endpoint.url, decision.model).inc()

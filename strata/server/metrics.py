@@ -38,6 +38,10 @@ class ServerMetrics:
 
         self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.waiting_tokens = gauge(
+            "strata:num_tokens_waiting",
+            "Tokens the waiting requests will compute (their prompts; a preempted one's "
+            "output so far too): the prefill work queued, before prefix-cache hits.")
         self.kv_usage = gauge("vllm:kv_cache_usage_perc",
                               "Fraction of KV blocks held by live requests (0..1).")
         self.preemptions = counter("vllm:num_preemptions_total", "Preemptions (recomputed).")
@@ -77,6 +81,7 @@ class ServerMetrics:
     def update_engine(self, stats: EngineStats) -> None:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
+        self.waiting_tokens.set(stats.num_waiting_tokens)
         self.kv_usage.set(stats.kv_cache_usage)
         last = self._last
         self.preemptions.inc(stats.num_preemptions - last.num_preemptions)
