@@ -8,18 +8,20 @@
    times that, as steps or built up over 300 s), for cold starts of the measured length,
    60 s and 240 s: SLO attainment, replica-seconds and scale events of each policy; and
    Strata's policy over its parameters on the second trace.
-3. With --local, a short bursty load (open loop, streamed) against `strata up
-   --autoscale 1:3` and fixed pools of 1 and 3 replicas on this machine: TTFT p50/p99,
-   failed requests, and replica-seconds (the `strata serve` processes alive, sampled every
-   0.5 s).
+3. With --local (or --only-local), a bursty load (open loop, streamed) against `strata up
+   --autoscale 1:3` and fixed pools of 1 and 3 replicas on this machine, each replica on
+   one core's threads: TTFT p50/p99, failed requests and why, and replica-seconds (the
+   `strata serve` processes alive, sampled every 0.5 s).
 
-    .venv/bin/python benchmarks/autoscale.py --model /tmp/tiny-llama [--local]
+    .venv/bin/python benchmarks/autoscale.py --model /tmp/tiny-llama [--local | --only-local]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
+import os
 import random
 import re
 import signal
@@ -52,9 +54,13 @@ def main() -> int:
     parser.add_argument("--max-replicas", type=int, default=6)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--local", action="store_true", help="also part 3")
+    parser.add_argument("--only-local", action="store_true", help="part 3 alone")
     args = parser.parse_args()
     print(machine())
     print(commit())
+    if args.only_local:
+        local(args)
+        return 0
     engine = measure(args)
     print(f"\nEngine ({args.model.name}, --max-num-seqs {args.max_num_seqs}), median of "
           f"{args.rounds}: cold start {engine.cold_start:.1f} s, prefill "
@@ -62,7 +68,7 @@ def main() -> int:
           f"{engine.decode_tokens_per_second:.1f} tokens/s per sequence at a full batch")
     simulate(engine, args)
     if args.local:
-        local(engine, args)
+        local(args)
     return 0
 
 
@@ -168,11 +174,25 @@ def sweep(engine: ReplicaModel, requests, slo: float, options: SimpleNamespace) 
 
 # --- Part 3: the local scaler under a burst -------------------------------------------
 
-PHASES = ((20.0, 1.0), (30.0, 8.0), (40.0, 1.0))  # (seconds, times the base rate)
+# (seconds, times the base rate): a quarter of one replica's prefill, then a burst of 1.3
+# replicas' worth, which one replica cannot serve and two cores can
+PHASES = ((20.0, 1.0), (60.0, 5.2), (40.0, 1.0))
+LOCAL_OUTPUT_TOKENS = 16  # short: the load is the prompts, which the prefill rate sizes
 
 
-def local(engine: ReplicaModel, args: argparse.Namespace) -> None:
-    base = engine.prefill_tokens_per_second / 400 / 3  # 400-token prompts: a third of one
+def local(args: argparse.Namespace) -> None:
+    """Every replica on one core's worth of threads (OMP_NUM_THREADS=1; strata up would
+    otherwise give one replica both cores and three a core each), so that more replicas
+    are more compute on this machine: up to its two cores."""
+    one_core = []
+    for round_ in range(2):
+        url = f"http://127.0.0.1:{args.port}"
+        command = serve(args.model, args.port, "--max-num-seqs", str(args.max_num_seqs))
+        with process(command, args.log_dir / "autoscale-engine.log", url, threads=1) as url:
+            prompt = list(range(5 + round_, 5 + round_ + PROMPT_TOKENS[1]))
+            one_core.append(len(prompt) / first_token_seconds(url, prompt))
+    prefill_rate = statistics.median(one_core)
+    base = prefill_rate / 400 / 4  # 400-token prompts
     rng = random.Random(7)
     arrivals, now = [], 0.0
     for seconds, factor in PHASES:
@@ -181,8 +201,7 @@ def local(engine: ReplicaModel, args: argparse.Namespace) -> None:
             arrivals.append(now)
         now = end
     setups = [("autoscale 1:3", ["--autoscale", "1:3", "--autoscale-window", "20",
-                                 "--autoscale-prefill-rate",
-                                 f"{engine.prefill_tokens_per_second:.0f}"]),
+                                 "--autoscale-prefill-rate", f"{prefill_rate:.0f}"]),
               ("fixed 1", ["--replicas", "1"]), ("fixed 3", ["--replicas", "3"])]
     rows = []
     for name, flags in setups:
@@ -192,7 +211,8 @@ def local(engine: ReplicaModel, args: argparse.Namespace) -> None:
                                "--port", str(port), "--max-num-seqs", str(args.max_num_seqs),
                                "--served-model-name", "bench",
                                "--disable-uvicorn-access-log", *flags],
-                              stdout=subprocess.PIPE, stderr=log, text=True)
+                              stdout=subprocess.PIPE, stderr=log, text=True,
+                              env=os.environ | {"OMP_NUM_THREADS": "1"})
         while "Ctrl-C" not in (line := up.stdout.readline()):
             assert line, f"strata up ended: see {log.name}"
         samples: list[int] = []
@@ -208,17 +228,21 @@ def local(engine: ReplicaModel, args: argparse.Namespace) -> None:
         sampler.join()
         up.send_signal(signal.SIGINT)
         up.wait(120)
-        ttfts = sorted(t for t in results if t is not None)
+        ttfts = sorted(t for t in results if isinstance(t, float))
+        failures = collections.Counter(r for r in results if not isinstance(r, float))
         if not ttfts:
             raise RuntimeError(f"{name}: every request failed (see {log.name})")
         seconds = sum(samples) * 0.5
         scaled = len(re.findall(r"autoscale: \d -> \d", Path(log.name).read_text()))
-        rows.append([name, f"{len(results)}", f"{results.count(None)}",
+        rows.append([name, f"{len(results)}",
+                     ", ".join(f"{n} ({why})" for why, n in failures.items()) or "0",
                      f"{statistics.median(ttfts):.2f} s",
                      f"{ttfts[int(0.99 * (len(ttfts) - 1))]:.2f} s", f"{seconds:.0f}",
                      f"{scaled}"])
-    print(f"\nLocal: {len(arrivals)} requests of 400-token prompts and 64 output tokens, "
-          f"{base:.2f}/s for 20 s, {8 * base:.2f}/s for 30 s, {base:.2f}/s for 40 s")
+    phases = ", ".join(f"{base * factor:.2f}/s for {seconds:.0f} s" for seconds, factor in PHASES)
+    print(f"\nLocal: one-core replicas (prefill {prefill_rate:.0f} tokens/s, median of 2); "
+          f"{len(arrivals)} requests of 400-token prompts and {LOCAL_OUTPUT_TOKENS} output "
+          f"tokens: {phases}")
     print(markdown_table(["setup", "requests", "failed", "TTFT p50", "TTFT p99",
                           "replica-s", "scale decisions"], rows))
 
@@ -236,23 +260,24 @@ def _sample_replicas(parent: int, stop, samples: list[int]) -> None:
         samples.append(running)
 
 
-def _timed_request(url: str, i: int, at: float) -> float | None:
-    """TTFT of one streamed request sent at `at` (monotonic), or None if it failed."""
+def _timed_request(url: str, i: int, at: float) -> float | str:
+    """TTFT of one streamed request sent at `at` (monotonic), or why it failed."""
     time.sleep(max(0.0, at - time.monotonic()))
     started = time.perf_counter()
     try:
         with httpx.stream("POST", f"{url}/v1/completions", timeout=300, json={
                 "model": "bench", "prompt": [3 + (i * 7 + k) % 4000 for k in range(400)],
-                "max_tokens": 64, "ignore_eos": True, "stream": True}) as response:
+                "max_tokens": LOCAL_OUTPUT_TOKENS, "ignore_eos": True, "stream": True}
+                ) as response:
             if response.status_code != 200:
-                return None
+                return f"HTTP {response.status_code}"
             first = None
             for line in response.iter_lines():
                 if first is None and line.startswith("data: {"):
                     first = time.perf_counter() - started
-            return first
-    except httpx.HTTPError:
-        return None
+            return first if first is not None else "no token"
+    except httpx.HTTPError as error:
+        return type(error).__name__
 
 
 if __name__ == "__main__":

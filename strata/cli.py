@@ -224,7 +224,8 @@ def up(args: argparse.Namespace) -> int:
         engine, _ = engine_parser.parse_known_args(args.serve_args)
         autoscale = AutoscaleOptions(*parse_replica_range(args.autoscale),
                                      args.autoscale_prefill_rate,
-                                     args.autoscale_target_utilization, args.autoscale_window,
+                                     args.autoscale_target_utilization,
+                                     args.autoscale_target_seconds, args.autoscale_window,
                                      args.autoscale_interval, batch_slots=engine.max_num_seqs)
     return run_up(args.model_tag, args.replicas, args.host, args.port, args.serve_args,
                   args.prefill, args.decode,
@@ -319,6 +320,9 @@ def add_up_parser(commands) -> None:
                          default=AutoscaleOptions.prefill_rate,
                          help="prompt tokens/s of one replica (benchmarks/autoscale.py "
                               "measures it)")
+    scaling.add_argument("--autoscale-target-seconds", type=float,
+                         default=AutoscaleOptions.target_seconds,
+                         help="seconds of queued prefill work one replica may hold")
     scaling.add_argument("--autoscale-window", type=float,
                          default=AutoscaleOptions.scale_in_window,
                          help="seconds of lower demand before a replica is drained")

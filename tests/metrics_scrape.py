@@ -25,6 +25,7 @@ def wait_idle(url: str, timeout: float = 20.0) -> dict[str, float]:
         values = scrape(url)
         idle = (values["vllm:num_requests_running"] == 0 and
                 values["vllm:num_requests_waiting"] == 0 and
+                values["strata:num_tokens_waiting"] == 0 and
                 values["vllm:kv_cache_usage_perc"] == 0)
         if idle or time.monotonic() > deadline:
             return values

@@ -33,7 +33,7 @@ def test_each_need_in_replicas_and_the_larger_wins():
     prefill = policy()
     assert prefill.recommend(Signals(), now=0) == 0
     assert prefill.recommend(Signals(prompt_tokens_total=20000.0), now=10) == 4
-    assert prefill.last_needs == Needs(prefill=4.0, decode=0.0)
+    assert prefill.last_needs == Needs(prefill=4.0, decode=0.0, backlog=0.0)
     # Decode: 12 requests in flight, 1.2 batches, at half a batch each: 2.4, so 3.
     assert policy().recommend(Signals(in_flight_requests=12), now=0) == 3
     # Backlog: 9000 tokens queued for prefill, 9 s of work, 2 s per replica: 4.5, so 5.

@@ -495,8 +495,8 @@ def metric_names(text: str) -> set[str]:
 @functools.cache
 def exported_metric_names() -> set[str]:
     sources = [ROOT / "strata" / "server" / "metrics.py", ROOT / "strata" / "router" / "metrics.py"]
-    names = {name for path in sources for name in
-             re.findall(r"\"((?:vllm|strata):[a-z0-9_:]+|inference_[a-z0-9_]+)\"", path.read_text())}
+    pattern = r"\"((?:vllm|strata):[a-z0-9_:]+|inference_[a-z0-9_]+)\""
+    names = {name for path in sources for name in re.findall(pattern, path.read_text())}
     return names | {f"{name}_total" for name in names}  # a Counter's samples end in _total
 
 

@@ -313,6 +313,9 @@ def test_routing_charges_uncached_prompt_and_output_tokens_until_the_request_end
     assert endpoint.in_flight_tokens == 84 + 20  # its prompt is held there now
     assert exported("strata:router_inflight_tokens") == {"both": 104, "decode": 0}
     assert exported("strata:router_inflight_requests") == {"both": 2, "decode": 0}
+    # the prefill work sent (a counter, for its rate): 64, then none, the second's prompt
+    # being cached there
+    assert exported("strata:router_prompt_tokens_total") == {"both": 64}
     router.finished(endpoint, first)
     router.finished(endpoint, second)
     assert endpoint.in_flight_tokens == 0 and endpoint.in_flight == 0
@@ -320,6 +323,25 @@ def test_routing_charges_uncached_prompt_and_output_tokens_until_the_request_end
     assert exported("strata:router_token_rate") == {"both": 0, "decode": 0}  # none measured
     endpoint.token_rate = 1500.0
     assert exported("strata:router_token_rate") == {"both": 1500, "decode": 0}
+
+
+def test_the_tokens_waiting_at_the_engines_are_summed_per_role_from_their_scrapes():
+    """The engines' strata:num_tokens_waiting, as the picker scrapes it, summed per role
+    over the ready endpoints (a stale one's last value does not count)."""
+    from strata.router.metrics import RouterMetrics
+
+    endpoints = [parse_endpoint(spec) for spec in
+                 ("http://a:1", "http://b:1", "http://p:1,role=prefill", "http://d:1,role=decode")]
+    for endpoint, waiting in zip(endpoints, (300, 50, 1000, 7)):
+        endpoint.metrics = parse_metrics(
+            f'strata:num_tokens_waiting{{model_name="m"}} {waiting}.0\n')
+        endpoint.scraped_at = time.monotonic()
+    endpoints[1].scraped_at -= 60  # stale
+    metrics = RouterMetrics(lambda: endpoints)
+    values = {s.labels["role"]: s.value
+              for family in text_string_to_metric_families(metrics.render().decode())
+              for s in family.samples if s.name == "strata:router_tokens_waiting"}
+    assert values == {"both": 300, "prefill": 1000, "decode": 7}
 
 
 def test_the_token_rate_is_measured_from_the_work_counters_while_busy():

@@ -124,12 +124,14 @@ def test_429_with_retry_after_when_the_queue_is_full(guarded_server):
     body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
     holders: list[httpx.Response] = []
     later: list[httpx.Response] = []
+    full: list[dict] = []
 
     def send(into: list):
         into.append(httpx.post(url, json=body, headers=headers, timeout=120))
 
     def queue_full() -> bool:
         metrics = scrape(guarded_server.url)
+        full[:] = [metrics]
         return (metrics["vllm:num_requests_running"], metrics["vllm:num_requests_waiting"]) \
             == (2, 2)
 
@@ -143,6 +145,9 @@ def test_429_with_retry_after_when_the_queue_is_full(guarded_server):
     for thread in threads + more:
         thread.join()
     assert [r.status_code for r in holders] == [200] * 4
+    # the two waiting ones' prompts: the prefill work queued, as an autoscaler reads it
+    assert full[0]["strata:num_tokens_waiting"] == \
+        2 * holders[0].json()["usage"]["prompt_tokens"]
     statuses = [r.status_code for r in later]
     assert set(statuses) <= {200, 429} and 429 in statuses, statuses
     rejected = next(r for r in later if r.status_code == 429)

@@ -15,7 +15,7 @@ DESIGN_NAMES = [
     "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
     "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
     "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count",
-    "vllm:request_success_total", "vllm:cache_config_info",
+    "vllm:request_success_total", "vllm:cache_config_info", "strata:num_tokens_waiting",
 ]
 LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "n": 4}
 

@@ -27,7 +27,8 @@ def triggers(policy: LoadPolicy, role: str, namespace: str, server_address: str)
     backlog = trigger("tokens-waiting", f"sum(strata:router_tokens_waiting{selector})\n"
                       f"/ {rate:g}", policy.target_seconds)
     if role == "prefill":
-        prompts = f"sum(rate(strata:router_prompt_tokens_total{selector}[{policy.trend_window:g}s]))"
+        window = f"{policy.trend_window:g}s"
+        prompts = f"sum(rate(strata:router_prompt_tokens_total{selector}[{window}]))"
         return [trigger("prompt-tokens", f"{_ahead(prompts, policy)}\n/ {rate:g}",
                         policy.target_utilization), backlog]
     in_flight = f"sum(strata:router_inflight_requests{selector})"

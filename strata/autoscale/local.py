@@ -4,8 +4,9 @@ load policy (strata/autoscale/policy.py), from what its router exports.
 The router knows every replica's address from the start (MAX of them, on their ports); a
 replica not running is simply down to it. Every `interval` the scaler reads the router's
 /metrics: the requests it has in flight (`strata:router_inflight_requests`), the prompt
-tokens it has sent (`strata:router_prompt_tokens_total`) and the requests held in its
-flow-control queue (`inference_extension_flow_control_queue_size`). A replica's prefill
+tokens it has sent (`strata:router_prompt_tokens_total`), the tokens waiting at the
+replicas (`strata:router_tokens_waiting`) and the requests held in its flow-control queue
+(`inference_extension_flow_control_queue_size`). A replica's prefill
 rate is --autoscale-prefill-rate, its batch the replicas' --max-num-seqs, and the
 look-ahead the last replica's time to ready plus the interval. The policy says how many
 replicas to have:
@@ -38,6 +39,7 @@ class AutoscaleOptions:
     max_replicas: int
     prefill_rate: float = 1000.0  # prompt tokens/s of one replica
     target_utilization: float = 0.8
+    target_seconds: float = 2.0  # of queued prefill work one replica may hold
     scale_in_window: float = 60.0
     interval: float = 1.0
     trend_window: float = 20.0  # seconds the arrival rate and its rise are read over
@@ -70,7 +72,8 @@ class LocalScaler:
                       for i, child in enumerate(children)]
         self.router_url, self.options = router_url, options
         self.policy = LoadPolicy(options.prefill_rate, options.batch_slots,
-                                 options.target_utilization, lookahead=options.interval,
+                                 options.target_utilization, options.target_seconds,
+                                 lookahead=options.interval,
                                  trend_window=options.trend_window,
                                  min_replicas=options.min_replicas,
                                  max_replicas=options.max_replicas,
@@ -100,7 +103,8 @@ class LocalScaler:
         self._log(f"{len(active)} -> {wanted} replica(s): needs prefill {needs.prefill:.2f} "
                   f"(of {self.options.prefill_rate:.0f} prompt tokens/s), decode "
                   f"{needs.decode:.2f} ({signals.in_flight_requests} in flight, "
-                  f"{self.options.batch_slots} a batch)")
+                  f"{self.options.batch_slots} a batch), backlog {needs.backlog:.2f} "
+                  f"({signals.tokens_waiting:.0f} tokens waiting)")
         if wanted > len(active):
             for slot in [s for s in self.slots if s.state == "stopped"][:wanted - len(active)]:
                 slot.child.start()
@@ -159,7 +163,8 @@ class LocalScaler:
         in_flight = values.get(("strata:router_inflight_requests", "both"), 0.0) + \
             values.get("inference_extension_flow_control_queue_size", 0.0)
         return Signals(int(in_flight),
-                       values.get(("strata:router_prompt_tokens_total", "both"), 0.0))
+                       values.get(("strata:router_prompt_tokens_total", "both"), 0.0),
+                       values.get(("strata:router_tokens_waiting", "both"), 0.0))
 
     def _scrape(self, url: str, labelled: bool = False) -> dict | None:
         """Sample name -> value summed over label sets (and, labelled, (name, role) too)."""

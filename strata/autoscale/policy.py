@@ -65,7 +65,7 @@ class Needs:
 
     prefill: float
     decode: float
-    backlog: float = 0.0
+    backlog: float
 
     def replicas(self) -> int:
         return math.ceil(max(self.prefill, self.decode, self.backlog) - 1e-9)
@@ -109,7 +109,8 @@ class LoadPolicy:
         start, prompt_start, in_flight_start = history[0]
         if now > start:
             span = now - start
-            prompt_rate = (signals.prompt_tokens_total - prompt_start) / span
+            # a counter that went back (the router restarted) says nothing until it grows
+            prompt_rate = max(0.0, signals.prompt_tokens_total - prompt_start) / span
             # the mean rate over the window's later half against the whole one's: a rise
             # over the time between their midpoints, (middle - start) / 2
             middle_time, middle_prompt, _ = history[len(history) // 2]
