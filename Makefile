@@ -6,13 +6,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard strata/model/csrc/*.cpp)
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,nixl,gateway]'
+	$(BIN)/pip install -q torch==2.13.0 'setuptools>=68' ninja
+	# builds the C++ kernels for this CPU (setup.py), with the torch above
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev,nixl,gateway]'
 	$(BIN)/pip install -q --no-deps nixl==1.5.1
-	$(BIN)/python -m strata.model.cpu_kernels
 	touch $@
 
 install: $(VENV)/.installed

@@ -236,8 +236,8 @@ def test_fuzz_openapi_spec_gives_no_server_error(strata_server):
 
 @pytest.fixture()
 def kernel_builds_held():
-    """Hold the kernels' build locks: an engine that starts now waits on them, as one stuck
-    in its start-up would."""
+    """Hold the kernels' build locks: an engine that starts now compiling its kernels
+    (STRATA_KERNEL_BUILD=jit) waits on them, as one stuck in its start-up would."""
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -258,7 +258,7 @@ def test_a_server_stopped_while_its_engine_starts_leaves_nothing(tmp_path, signu
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed below)
     frontend = subprocess.Popen(
         [sys.executable, "-m", "strata.cli", "serve", str(STORIES), "--port", str(free_port())],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"STRATA_KERNEL_BUILD": "jit"})
 
     def engines_started() -> list[int]:
         assert frontend.poll() is None, "the frontend exited before its engine started"

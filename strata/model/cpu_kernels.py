@@ -1,14 +1,19 @@
-"""The C++ CPU kernels, compiled on first use; None where they cannot be built.
+"""The C++ CPU kernels: built with the package (setup.py: `pip install` compiles them for
+this machine's CPU), so that no start compiles anything. One that is missing (a source
+checkout not installed, a build that failed) is compiled on first use instead, into
+torch's extension cache, and said in the log; None where it cannot be built at all.
 
 Set STRATA_ATTENTION=torch (or STRATA_LINEAR=torch) to run the pure-PyTorch reference path
 instead, and STRATA_COLLECTIVES=torch for torch.distributed's collectives between the
-tensor-parallel ranks of one machine.
+tensor-parallel ranks of one machine; STRATA_KERNEL_BUILD=jit compiles them on first use
+even where the install has them (one built for another CPU, say).
 """
 
 from __future__ import annotations
 
 import fcntl
 import functools
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -22,21 +27,35 @@ SOURCES = Path(__file__).parent / "csrc"
 def paged_decode_kernel() -> ModuleType | None:
     if os.environ.get("STRATA_ATTENTION", "auto") == "torch":
         return None
-    return _build("strata_paged_decode", "paged_decode.cpp")
+    return _load("paged_decode")
 
 
 @functools.cache
 def skinny_linear_kernel() -> ModuleType | None:
     if os.environ.get("STRATA_LINEAR", "auto") == "torch":
         return None
-    return _build("strata_skinny_linear", "skinny_linear.cpp")
+    return _load("skinny_linear")
 
 
 @functools.cache
 def shm_collectives_kernel() -> ModuleType | None:
     if os.environ.get("STRATA_COLLECTIVES", "auto") == "torch":
         return None
-    return _build("strata_shm_collectives", "shm_collectives.cpp")
+    return _load("shm_collectives")
+
+
+def _load(name: str) -> ModuleType | None:
+    """The kernel built at install (strata.model._NAME), else compiled now."""
+    import torch  # noqa: F401 (an extension module needs torch's symbols loaded first)
+
+    if os.environ.get("STRATA_KERNEL_BUILD", "install") != "jit":
+        try:
+            return importlib.import_module(f"strata.model._{name}")
+        except ImportError as exc:
+            logger.warning("C++ kernel %s was not built at install (%s): compiling it now, "
+                           "once per machine (`pip install -e .` builds it with the package)",
+                           name, exc)
+    return _build(f"strata_{name}", f"{name}.cpp")
 
 
 def _build(name: str, source: str) -> ModuleType | None:
@@ -45,7 +64,8 @@ def _build(name: str, source: str) -> ModuleType | None:
         from torch.utils.cpp_extension import get_default_build_root, load
 
         # Built into torch's extension cache (keyed by source and flags), once per machine.
-        build_dir = Path(get_default_build_root()) / f"strata-torch{torch.__version__}" / name
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        build_dir = Path(root) / f"strata-torch{torch.__version__}" / name
         build_dir.mkdir(parents=True, exist_ok=True)
         # torch guards a build with a lock file that a process killed inside load() (even
         # with nothing to compile) leaves behind, and every later load waits on it forever.
@@ -63,9 +83,8 @@ def _build(name: str, source: str) -> ModuleType | None:
         return None
 
 
-if __name__ == "__main__":  # `make install` builds them, so no server start compiles (or
-    # is killed mid-compile, leaving torch's lock file for every later start to wait on)
+if __name__ == "__main__":  # says which kernels load, and compiles any that are missing
     logging.basicConfig(level=logging.INFO)
     kernels = (paged_decode_kernel, skinny_linear_kernel, shm_collectives_kernel)
     built = [kernel() is not None for kernel in kernels]
-    logger.info("C++ kernels built: %d of %d", sum(built), len(built))
+    logger.info("C++ kernels available: %d of %d", sum(built), len(built))
