@@ -299,7 +299,7 @@ def keda_queue(min_replicas: int = 0, max_replicas: int = 4, per_replica: float 
 
 
 def load_policy(model: ReplicaModel, min_replicas: int = 0, max_replicas: int = 4,
-                target_utilization: float = 0.7, target_seconds: float = 2.0,
+                target_utilization: float = 0.8, target_seconds: float = 2.0,
                 lookahead: float = 0.0, window: float = 300.0) -> Policy:
     """Strata's: LoadPolicy, with the modelled replica's prefill rate and batch."""
     load = LoadPolicy(model.prefill_tokens_per_second, model.max_batch, target_utilization,
