@@ -80,12 +80,17 @@ def measure(args: argparse.Namespace) -> ReplicaModel:
         started = time.monotonic()
         with process(command, args.log_dir / "autoscale-engine.log", url) as url:
             cold.append(time.monotonic() - started)
-            prompt = list(range(3 + round_, 3 + round_ + PROMPT_TOKENS[1]))
-            seconds = first_token_seconds(url, prompt)
-            prefill.append(len(prompt) / seconds)
+            prefill.append(prefill_rate(url, first_id=3 + round_))
             decode.append(per_sequence_rate(url, args.max_num_seqs, round_))
     return ReplicaModel(statistics.median(prefill), statistics.median(decode),
                         args.max_num_seqs, statistics.median(cold))
+
+
+def prefill_rate(url: str, first_id: int) -> float:
+    """Prompt tokens/s of a long prompt alone (its time to first token); first_id makes
+    each round's prompt new to the prefix cache."""
+    prompt = list(range(first_id, first_id + PROMPT_TOKENS[1]))
+    return len(prompt) / first_token_seconds(url, prompt)
 
 
 def first_token_seconds(url: str, prompt: list[int]) -> float:
@@ -189,10 +194,9 @@ def local(args: argparse.Namespace) -> None:
         url = f"http://127.0.0.1:{args.port}"
         command = serve(args.model, args.port, "--max-num-seqs", str(args.max_num_seqs))
         with process(command, args.log_dir / "autoscale-engine.log", url, threads=1) as url:
-            prompt = list(range(5 + round_, 5 + round_ + PROMPT_TOKENS[1]))
-            one_core.append(len(prompt) / first_token_seconds(url, prompt))
-    prefill_rate = statistics.median(one_core)
-    base = prefill_rate / 400 / 4  # 400-token prompts
+            one_core.append(prefill_rate(url, first_id=5 + round_))
+    one_core_rate = statistics.median(one_core)
+    base = one_core_rate / 400 / 4  # 400-token prompts
     rng = random.Random(7)
     arrivals, now = [], 0.0
     for seconds, factor in PHASES:
@@ -201,7 +205,7 @@ def local(args: argparse.Namespace) -> None:
             arrivals.append(now)
         now = end
     setups = [("autoscale 1:3", ["--autoscale", "1:3", "--autoscale-window", "20",
-                                 "--autoscale-prefill-rate", f"{prefill_rate:.0f}"]),
+                                 "--autoscale-prefill-rate", f"{one_core_rate:.0f}"]),
               ("fixed 1", ["--replicas", "1"]), ("fixed 3", ["--replicas", "3"])]
     rows = []
     for name, flags in setups:
@@ -240,7 +244,7 @@ def local(args: argparse.Namespace) -> None:
                      f"{ttfts[int(0.99 * (len(ttfts) - 1))]:.2f} s", f"{seconds:.0f}",
                      f"{scaled}"])
     phases = ", ".join(f"{base * factor:.2f}/s for {seconds:.0f} s" for seconds, factor in PHASES)
-    print(f"\nLocal: one-core replicas (prefill {prefill_rate:.0f} tokens/s, median of 2); "
+    print(f"\nLocal: one-core replicas (prefill {one_core_rate:.0f} tokens/s, median of 2); "
           f"{len(arrivals)} requests of 400-token prompts and {LOCAL_OUTPUT_TOKENS} output "
           f"tokens: {phases}")
     print(markdown_table(["setup", "requests", "failed", "TTFT p50", "TTFT p99",
