@@ -3,12 +3,30 @@ router, which tokenizes for its prefix index) can use it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
+
+import httpx
+
+# What a model folder holds besides its weights: fetched from a URL into a local folder,
+# while the weights stream from the URL into memory (strata.model.weight_files).
+METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "chat_template.jinja", "model.safetensors.index.json")
+
+
+def is_url(model: str) -> bool:
+    return model.startswith(("http://", "https://"))
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local folder as is; anything else is a hub id, fetched where a network exists."""
+    """A local folder as is; a URL's small files fetched into a cache folder; anything else
+    is a hub id, fetched where a network exists."""
+    if is_url(model):
+        return fetch_metadata(model)
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -30,3 +48,32 @@ def load_json(path: Path, required: bool = True) -> dict:
             raise FileNotFoundError(f"missing {path.name} in {path.parent}")
         return {}
     return json.loads(path.read_text())
+
+
+def fetch_metadata(url: str) -> Path:
+    """The small files of the model folder at `url`, in a cache folder of their own (one per
+    URL, so that the frontend, the engine and its ranks share it): each start fetches them
+    again, replacing each atomically, since the folder behind a URL may have changed."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = cache / "strata" / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    base = url.rstrip("/")
+    with httpx.Client(follow_redirects=True, timeout=30.0) as client:
+        for name in METADATA_FILES:
+            try:
+                response = client.get(f"{base}/{name}")
+            except httpx.HTTPError as exc:
+                raise FileNotFoundError(f"cannot fetch {name} from {base}: "
+                                        f"{type(exc).__name__}: {exc}") from None
+            if response.status_code == 404:
+                (folder / name).unlink(missing_ok=True)
+                if name == "config.json":
+                    raise FileNotFoundError(f"no config.json at {base}: not a model folder")
+                continue
+            if response.status_code != 200:
+                raise FileNotFoundError(f"fetching {base}/{name} answered "
+                                        f"{response.status_code}")
+            with tempfile.NamedTemporaryFile(dir=folder, delete=False) as part:
+                part.write(response.content)
+            os.replace(part.name, folder / name)
+    return folder

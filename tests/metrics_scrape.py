@@ -18,6 +18,14 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
+def scrape_by_label(url: str, name: str) -> dict[str, float]:
+    """One metric's samples by the value of their label other than model_name."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {next(v for k, v in sample.labels.items() if k != "model_name"): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name}
+
+
 def wait_idle(url: str, timeout: float = 20.0) -> dict[str, float]:
     """Metrics once nothing runs, waits or holds a KV block; fails after `timeout`."""
     deadline = time.monotonic() + timeout

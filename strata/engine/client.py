@@ -25,6 +25,7 @@ from strata.engine.messages import (
     AddRequest,
     EngineCoreOutput,
     EngineReady,
+    EngineStarting,
     EngineStats,
     EngineStep,
     FromEngine,
@@ -50,6 +51,7 @@ class EngineInfo:
     num_blocks: int
     block_size: int
     max_num_seqs: int
+    startup_seconds: dict[str, float]  # what each step of the engine's start took
 
 
 # What a request's queue receives: its outputs in order, or the error that ended it.
@@ -85,8 +87,10 @@ class AsyncEngineClient:
     def pid(self) -> int:
         return self._process.pid
 
-    async def start(self) -> EngineInfo:
-        """Start the engine process and wait until its model is loaded."""
+    async def start(self, on_starting: Callable[[EngineStarting], None] = lambda m: None
+                    ) -> EngineInfo:
+        """Start the engine process and wait until its model is loaded, handing each report
+        of the start's progress to `on_starting`."""
         # Socket folders of frontends killed while their engine started (the only window in
         # which the folder exists), and of engines killed in theirs.
         remove_orphaned_dirs()
@@ -103,7 +107,7 @@ class AsyncEngineClient:
                   os.getpid()))
         try:
             self._process.start()
-            ready = await self._wait_ready()
+            ready = await self._wait_ready(on_starting)
             # Both sockets are connected once the engine's first message is in and the input
             # side has a peer: the socket files have served, and a process killed from now on
             # leaves none behind.
@@ -113,21 +117,25 @@ class AsyncEngineClient:
         if ready.error:
             raise RuntimeError(f"the engine could not start: {ready.error}")
         self.info = EngineInfo(ready.max_model_len, ready.vocab_size, ready.num_blocks,
-                               ready.block_size, ready.max_num_seqs)
+                               ready.block_size, ready.max_num_seqs, ready.seconds)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._read_outputs()))
         loop.add_reader(self._process.sentinel, self._engine_died)
         return self.info
 
-    async def _wait_ready(self) -> EngineReady:
-        while not await self._from_engine.poll(200):
-            if not self._process.is_alive():
-                raise RuntimeError(f"the engine process exited with code "
-                                   f"{self._process.exitcode} before it was ready")
-        message = self._decoder.decode(await self._from_engine.recv())
-        if not isinstance(message, EngineReady):
-            raise RuntimeError(f"the engine sent {type(message).__name__} before it was ready")
-        return message
+    async def _wait_ready(self, on_starting: Callable[[EngineStarting], None]) -> EngineReady:
+        while True:
+            while not await self._from_engine.poll(200):
+                if not self._process.is_alive():
+                    raise RuntimeError(f"the engine process exited with code "
+                                       f"{self._process.exitcode} before it was ready")
+            message = self._decoder.decode(await self._from_engine.recv())
+            if isinstance(message, EngineReady):
+                return message
+            if not isinstance(message, EngineStarting):
+                raise RuntimeError(f"the engine sent {type(message).__name__} before it was "
+                                   f"ready")
+            on_starting(message)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, sink: Sink, cache_salt: str | None = None,
@@ -185,10 +193,13 @@ class AsyncEngineClient:
     async def shutdown(self, timeout: float = 5.0) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._process.is_alive():
+        if self._process.is_alive() and self.info is not None:
             asyncio.get_running_loop().remove_reader(self._process.sentinel)
             self._send(Shutdown())
             await asyncio.to_thread(self._process.join, timeout)
-            if self._process.is_alive():
-                self._process.terminate()
+        if self._process.is_alive():  # still starting (it reads no message then), or stuck
+            self._process.terminate()
+            await asyncio.to_thread(self._process.join, timeout)
+        if self._process.is_alive():
+            self._process.kill()
         self._context.destroy(linger=0)

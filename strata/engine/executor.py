@@ -25,6 +25,7 @@ from strata.engine.scheduler import SchedulerOutput
 from strata.engine.step_batch import StepBatch
 from strata.engine.worker import start_workers, stop_workers
 from strata.engine.worker_channel import MessageKind, answer_heartbeat, send
+from strata.model.loader import LoadProgress
 from strata.model.parallel import (
     SINGLE,
     TensorParallel,
@@ -46,7 +47,8 @@ class TensorParallelGroupError(RuntimeError):
 
 
 class Executor:
-    def __init__(self, config: EngineConfig, model_path: Path) -> None:
+    def __init__(self, config: EngineConfig, model_path: Path,
+                 progress: LoadProgress | None = None) -> None:
         parallel = config.parallel
         self.timeout = timedelta(seconds=parallel.distributed_timeout)
         self.workers: list[subprocess.Popen] = []  # the ranks of this node this process started
@@ -61,7 +63,7 @@ class Executor:
         try:
             if parallel.tensor_parallel_size > 1:
                 self.tp = self._start_group(config)
-            self.runner = ModelRunner(config, model_path, self.tp)
+            self.runner = ModelRunner(config, model_path, self.tp, progress)
         except BaseException:
             self.shutdown()
             raise

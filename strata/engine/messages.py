@@ -66,8 +66,21 @@ class Shutdown(msgspec.Struct, tag=True):
     """Finish nothing more: the frontend has drained and is exiting."""
 
 
+class EngineStarting(msgspec.Struct, tag=True):
+    """Where a start stands, sent (a few times a second at most) until EngineReady: the
+    phase ("loading": weights streaming in, the KV cache allocated meanwhile; "warming":
+    kernels and a first step), bytes of weights read, and the seconds each finished step of
+    the start took (StartupTimes' names)."""
+
+    phase: str
+    loaded_bytes: int = 0
+    total_bytes: int = 0
+    seconds: dict[str, float] = {}
+
+
 class EngineReady(msgspec.Struct, tag=True):
-    """Sent once the model is loaded, or with `error` set when it could not be."""
+    """Sent once the model is loaded, or with `error` set when it could not be; `seconds`
+    says what each step of the start took."""
 
     max_model_len: int = 0
     vocab_size: int = 0
@@ -75,6 +88,7 @@ class EngineReady(msgspec.Struct, tag=True):
     block_size: int = 0
     max_num_seqs: int = 0
     error: str | None = None
+    seconds: dict[str, float] = {}
 
 
 class EngineStep(msgspec.Struct, tag=True):
@@ -89,4 +103,4 @@ class EngineStep(msgspec.Struct, tag=True):
 
 
 ToEngine = AddRequest | AbortRequests | Shutdown
-FromEngine = EngineReady | EngineStep
+FromEngine = EngineStarting | EngineReady | EngineStep

@@ -16,6 +16,9 @@ import gc
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -26,6 +29,7 @@ from strata.engine.messages import (
     AbortRequests,
     AddRequest,
     EngineReady,
+    EngineStarting,
     EngineStep,
     Shutdown,
     ToEngine,
@@ -40,6 +44,7 @@ logger = logging.getLogger("strata.engine")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its frontend is still alive
 TRANSFER_POLL_MS = 1  # how often an engine waiting only on KV reads looks at them
 SEND_TIMEOUT_MS = 1000  # how often a send blocked on a full queue checks the frontend lives
+REPORT_INTERVAL = 0.25  # seconds between two reports of the weights' progress
 
 
 class FrontendGone(Exception):
@@ -61,6 +66,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from strata.engine.core import EngineCore
     from strata.engine.kv_event_publisher import KVEventPublisher
+    from strata.model.loader import LoadProgress
 
     with contextlib.ExitStack() as resources:  # released in reverse, on every way out
         context = zmq.Context()
@@ -76,14 +82,20 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         outputs.connect(output_address)
         encoder = msgspec.msgpack.Encoder()
         publisher = None
+        report = StartupReport(lambda message: outputs.send(encoder.encode(message)))
         try:
-            core = EngineCore(config)
+            report.phase("loading")
+            core = EngineCore(config, LoadProgress(report.loaded))
             resources.callback(core.shutdown)
             if config.kv_events_endpoint:
                 publisher = KVEventPublisher(context, config.kv_events_endpoint,
                                              config.kv_events_topic)
                 resources.callback(publisher.close)
+            report.seconds |= core.runner.startup_seconds
+            report.phase("warming")
+            started = time.monotonic()
             core.warm_up()
+            report.seconds["warm_up"] = time.monotonic() - started
             gc.freeze()  # what loading made lives forever: keep it out of every later collection
         except Exception as exc:  # reported to the frontend, which prints it and exits
             outputs.send(encoder.encode(EngineReady(error=f"{type(exc).__name__}: {exc}")))
@@ -92,8 +104,35 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
             max_model_len=core.max_model_len, vocab_size=core.runner.vocab_size,
             num_blocks=core.kv_cache_manager.num_blocks,
             block_size=core.kv_cache_manager.block_size,
-            max_num_seqs=config.scheduler.max_num_seqs)))
+            max_num_seqs=config.scheduler.max_num_seqs, seconds=report.seconds)))
         EngineLoop(core, inputs, outputs, parent, publisher).run()
+
+
+@dataclass
+class StartupReport:
+    """Tells the frontend where the start stands: each phase as it begins, and bytes of
+    weights loaded at most every REPORT_INTERVAL (the loader calls it per tensor)."""
+
+    send: Callable[[EngineStarting], None]
+    current: str = "starting"
+    loaded_bytes: int = 0
+    total_bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    last_sent: float = 0.0
+
+    def phase(self, name: str) -> None:
+        self.current = name
+        self._send()
+
+    def loaded(self, done: int, total: int) -> None:
+        self.loaded_bytes, self.total_bytes = done, total
+        if done == total or time.monotonic() - self.last_sent >= REPORT_INTERVAL:
+            self._send()
+
+    def _send(self) -> None:
+        self.last_sent = time.monotonic()
+        self.send(EngineStarting(self.current, self.loaded_bytes, self.total_bytes,
+                                 dict(self.seconds)))
 
 
 class EngineLoop:

@@ -9,7 +9,10 @@ what they sampled comes back as Python lists, one row per sampling request.
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +24,10 @@ from strata.engine.request import Request
 from strata.engine.step_batch import StepBatch
 from strata.math_utils import cdiv
 from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
+from strata.model.layers import use_cpu_linear_kernel
+from strata.model.loader import LoadProgress
 from strata.model.parallel import SINGLE, TensorParallel
-from strata.model.registry import load_model, resolve_device, resolve_dtype
+from strata.model.registry import build_model, load_weights, resolve_device, resolve_dtype
 from strata.model.sampler import Sampler, SamplerOutput, SamplingMetadata
 
 
@@ -43,6 +48,11 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None] | None = None  # None: no request asked for any
 
 
+def _timed(function, *args, **kwargs):
+    started = time.monotonic()
+    return function(*args, **kwargs), time.monotonic() - started
+
+
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -50,13 +60,14 @@ def available_memory(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: EngineConfig, model_path: Path, tp: TensorParallel = SINGLE,
+                 progress: LoadProgress | None = None) -> None:
         self.config = config
         hf_config = load_json(model_path / "config.json")
         self.tp = tp
         self.device = resolve_device(config.device, tp.rank % config.parallel.ranks_per_node)
         self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
-        self.model = load_model(model_path, self.dtype, self.device, self.tp)
+        self.model = build_model(model_path, self.dtype, self.device, self.tp)
         args = self.model.args
         # This rank's KV heads only: at N ranks the same memory holds about N x the tokens.
         self.num_kv_heads = self.model.shapes.num_kv_heads
@@ -71,10 +82,25 @@ class ModelRunner:
         # Zeroed, not empty: attention reads whole blocks and masks the unused
         # slots, and 0 * NaN from stale memory would still poison the output.
         # One tensor for all layers: [layers, K and V, blocks, block_size, kv_heads, head_dim].
-        self.kv_caches = torch.zeros(args.num_layers, 2, self.num_blocks, self.block_size,
-                                     self.num_kv_heads, args.head_dim,
-                                     dtype=self.dtype, device=self.device)
+        # Allocated (gigabytes to zero) while the weights stream in.
+        progress = progress or LoadProgress()
+        shape = (args.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
+                 args.head_dim)
+        with ThreadPoolExecutor(1, thread_name_prefix="strata-kv-alloc") as side:
+            kv_caches = side.submit(_timed, torch.zeros, *shape, dtype=self.dtype,
+                                    device=self.device)
+            load_weights(self.model, config.model, model_path, progress)
+            waited = time.monotonic()
+            self.kv_caches, allocate_seconds = kv_caches.result()
+        # Where a start's time went (EngineReady reports it; the benchmark prints it).
+        self.startup_seconds = {"weights_read": progress.read_seconds,
+                                "weights_place": progress.place_seconds,
+                                "kv_allocate": allocate_seconds,
+                                "kv_wait": time.monotonic() - waited}
         self.model.bind_kv_caches(self.kv_caches)
+        started = time.monotonic()
+        use_cpu_linear_kernel(self.model)
+        self.startup_seconds["kernels"] = time.monotonic() - started
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
 
     @property
@@ -92,7 +118,7 @@ class ModelRunner:
             # other ranks of this machine included.
             fraction = 0.8 if self.device.type == "cuda" else \
                 0.2 / self.config.parallel.ranks_per_node
-            budget = cache.kv_cache_memory or int(fraction * available_memory(self.device))
+            budget = cache.kv_cache_memory or int(fraction * self._free_memory())
             # More blocks than max_num_seqs full-length sequences could ever hold is waste.
             ceiling = self.config.scheduler.max_num_seqs * cdiv(self.max_model_len, self.block_size)
             num_blocks = min(budget // self.bytes_per_block, ceiling)
@@ -102,6 +128,14 @@ class ModelRunner:
                 f"max_model_len {self.max_model_len}: raise --kv-cache-memory or lower "
                 f"--max-model-len")
         return num_blocks
+
+    def _free_memory(self) -> int:
+        """Free memory once the weights are in: on CPU their pages are not yet touched."""
+        free = available_memory(self.device)
+        if self.device.type == "cpu":
+            free -= sum(p.nbytes for p in {p.data_ptr(): p for p in self.model.parameters()
+                                             }.values())
+        return max(0, free)
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch, requests: list[Request]) -> ModelRunnerOutput:

@@ -69,20 +69,24 @@ def use_cpu_linear_kernel(model: nn.Module, calibrate: bool = True) -> None:
 
 
 def kernel_vs_torch_seconds(kernel, weight: torch.Tensor, rounds: int = 5,
-                            calls: int = 20) -> tuple[float, float]:
+                            round_seconds: float = 0.01) -> tuple[float, float]:
     """Seconds per one-row product, packed kernel and F.linear: the best of alternating
-    rounds (the machine may be shared)."""
+    rounds (the machine may be shared), each about `round_seconds` long, so that a start
+    spends a fraction of a second here whatever the weight's size and the kernel's speed."""
     packed = kernel.pack_weight(weight)
     row = torch.randn(1, weight.shape[1])
+    products = (lambda: kernel.packed_linear(row, packed, None, weight.shape[0]),
+                lambda: F.linear(row, weight))
     best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, product in enumerate((
-                lambda: kernel.packed_linear(row, packed, None, weight.shape[0]),
-                lambda: F.linear(row, weight))):
+    calls = 1
+    for round_ in range(rounds + 1):  # the first round, of one call each, sizes the others
+        for i, product in enumerate(products):
             started = time.perf_counter()
             for _ in range(calls):
                 product()
             best[i] = min(best[i], (time.perf_counter() - started) / calls)
+        if round_ == 0:
+            calls = max(1, min(20, int(round_seconds / max(best))))
     return best[0], best[1]
 
 

@@ -1,16 +1,14 @@
-"""From a checkpoint folder to a loaded model: architecture lookup, dtype, device."""
+"""From a checkpoint to a loaded model: architecture lookup, dtype, device, weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from strata.checkpoint import load_json
-from strata.model.layers import use_cpu_linear_kernel
 from strata.model.llama import LlamaForCausalLM, ModelArgs
-from strata.model.loader import iterate_weights
+from strata.model.loader import LoadProgress, iterate_weights
 from strata.model.parallel import SINGLE, TensorParallel
 
 # config.json "architectures" -> model class. Qwen3 differs from Llama only by
@@ -58,9 +56,10 @@ def model_args(config: dict) -> tuple[str, ModelArgs]:
     return supported[0], ModelArgs.from_hf(config, supported[0])
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device,
-               tp: TensorParallel = SINGLE) -> nn.Module:
-    """The model, or this rank's shard of it under tensor parallelism."""
+def build_model(path: Path, dtype: torch.dtype, device: torch.device,
+                tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
+    """The model, or this rank's shard of it under tensor parallelism, its weights not yet
+    loaded (allocated, not initialised)."""
     architecture, args = model_args(load_json(path / "config.json"))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -69,7 +68,12 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
             model = ARCHITECTURES[architecture](args, tp)
     finally:
         torch.set_default_dtype(previous)
-    with torch.no_grad():
-        model.load_weights(iterate_weights(path))
-    use_cpu_linear_kernel(model)
     return model.eval().requires_grad_(False)
+
+
+def load_weights(model: LlamaForCausalLM, source: str, folder: Path,
+                 progress: LoadProgress | None = None) -> None:
+    """Stream the checkpoint at `source` (its folder or URL; `folder` holds its config) into
+    the model."""
+    with torch.no_grad():
+        model.load_weights(iterate_weights(source, folder, progress))

@@ -96,7 +96,7 @@ GAUGES = {"vllm:num_requests_waiting": "num_waiting",
           "vllm:kv_cache_usage_perc": "kv_cache_usage"}
 WORK = {"vllm:prompt_tokens_total": 1.0, "vllm:prefix_cache_hits_total": -1.0,
         "vllm:generation_tokens_total": 1.0}  # their sum: the tokens an engine computed
-WANTED = (*GAUGES, *WORK, "vllm:cache_config_info")
+WANTED = (*GAUGES, *WORK, "vllm:cache_config_info", "strata:startup_phase")
 # Asks for only those (Prometheus' name[] parameter, which prometheus_client's handlers and
 # Strata's /metrics obey): a full page costs the engine its rendering and the router its
 # reading, 20 times a second per endpoint. A server that ignores it sends the whole page.
@@ -125,8 +125,13 @@ def measure_rate(endpoint: Endpoint, fresh: EndpointMetrics, seconds: float) -> 
         endpoint.token_rate += RATE_SMOOTHING * (sample - endpoint.token_rate)
 
 
+class EndpointStarting(ValueError):
+    """A server whose port is open while its model loads: no requests yet."""
+
+
 def parse_metrics(text: str) -> EndpointMetrics:
-    """The gauges the picker uses, summed over models, from Prometheus text."""
+    """The gauges the picker uses, summed over models, from Prometheus text. Raises
+    EndpointStarting for a Strata server still in a phase before ready."""
     metrics = EndpointMetrics()
     # Only the wanted samples go to the parser: the whole page (histograms and all) takes it
     # ~50x longer, 20 times a second per endpoint.
@@ -140,6 +145,9 @@ def parse_metrics(text: str) -> EndpointMetrics:
                     metrics.models.add(sample.labels["model_name"])
             elif sample.name in WORK:
                 metrics.work_tokens += WORK[sample.name] * sample.value
+            elif sample.name == "strata:startup_phase" and sample.value == 1 \
+                    and sample.labels.get("phase") != "ready":
+                raise EndpointStarting(f"starting: {sample.labels.get('phase')}")
             elif sample.name == "vllm:cache_config_info":
                 metrics.block_size = int(sample.labels["block_size"])
                 metrics.num_blocks = int(sample.labels["num_gpu_blocks"])

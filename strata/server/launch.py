@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 import uvloop
+from prometheus_client import CollectorRegistry, generate_latest
 
 from strata.checkpoint import resolve_model_path
 from strata.config import EngineConfig
@@ -25,6 +26,7 @@ from strata.server.kv_peers import KVPeers
 from strata.server.metrics import ServerMetrics
 from strata.server.remote_prefill import RemotePrefill
 from strata.server.serving import FALLBACK_CHAT_TEMPLATE, OpenAIServing, ServerLimits
+from strata.server.startup import StartingApp, StartupState, SwitchableApp
 from strata.tokenizer import Tokenizer
 from strata.uvicorn_server import DEFAULT_DRAIN_TIMEOUT, Server
 
@@ -54,12 +56,36 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
                  port: int, served_model_names: list[str], api_key: str | None,
                  limits: ServerLimits, kv_peers: KVPeers,
                  access_log: bool, drain_timeout: float) -> int:
+    registry = CollectorRegistry()
+    startup = StartupState(registry, served_model_names[0])
+    app = SwitchableApp(StartingApp(startup, lambda: generate_latest(registry)))
+    # Open at once: probes, scrapers and routers see the phase while the engine starts.
+    server = Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
+                                   timeout_keep_alive=30, log_level="info", lifespan="off",
+                                   timeout_graceful_shutdown=drain_timeout))
+    serving_task = asyncio.create_task(server.serve())
     client = AsyncEngineClient(config)
-    info = await client.start()
+    starting = asyncio.create_task(client.start(startup.update))
+    await asyncio.wait([serving_task, starting], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # stopped (a signal) or could not bind while the engine started
+        starting.cancel()
+        await client.shutdown()
+        await serving_task
+        return 0 if server.started else 1
+    try:
+        info = starting.result()
+    except Exception:
+        server.should_exit = True
+        await serving_task
+        await client.shutdown()
+        raise
+    startup.ready(info.startup_seconds)
     gc.freeze()  # the tokenizer and the app live forever: keep them out of later collections
-    logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d (pid %d)",
-                info.num_blocks, info.block_size, info.max_model_len, client.pid)
-    metrics = ServerMetrics(served_model_names[0], info.block_size, info.num_blocks)
+    logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d (pid %d); started in "
+                "%.2f s (%s)", info.num_blocks, info.block_size, info.max_model_len, client.pid,
+                startup.seconds["total"],
+                ", ".join(f"{k} {v:.2f} s" for k, v in startup.seconds.items() if k != "total"))
+    metrics = ServerMetrics(served_model_names[0], info.block_size, info.num_blocks, registry)
     client.on_stats = metrics.update_engine
     if config.kv_connector is not None and not kv_peers.configured:
         logger.warning("P/D fields are refused (400) until --kv-peers lists this server's peers")
@@ -71,11 +97,8 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
                                    metrics.kv_transfer_fallbacks.inc)
     serving = OpenAIServing(client, tokenizer, served_model_names, model_path, metrics, limits,
                             remote_prefill)
-    app = build_app(serving, api_key=api_key,
-                    max_body_bytes=limits.body_bytes(info.max_model_len))
-    server = Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
-                                   timeout_keep_alive=30, log_level="info",
-                                   timeout_graceful_shutdown=drain_timeout))
+    app.app = build_app(serving, api_key=api_key,
+                        max_body_bytes=limits.body_bytes(info.max_model_len))
     exit_code = 0
 
     def engine_died() -> None:
@@ -87,12 +110,10 @@ async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *,
 
     client.on_dead = engine_died
     try:
-        await server.serve()
+        await serving_task
     finally:
         await remote_prefill.http.aclose()
         await client.shutdown()
-    if server.started is False and exit_code == 0:
-        exit_code = 1  # could not bind the port
     return exit_code
 
 

@@ -22,8 +22,10 @@ prometheus_client.disable_created_metrics()  # `_created` series only double the
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, block_size: int, num_blocks: int) -> None:
-        self.registry = registry = CollectorRegistry()
+    def __init__(self, model_name: str, block_size: int, num_blocks: int,
+                 registry: CollectorRegistry | None = None) -> None:
+        # The start's gauges (strata.server.startup) are in `registry` already, if given.
+        self.registry = registry = registry or CollectorRegistry()
         label = ["model_name"]
 
         def gauge(name: str, doc: str):

@@ -1,0 +1,158 @@
+"""Where a checkpoint's weight files are read from: a folder (local disk, or a mounted bucket
+whose reads are slow and far), or an HTTP(S) URL of a model folder (object stores and model
+registries serve safetensors so). Both answer ranged reads, so that the loader can keep
+several in flight: one sequential read of a FUSE mount or an object store is bounded by its
+latency, not by the link.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from strata.checkpoint import is_url
+
+# httpx logs every request at INFO: hundreds of ranged reads per load.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+READ_RETRIES = 2  # a ranged read that fails is tried again this often (object stores drop)
+
+
+class WeightFileError(RuntimeError):
+    """A weight file that cannot be read whole: missing, truncated, corrupt, or its
+    connection lost. The message names the file."""
+
+
+class _ShortRead(Exception):
+    """A ranged read that did not deliver its bytes: worth another try."""
+
+
+class WeightFiles(Protocol):
+    location: str  # for messages: the folder or the URL
+
+    def size(self, name: str) -> int: ...
+
+    def read_into(self, name: str, offset: int, buffers: list[memoryview]) -> None:
+        """Fill `buffers`, in order, with the file's bytes from `offset` on."""
+
+    def close(self) -> None: ...
+
+
+class FolderFiles:
+    """Files of a folder, read with pread (any number of threads at once, no shared offset)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.location = str(folder)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            if name not in self._fds:
+                try:
+                    self._fds[name] = os.open(self.folder / name, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise WeightFileError(f"missing weight file {name} in {self.folder}") from None
+            return self._fds[name]
+
+    def size(self, name: str) -> int:
+        return os.fstat(self._fd(name)).st_size
+
+    def read_into(self, name: str, offset: int, buffers: list[memoryview]) -> None:
+        fd = self._fd(name)
+        pending = [b.cast("B") for b in buffers if b.nbytes]
+        while pending:
+            done = os.preadv(fd, pending[:512], offset)  # IOV_MAX is 1024 on Linux
+            if done == 0:
+                raise WeightFileError(f"{name}: the file ended at byte {offset} (truncated "
+                                      f"while being read?)")
+            offset += done
+            while pending and done >= pending[0].nbytes:
+                done -= pending.pop(0).nbytes
+            if done:
+                pending[0] = pending[0][done:]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class HttpFiles:
+    """Files under a base URL, read with HTTP range requests over a pool of connections."""
+
+    def __init__(self, base_url: str, connections: int) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.location = self.base_url
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        # No overall timeout (a shard can take minutes); a stall of 60 s is a lost connection.
+        self.client = httpx.Client(limits=limits, follow_redirects=True,
+                                   timeout=httpx.Timeout(60.0, connect=10.0))
+        self._sizes: dict[str, int] = {}
+
+    def size(self, name: str) -> int:
+        if name not in self._sizes:
+            try:
+                response = self.client.head(f"{self.base_url}/{name}")
+            except httpx.HTTPError as exc:
+                raise WeightFileError(f"{name}: cannot reach {self.base_url} "
+                                      f"({type(exc).__name__}: {exc})") from None
+            if response.status_code == 404:
+                raise WeightFileError(f"missing weight file {name} at {self.base_url} (404)")
+            if response.status_code != 200 or "content-length" not in response.headers:
+                raise WeightFileError(f"{name}: HEAD answered {response.status_code} without a "
+                                      f"Content-Length at {self.base_url}")
+            self._sizes[name] = int(response.headers["content-length"])
+        return self._sizes[name]
+
+    def read_into(self, name: str, offset: int, buffers: list[memoryview]) -> None:
+        for attempt in range(READ_RETRIES + 1):
+            try:
+                return self._read_once(name, offset, [b.cast("B") for b in buffers])
+            except (httpx.HTTPError, _ShortRead) as exc:
+                if attempt == READ_RETRIES:
+                    reason = str(exc) if isinstance(exc, _ShortRead) else \
+                        f"connection lost ({type(exc).__name__}: {exc})"
+                    raise WeightFileError(f"{name}: {reason}, after {READ_RETRIES + 1} tries "
+                                          f"of bytes {offset}+") from None
+
+    def _read_once(self, name: str, offset: int, buffers: list[memoryview]) -> None:
+        length = sum(b.nbytes for b in buffers)
+        if length == 0:
+            return
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        with self.client.stream("GET", f"{self.base_url}/{name}", headers=headers) as response:
+            if response.status_code == 200:
+                raise WeightFileError(f"{name}: {self.base_url} does not serve range requests "
+                                      f"(a Range request answered 200, not 206)")
+            if response.status_code != 206:
+                raise _ShortRead(f"a range request answered {response.status_code}")
+            index, position = 0, 0
+            for data in response.iter_raw(1 << 20):
+                view = memoryview(data)
+                while view.nbytes:
+                    if index == len(buffers):
+                        raise _ShortRead(f"the server sent more than the {length} bytes "
+                                         f"asked for")
+                    target = buffers[index]
+                    take = min(view.nbytes, target.nbytes - position)
+                    target[position:position + take] = view[:take]
+                    view, position = view[take:], position + take
+                    if position == target.nbytes:
+                        index, position = index + 1, 0
+            if index != len(buffers):
+                raise _ShortRead("the connection ended before the range did")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_weight_files(model: str, folder: Path, connections: int) -> WeightFiles:
+    """The model's weight files: at its URL when it is one, else in its (resolved) folder."""
+    return HttpFiles(model, connections) if is_url(model) else FolderFiles(folder)
