@@ -96,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
     from strata.config import EngineConfig
     from strata.server.kv_peers import KVPeers
     from strata.server.launch import serve as run_server
-    from strata.server.serving import ServerLimits
+    from strata.server.limits import ServerLimits
 
     model = args.model_tag or args.model
     config = EngineConfig.create(model, **engine_kwargs(args), **kv_events_kwargs(args),

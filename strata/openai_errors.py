@@ -9,6 +9,15 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError",
                429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
+class APIError(Exception):
+    """An error answered in OpenAI's shape with this status (the server's handlers do)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "Error"),
                       "param": param, "code": status}}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from strata.server.errors import APIError
+from strata.openai_errors import APIError
 from strata.server.kv_peers import KVPeers, parse_host_port
 from tests.listener import Listener
 from tests.test_server_errors import assert_openai_error

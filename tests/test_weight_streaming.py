@@ -20,6 +20,7 @@ import pytest
 from strata import LLM
 from strata.bench.file_server import serve_folder
 from strata.model.weight_files import WeightFileError
+from strata.router.endpoints import METRICS_QUERY, EndpointStarting, parse_metrics
 from tests.conftest import STORIES
 from tests.metrics_scrape import scrape_by_label
 from tests.polling import wait_until
@@ -114,10 +115,17 @@ def _group_alive(pgid: int) -> list[int]:
     return found
 
 
-def _serve(model: str, log: Path, *extra: str) -> subprocess.Popen:
+def _loading(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=2).json().get("status") == "loading"
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def _serve(model: str, log: Path, *extra: str, port: int | None = None) -> subprocess.Popen:
     """`strata serve` in a process group of its own, so that whatever it leaves is found."""
     return subprocess.Popen([sys.executable, "-m", "strata.cli",
-                             *serve_args(free_port(), *extra, model=model)],
+                             *serve_args(port or free_port(), *extra, model=model)],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             start_new_session=True)
 
@@ -183,6 +191,9 @@ def test_loading_overlaps_the_transfer_and_the_phases_show(tmp_path):
         phases = scrape_by_label(base, "strata:startup_phase")
         assert phases == {"loading": 1.0, "starting": 0.0, "warming": 0.0, "ready": 0.0}
         assert httpx.get(f"{base}/v1/models").status_code == 503
+        page = httpx.get(f"{base}/metrics?{METRICS_QUERY}").text  # what the router scrapes
+        with pytest.raises(EndpointStarting, match="loading"):
+            parse_metrics(page)
         wait_until(lambda: (r := health()) is not None and r.status_code == 200, "healthy", 120,
                    interval=0.05)
         healthy = time.monotonic()
@@ -196,7 +207,36 @@ def test_loading_overlaps_the_transfer_and_the_phases_show(tmp_path):
         assert healthy - transfer.first_range < 1.15 * seconds + 1.0
         assert steps["kv_wait"] < 0.5 * steps["kv_allocate"] + 0.05, steps
         assert scrape_by_label(base, "strata:startup_phase")["ready"] == 1.0
+        assert parse_metrics(httpx.get(f"{base}/metrics?{METRICS_QUERY}").text).num_blocks
     finally:
         server.terminate()
         server.wait(30)
         source.shutdown()
+
+
+@pytest.mark.timeout(240)
+def test_a_start_killed_while_loading_leaves_nothing_and_the_next_start_is_not_slowed(
+        tmp_path):
+    """SIGKILL while the weights stream (reads in flight, the KV cache being zeroed): no
+    process of it stays, and a new start from the same URL, sharing the same caches, starts
+    as a start does (a compile or a lock left behind would take minutes, or forever)."""
+    slow, _ = serve_folder(STORIES, bytes_per_second=100e3)
+    fast, _ = serve_folder(STORIES)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    killed = _serve(f"http://127.0.0.1:{slow.server_address[1]}", tmp_path / "killed.log",
+                    port=port)
+    try:
+        wait_until(lambda: _loading(base), "the killed server to be loading", 120)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)  # the frontend and whatever it started
+        killed.wait()
+        slow.shutdown()
+    wait_until(lambda: not _group_alive(killed.pid), "the killed server's processes to end", 10)
+    server = ServerProcess(tmp_path, model=f"http://127.0.0.1:{fast.server_address[1]}")
+    try:
+        total = scrape_by_label(server.url, "strata:startup_duration_seconds")["total"]
+        assert total < 30, total  # a start compiling kernels, or waiting on a lock, would not
+    finally:
+        assert server.stop() == 0
+        fast.shutdown()

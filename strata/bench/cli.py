@@ -8,17 +8,22 @@ import json
 import sys
 from dataclasses import fields
 
-from strata.bench.client import BenchmarkError, make_client, run_load, warm_up
 from strata.bench.config import BACKENDS, GROUP_ORDERS, PROMPT_FORMATS, WORKLOADS, BenchConfig
-from strata.bench.report import format_table, plot_cdfs, save_json, summarize
-from strata.bench.tokens import load_tokens
-from strata.bench.workloads import build_workload
+
+# The client, report and workload modules (httpx, numpy, matplotlib) are imported where they
+# run: `strata` imports this module for its flags, and so does every `strata serve` and its
+# engine process, which need none of them.
 
 
 async def run_benchmark_async(config: BenchConfig) -> dict:
     """Warm up, send the workload, measure. Returns {"config", "summary", "results"}:
     the summary is `report.summarize`'s dict, the results one RequestResult per request.
     Raises BenchmarkError when the warm-up request fails (server down, wrong model name)."""
+    from strata.bench.client import make_client, run_load, warm_up
+    from strata.bench.report import summarize
+    from strata.bench.tokens import load_tokens
+    from strata.bench.workloads import build_workload
+
     tokens = load_tokens(config.tokenizer)
     specs = build_workload(config, tokens)
     async with make_client(config) as client:
@@ -38,6 +43,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Exit code 0 when at least one request completed, 1 otherwise."""
+    from strata.bench.client import BenchmarkError
+    from strata.bench.report import format_table, plot_cdfs, save_json
+
     config = config_from_args(args)
     try:
         run = run_benchmark(config)

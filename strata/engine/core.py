@@ -19,17 +19,18 @@ from strata.engine.request import Request
 from strata.engine.scheduler import Scheduler
 from strata.engine.validation import validate_request
 from strata.kv_events import KVEvent
-from strata.model.loader import LoadProgress
+from strata.model.safetensors_stream import WeightStream
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata.engine")
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, progress: LoadProgress | None = None) -> None:
+    def __init__(self, config: EngineConfig, weights: WeightStream | None = None) -> None:
         self.config = config
-        self.model_path = resolve_model_path(config.model)
-        self.executor = Executor(config, self.model_path, progress)
+        # The stream's folder when the process started one: a URL's files are fetched once.
+        self.model_path = weights.folder if weights else resolve_model_path(config.model)
+        self.executor = Executor(config, self.model_path, weights)
         self.runner = self.executor.runner  # rank 0's
         self.max_model_len = self.runner.max_model_len
         try:

@@ -25,7 +25,6 @@ from strata.engine.scheduler import SchedulerOutput
 from strata.engine.step_batch import StepBatch
 from strata.engine.worker import start_workers, stop_workers
 from strata.engine.worker_channel import MessageKind, answer_heartbeat, send
-from strata.model.loader import LoadProgress
 from strata.model.parallel import (
     SINGLE,
     TensorParallel,
@@ -35,6 +34,7 @@ from strata.model.parallel import (
     set_threads_per_rank,
 )
 from strata.model.registry import model_args, resolve_device
+from strata.model.safetensors_stream import WeightStream
 from strata.model.sharding import RankShapes
 from strata.owned_dirs import owned_temp_dir, remove_orphaned_dirs
 
@@ -48,7 +48,7 @@ class TensorParallelGroupError(RuntimeError):
 
 class Executor:
     def __init__(self, config: EngineConfig, model_path: Path,
-                 progress: LoadProgress | None = None) -> None:
+                 weights: WeightStream | None = None) -> None:
         parallel = config.parallel
         self.timeout = timedelta(seconds=parallel.distributed_timeout)
         self.workers: list[subprocess.Popen] = []  # the ranks of this node this process started
@@ -63,7 +63,7 @@ class Executor:
         try:
             if parallel.tensor_parallel_size > 1:
                 self.tp = self._start_group(config)
-            self.runner = ModelRunner(config, model_path, self.tp, progress)
+            self.runner = ModelRunner(config, model_path, self.tp, weights)
         except BaseException:
             self.shutdown()
             raise

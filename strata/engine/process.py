@@ -16,14 +16,15 @@ import gc
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
 
+from strata.checkpoint import resolve_model_path
 from strata.config import EngineConfig
 from strata.engine.messages import (
     AbortRequests,
@@ -34,7 +35,9 @@ from strata.engine.messages import (
     Shutdown,
     ToEngine,
 )
+from strata.model.safetensors_stream import WeightStream
 from strata.parent_death import die_with_parent, exit_on_sigterm
+from strata.proc_stats import process_age_seconds
 
 if TYPE_CHECKING:  # the frontend imports this module to spawn it, and must not load torch
     from strata.engine.core import EngineCore
@@ -44,7 +47,7 @@ logger = logging.getLogger("strata.engine")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its frontend is still alive
 TRANSFER_POLL_MS = 1  # how often an engine waiting only on KV reads looks at them
 SEND_TIMEOUT_MS = 1000  # how often a send blocked on a full queue checks the frontend lives
-REPORT_INTERVAL = 0.25  # seconds between two reports of the weights' progress
+REPORT_INTERVAL = 0.25  # seconds between two reports of the start's progress
 
 
 class FrontendGone(Exception):
@@ -64,10 +67,6 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
     # stops (after draining), so the engine ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from strata.engine.core import EngineCore
-    from strata.engine.kv_event_publisher import KVEventPublisher
-    from strata.model.loader import LoadProgress
-
     with contextlib.ExitStack() as resources:  # released in reverse, on every way out
         context = zmq.Context()
         # Closes every socket of the context, whoever made it, and drops unsent frames.
@@ -84,22 +83,34 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         publisher = None
         report = StartupReport(lambda message: outputs.send(encoder.encode(message)))
         try:
-            report.phase("loading")
-            core = EngineCore(config, LoadProgress(report.loaded))
+            report.phase = "loading"
+            report.seconds["engine_process"] = process_age_seconds()
+            # The weights start streaming now, and torch imports (seconds) while they do.
+            report.weights = weights = WeightStream(config.model,
+                                                    resolve_model_path(config.model))
+            started = time.monotonic()
+            from strata.engine.core import EngineCore
+            from strata.engine.kv_event_publisher import KVEventPublisher
+
+            report.seconds["imports"] = time.monotonic() - started
+
+            core = EngineCore(config, weights)
             resources.callback(core.shutdown)
             if config.kv_events_endpoint:
                 publisher = KVEventPublisher(context, config.kv_events_endpoint,
                                              config.kv_events_topic)
                 resources.callback(publisher.close)
             report.seconds |= core.runner.startup_seconds
-            report.phase("warming")
+            report.phase = "warming"
             started = time.monotonic()
             core.warm_up()
             report.seconds["warm_up"] = time.monotonic() - started
             gc.freeze()  # what loading made lives forever: keep it out of every later collection
         except Exception as exc:  # reported to the frontend, which prints it and exits
+            report.stop()
             outputs.send(encoder.encode(EngineReady(error=f"{type(exc).__name__}: {exc}")))
             return
+        report.stop()
         outputs.send(encoder.encode(EngineReady(
             max_model_len=core.max_model_len, vocab_size=core.runner.vocab_size,
             num_blocks=core.kv_cache_manager.num_blocks,
@@ -108,31 +119,41 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
         EngineLoop(core, inputs, outputs, parent, publisher).run()
 
 
-@dataclass
 class StartupReport:
-    """Tells the frontend where the start stands: each phase as it begins, and bytes of
-    weights loaded at most every REPORT_INTERVAL (the loader calls it per tensor)."""
+    """Tells the frontend where the start stands, from a thread of its own: the main thread
+    is busy (importing torch, placing tensors) while the weights stream in. Each phase as it
+    begins, and the bytes read at most every REPORT_INTERVAL. Stopped (and so done with the
+    socket) before the main thread sends EngineReady."""
 
-    send: Callable[[EngineStarting], None]
-    current: str = "starting"
-    loaded_bytes: int = 0
-    total_bytes: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-    last_sent: float = 0.0
+    def __init__(self, send: Callable[[EngineStarting], None]) -> None:
+        self.send = send
+        self.phase = "starting"
+        self.weights: WeightStream | None = None
+        self.seconds: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="strata-report")
+        self._thread.start()
 
-    def phase(self, name: str) -> None:
-        self.current = name
-        self._send()
+    def _run(self) -> None:
+        last = None
+        while True:
+            stopping = self._stop.wait(REPORT_INTERVAL)
+            weights = self.weights
+            message = EngineStarting(self.phase, weights.read_bytes if weights else 0,
+                                     (weights.total_bytes or 0) if weights else 0,
+                                     dict(self.seconds))
+            if message != last:
+                try:
+                    self.send(message)
+                except zmq.ZMQError:  # the frontend stopped reading: it is going
+                    return
+                last = message
+            if stopping:
+                return
 
-    def loaded(self, done: int, total: int) -> None:
-        self.loaded_bytes, self.total_bytes = done, total
-        if done == total or time.monotonic() - self.last_sent >= REPORT_INTERVAL:
-            self._send()
-
-    def _send(self) -> None:
-        self.last_sent = time.monotonic()
-        self.send(EngineStarting(self.current, self.loaded_bytes, self.total_bytes,
-                                 dict(self.seconds)))
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class EngineLoop:

@@ -25,9 +25,10 @@ from strata.engine.step_batch import StepBatch
 from strata.math_utils import cdiv
 from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
 from strata.model.layers import use_cpu_linear_kernel
-from strata.model.loader import LoadProgress
+from strata.model.loader import PlacementTimes
 from strata.model.parallel import SINGLE, TensorParallel
 from strata.model.registry import build_model, load_weights, resolve_device, resolve_dtype
+from strata.model.safetensors_stream import WeightStream
 from strata.model.sampler import Sampler, SamplerOutput, SamplingMetadata
 
 
@@ -61,8 +62,24 @@ def available_memory(device: torch.device) -> int:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path, tp: TensorParallel = SINGLE,
-                 progress: LoadProgress | None = None) -> None:
+                 weights: WeightStream | None = None) -> None:
+        """`weights`: the checkpoint's stream if the caller started it already (the engine
+        process does, before it imports torch); else it starts here, first thing."""
         self.config = config
+        weights = weights or WeightStream(config.model, model_path)
+        try:
+            self._load(config, model_path, tp, weights)
+        except BaseException:
+            weights.close()  # its readers stop; nothing more is read
+            raise
+        self.model.bind_kv_caches(self.kv_caches)
+        started = time.monotonic()
+        use_cpu_linear_kernel(self.model)
+        self.startup_seconds["kernels"] = time.monotonic() - started
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
+
+    def _load(self, config: EngineConfig, model_path: Path, tp: TensorParallel,
+              weights: WeightStream) -> None:
         hf_config = load_json(model_path / "config.json")
         self.tp = tp
         self.device = resolve_device(config.device, tp.rank % config.parallel.ranks_per_node)
@@ -83,25 +100,21 @@ class ModelRunner:
         # slots, and 0 * NaN from stale memory would still poison the output.
         # One tensor for all layers: [layers, K and V, blocks, block_size, kv_heads, head_dim].
         # Allocated (gigabytes to zero) while the weights stream in.
-        progress = progress or LoadProgress()
         shape = (args.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
                  args.head_dim)
         with ThreadPoolExecutor(1, thread_name_prefix="strata-kv-alloc") as side:
             kv_caches = side.submit(_timed, torch.zeros, *shape, dtype=self.dtype,
                                     device=self.device)
-            load_weights(self.model, config.model, model_path, progress)
+            times = PlacementTimes()
+            load_weights(self.model, weights, times)
             waited = time.monotonic()
             self.kv_caches, allocate_seconds = kv_caches.result()
         # Where a start's time went (EngineReady reports it; the benchmark prints it).
-        self.startup_seconds = {"weights_read": progress.read_seconds,
-                                "weights_place": progress.place_seconds,
+        self.startup_seconds = {"weights_read": weights.read_seconds or 0.0,
+                                "weights_wait": times.wait_seconds,
+                                "weights_place": times.place_seconds,
                                 "kv_allocate": allocate_seconds,
                                 "kv_wait": time.monotonic() - waited}
-        self.model.bind_kv_caches(self.kv_caches)
-        started = time.monotonic()
-        use_cpu_linear_kernel(self.model)
-        self.startup_seconds["kernels"] = time.monotonic() - started
-        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
 
     @property
     def bytes_per_block(self) -> int:

@@ -8,8 +8,9 @@ import torch
 
 from strata.checkpoint import load_json
 from strata.model.llama import LlamaForCausalLM, ModelArgs
-from strata.model.loader import LoadProgress, iterate_weights
+from strata.model.loader import PlacementTimes, iterate_weights
 from strata.model.parallel import SINGLE, TensorParallel
+from strata.model.safetensors_stream import WeightStream
 
 # config.json "architectures" -> model class. Qwen3 differs from Llama only by
 # q/k norm, and Mistral by its sliding window: flags of one class.
@@ -71,9 +72,8 @@ def build_model(path: Path, dtype: torch.dtype, device: torch.device,
     return model.eval().requires_grad_(False)
 
 
-def load_weights(model: LlamaForCausalLM, source: str, folder: Path,
-                 progress: LoadProgress | None = None) -> None:
-    """Stream the checkpoint at `source` (its folder or URL; `folder` holds its config) into
-    the model."""
+def load_weights(model: LlamaForCausalLM, stream: WeightStream,
+                 times: PlacementTimes | None = None) -> None:
+    """Place the streamed checkpoint's tensors in the model as they arrive."""
     with torch.no_grad():
-        model.load_weights(iterate_weights(source, folder, progress))
+        model.load_weights(iterate_weights(stream, times))

@@ -1,46 +1,55 @@
-"""Safetensors files streamed: each file's header read and checked first, then its tensors'
-bytes fetched by several ranged reads at once, and each tensor handed over as soon as all
-its bytes are in, so that placing it on its device overlaps with reading the next ones.
+"""Safetensors files streamed, without torch: each file's header read and checked first,
+then its tensors' bytes fetched by several ranged reads at once into host buffers, and each
+tensor handed over as soon as all its bytes are in, so that placing it on its device
+overlaps with reading the next ones.
 
-The bytes in flight or waiting to be placed are bounded (a window of a few chunks, never
-less than the largest tensor), so a slow consumer holds the readers back instead of the
-whole checkpoint piling up in host memory.
+Nothing here imports torch, so that an engine can start its reads first and import torch
+(seconds) while they run. The bytes read but not yet handed over are bounded (a window,
+never less than twice the largest tensor): a consumer that has not started, or is slow,
+holds the readers back instead of the whole checkpoint piling up in host memory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import queue
 import struct
+import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
+from tqdm import tqdm
 
-from strata.model.weight_files import WeightFileError, WeightFiles
+from strata.checkpoint import is_url, load_json
+from strata.model.weight_files import WeightFileError, WeightFiles, open_weight_files
 
+logger = logging.getLogger("strata.model")
 CHUNK_BYTES = 16 << 20  # one ranged read at most: large enough to amortise its latency
 MIN_CHUNK_BYTES = 64 << 10  # ... and at least, however small the checkpoint
-WINDOW_BYTES = 256 << 20  # bytes read ahead of the consumer, at least
+WINDOW_BYTES = 1 << 30  # read ahead of the consumer: what streams in while torch imports
 MAX_HEADER_BYTES = 100 << 20  # the format's own limit
 HEADER_PROBE_BYTES = 64 << 10  # first read of a file: its size field and, usually, its header
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# Ranged reads in flight: a mounted bucket or an object store answers each after a round
+# trip, so several hide its latency; a local disk needs fewer.
+CONCURRENT_READS = {"folder": 4, "url": 8}
 
 
 @dataclass
 class TensorEntry:
     name: str
     file: str
-    dtype: torch.dtype
+    dtype: str  # safetensors' name: F32, BF16...
     shape: list[int]
     start: int  # absolute offset of its bytes in the file
     nbytes: int
-    buffer: torch.Tensor | None = None  # uint8, allocated when its first piece is read
+    buffer: bytearray | None = None  # allocated when its first piece is read
     pending: int = 0  # bytes not yet read
 
 
@@ -64,17 +73,16 @@ class Read:
         return sum(p.length for p in self.pieces)
 
 
-class LoadedTensor:
-    """A whole tensor, read: the loader's TensorSlice for streamed checkpoints."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def get_shape(self) -> list[int]:
-        return list(self.tensor.shape)
-
-    def __getitem__(self, index) -> torch.Tensor:
-        return self.tensor[index]
+def weight_file_names(folder: Path, remote: bool) -> list[str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(load_json(index)["weight_map"].values()))
+    if remote:  # a URL lists nothing: the single-file name is the convention
+        return ["model.safetensors"]
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    return files
 
 
 def read_header(files: WeightFiles, name: str) -> list[TensorEntry]:
@@ -119,13 +127,13 @@ def read_header(files: WeightFiles, name: str) -> list[TensorEntry]:
 
 def _entry(file: str, name: str, spec: dict, data_start: int) -> TensorEntry:
     try:
-        dtype = DTYPES[spec["dtype"]]
+        dtype, itemsize = spec["dtype"], ITEM_SIZES[spec["dtype"]]
         shape = [int(d) for d in spec["shape"]]
         begin, end = (int(o) for o in spec["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise WeightFileError(f"{file}: corrupt safetensors header (tensor {name!r}: "
                               f"{str(spec)[:80]})") from None
-    if end - begin != math.prod(shape) * dtype.itemsize or min(shape, default=0) < 0:
+    if end - begin != math.prod(shape) * itemsize or min(shape, default=0) < 0:
         raise WeightFileError(f"{file}: corrupt safetensors header (tensor {name!r}: "
                               f"{end - begin} bytes for shape {shape} of {spec['dtype']})")
     return TensorEntry(name, file, dtype, shape, data_start + begin, end - begin)
@@ -177,78 +185,121 @@ class _ByteWindow:
             self.cond.notify_all()
 
 
-def stream_tensors(files: WeightFiles, names: list[str], concurrency: int,
-                   on_total: Callable[[int], None] = lambda n: None
-                   ) -> Iterator[tuple[str, LoadedTensor]]:
-    """Every tensor of the files, as each is read whole (roughly in file order). A failed
-    read's error, naming its file, is raised here. The readers are daemon threads: a load
-    given up (an error, SIGTERM) waits for none of them, however slow its source; the files
-    close once no read is left in flight."""
-    try:
-        entries = [e for name in names for e in read_header(files, name)]
-    except BaseException:
-        files.close()
-        raise
-    on_total(sum(e.nbytes for e in entries))
-    total = sum(e.nbytes for e in entries)
-    # A small checkpoint still gets several reads per reader: they overlap with the placing.
-    chunk = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, total // (4 * concurrency)))
-    reads = plan_reads(entries, chunk)
-    largest = max((e.nbytes for e in entries), default=0)
-    window = _ByteWindow(max(WINDOW_BYTES, 2 * largest, 2 * chunk))
-    done: queue.Queue[TensorEntry | BaseException] = queue.Queue()
-    tasks: queue.Queue[Read | None] = queue.Queue()
-    lock = threading.Lock()
-    stopped = threading.Event()
+class WeightStream:
+    """A checkpoint's tensors, read in background threads from the moment it is opened:
+    `tensors()` yields each as its bytes are all in. A failed read's error, naming its file,
+    is raised there. The readers are daemon threads, so a load given up (an error, SIGTERM)
+    waits for none of them however slow its source; the files close once no read is left
+    in flight. Bytes read show in a bar in the log (bytes, rate), and in `read_bytes`."""
 
-    def run(read: Read) -> None:
-        with lock:  # a tensor's buffer is allocated by whichever of its reads comes first
+    def __init__(self, model: str, folder: Path) -> None:
+        self.started = time.monotonic()
+        self.read_bytes = 0
+        self.read_seconds: float | None = None  # from opening to the last byte
+        remote = is_url(model)
+        self.folder = folder  # config.json and the rest of the small files
+        self.names = weight_file_names(folder, remote)
+        self.concurrency = CONCURRENT_READS["url" if remote else "folder"]
+        self.files: WeightFiles = open_weight_files(model, folder, self.concurrency)
+        self.location = self.files.location
+        self.total_bytes: int | None = None  # known once the headers are read
+        self._done: queue.Queue[TensorEntry | BaseException | int] = queue.Queue()
+        self._tasks: queue.Queue[Read | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._window: _ByteWindow | None = None
+        self._bar: tqdm | None = None
+        self._readers = [threading.Thread(target=self._reader, daemon=True,
+                                          name=f"strata-weights-{i}")
+                         for i in range(self.concurrency)]
+        self._planner = threading.Thread(target=self._plan_and_submit, daemon=True,
+                                         name="strata-weights-plan")
+        for thread in (*self._readers, self._planner):
+            thread.start()
+
+    def _plan_and_submit(self) -> None:
+        try:
+            entries = [e for name in self.names for e in read_header(self.files, name)]
+        except BaseException as exc:  # noqa: BLE001 (the consumer raises it)
+            self._done.put(exc)
+            entries = []
+        total = sum(e.nbytes for e in entries)
+        # A small checkpoint still gets several reads per reader: they overlap with placing.
+        chunk = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, total // (4 * self.concurrency)))
+        largest = max((e.nbytes for e in entries), default=0)
+        self._window = window = _ByteWindow(max(WINDOW_BYTES, 2 * largest, 2 * chunk))
+        self.total_bytes = total
+        logger.info("loading %.1f MiB of weights from %s", total / 2**20, self.location)
+        self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                         desc="loading weights", file=sys.stderr, dynamic_ncols=True,
+                         mininterval=0.5 if sys.stderr.isatty() else 5.0)
+        self._done.put(len(entries))  # the consumer's count
+        for read in plan_reads(entries, chunk):
+            if not window.acquire(read.nbytes):
+                break
+            self._tasks.put(read)
+        for _ in self._readers:
+            self._tasks.put(None)
+
+    def _reader(self) -> None:
+        while (read := self._tasks.get()) is not None and not self._stopped.is_set():
+            try:
+                self._run(read)
+            except BaseException as exc:  # noqa: BLE001 (the consumer raises it)
+                self._done.put(exc)
+                return
+
+    def _run(self, read: Read) -> None:
+        with self._lock:  # a tensor's buffer is allocated by whichever of its reads is first
             for piece in read.pieces:
                 if piece.entry.buffer is None:
-                    piece.entry.buffer = torch.empty(piece.entry.nbytes, dtype=torch.uint8)
-        files.read_into(read.file, read.start, [
-            memoryview(p.entry.buffer.numpy())[p.offset:p.offset + p.length]
-            for p in read.pieces])
-        with lock:
+                    piece.entry.buffer = bytearray(piece.entry.nbytes)
+        self.files.read_into(read.file, read.start, [
+            memoryview(p.entry.buffer)[p.offset:p.offset + p.length] for p in read.pieces])
+        with self._lock:
             for piece in read.pieces:
                 piece.entry.pending -= piece.length
                 if piece.entry.pending == 0:
-                    done.put(piece.entry)
+                    self._done.put(piece.entry)
+            self.read_bytes += read.nbytes
+            self._bar.update(read.nbytes)
+            if self.read_bytes == self.total_bytes:
+                self._finish()
 
-    def reader() -> None:
-        while (read := tasks.get()) is not None and not stopped.is_set():
-            try:
-                run(read)
-            except BaseException as exc:  # noqa: BLE001 (the consumer raises it)
-                done.put(exc)
-                return
+    def _finish(self) -> None:
+        self.read_seconds = time.monotonic() - self.started
+        self._bar.close()
+        logger.info("weights read: %.1f MiB in %.2f s (%.1f MiB/s)", self.read_bytes / 2**20,
+                    self.read_seconds, self.read_bytes / 2**20 / max(self.read_seconds, 1e-9))
 
-    def submit_all() -> None:
-        for read in reads:
-            if not window.acquire(read.nbytes):
-                break
-            tasks.put(read)
-        for _ in readers:
-            tasks.put(None)
+    def _next(self) -> TensorEntry | int:
+        item = self._done.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
-    readers = [threading.Thread(target=reader, name=f"strata-weights-{i}", daemon=True)
-               for i in range(concurrency)]
-    threads = [*readers, threading.Thread(target=submit_all, daemon=True)]
-    for thread in threads:
-        thread.start()
-    try:
-        for _ in range(len(entries)):
-            item = done.get()
-            if isinstance(item, BaseException):
-                raise item
-            tensor = item.buffer.view(item.dtype).view(item.shape)
-            item.buffer = None
-            yield item.name, LoadedTensor(tensor)
-            window.release(item.nbytes)
-    finally:
-        stopped.set()
-        window.close()
-        for thread in threads:
+    def tensors(self) -> Iterator[TensorEntry]:
+        """Each tensor, its `buffer` filled, as it completes (roughly in file order). Its
+        buffer leaves the window when the caller asks for the next one."""
+        try:
+            count = self._next()
+            if count == 0:
+                self.read_seconds = time.monotonic() - self.started
+            for _ in range(count):
+                entry = self._next()
+                yield entry
+                entry.buffer = None
+                self._window.release(entry.nbytes)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._bar is not None and self.read_seconds is None:
+            self._bar.close()  # given up: the bar ends where the reads did
+        if self._window is not None:
+            self._window.close()
+        for thread in (*self._readers, self._planner):
             thread.join(timeout=0.1)
-        if not any(thread.is_alive() for thread in threads):
-            files.close()
+        if not any(t.is_alive() for t in (*self._readers, self._planner)):
+            self.files.close()

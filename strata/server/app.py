@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import strata
-from strata.server.errors import APIError, install_error_handlers
+from strata.openai_errors import APIError
+from strata.server.errors import install_error_handlers
 from strata.server.middleware import APIKeyCheck, BodySizeLimit
 from strata.server.protocol import (
     ChatCompletionRequest,

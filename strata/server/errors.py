@@ -1,4 +1,4 @@
-"""The server's errors: APIError, and handlers that answer every error in OpenAI's shape."""
+"""Handlers that answer every error of the server in OpenAI's shape (APIError included)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from strata.openai_errors import error_body
+from strata.openai_errors import APIError, error_body
 
 logger = logging.getLogger("strata.server")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
 def error_response(status: int, message: str, param: str | None = None,

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 
 from strata.engine.client import AsyncEngineClient, EngineDeadError, EngineRejectedError
 from strata.inputs import TokenizedPrompt
+from strata.openai_errors import APIError
 from strata.output_processor import OutputProcessor, Sample, SampleDelta
 from strata.sampling_params import SamplingParams
-from strata.server.errors import APIError
 from strata.server.metrics import ServerMetrics
 from strata.tokenizer import Tokenizer
 

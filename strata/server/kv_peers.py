@@ -18,7 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from strata.server.errors import APIError
+from strata.openai_errors import APIError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_RANKS = 64  # tensor-parallel ranks a prefiller may name in remote_ranks

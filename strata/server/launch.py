@@ -1,5 +1,9 @@
 """`strata serve`: start the engine process, then the HTTP server in front of it.
 
+The engine starts first (it imports torch and streams the weights), and this process
+imports the tokenizer's libraries and opens its port meanwhile: until the engine is ready
+the port answers with the phase of the start (strata.server.startup).
+
 Uvicorn drains on SIGTERM and Ctrl-C: it stops accepting, lets in-flight requests
 (streams included) finish, then the engine is told to shut down. If the engine
 process dies, in-flight requests get 503, /health says 503, and the server exits
@@ -12,6 +16,7 @@ import asyncio
 import gc
 import logging
 import os
+import time
 from pathlib import Path
 
 import uvicorn
@@ -21,13 +26,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from strata.checkpoint import resolve_model_path
 from strata.config import EngineConfig
 from strata.engine.client import AsyncEngineClient
-from strata.server.app import build_app
 from strata.server.kv_peers import KVPeers
-from strata.server.metrics import ServerMetrics
-from strata.server.remote_prefill import RemotePrefill
-from strata.server.serving import FALLBACK_CHAT_TEMPLATE, OpenAIServing, ServerLimits
+from strata.server.limits import ServerLimits
 from strata.server.startup import StartingApp, StartupState, SwitchableApp
-from strata.tokenizer import Tokenizer
 from strata.uvicorn_server import DEFAULT_DRAIN_TIMEOUT, Server
 
 logger = logging.getLogger("strata.server")
@@ -40,45 +41,65 @@ def serve(config: EngineConfig, *, host: str, port: int, served_model_names: lis
           access_log: bool = True, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_path = resolve_model_path(config.model)
-    tokenizer = Tokenizer(resolve_model_path(config.tokenizer or config.model))
-    template = _read_template(chat_template) or tokenizer.hf.chat_template
-    if template is None:
-        logger.warning("the tokenizer has no chat template: chat requests use a plain one that "
-                       "joins the messages' contents (pass --chat-template to set one)")
-    tokenizer.hf.chat_template = template or FALLBACK_CHAT_TEMPLATE
-    return uvloop.run(_serve(config, str(model_path), tokenizer, host=host, port=port,
+    return uvloop.run(_serve(config, str(model_path), chat_template, host=host, port=port,
                              served_model_names=served_model_names, api_key=api_key,
                              limits=limits, kv_peers=kv_peers, access_log=access_log,
                              drain_timeout=drain_timeout))
 
 
-async def _serve(config: EngineConfig, model_path: str, tokenizer: Tokenizer, *, host: str,
-                 port: int, served_model_names: list[str], api_key: str | None,
+def _load_tokenizer(config: EngineConfig, model_path: Path, chat_template: str | None,
+                    startup: StartupState):
+    """The tokenizer and its chat template. Run in a thread while the engine starts: its
+    libraries take seconds to import, which the engine need not wait for."""
+    from strata.server.serving import FALLBACK_CHAT_TEMPLATE
+    from strata.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(resolve_model_path(config.tokenizer) if config.tokenizer else model_path)
+    template = _read_template(chat_template) or tokenizer.hf.chat_template
+    if template is None:
+        logger.warning("the tokenizer has no chat template: chat requests use a plain one that "
+                       "joins the messages' contents (pass --chat-template to set one)")
+    tokenizer.hf.chat_template = template or FALLBACK_CHAT_TEMPLATE
+    startup.frontend_ready()
+    return tokenizer
+
+
+async def _serve(config: EngineConfig, model_path: str, chat_template: str | None, *,
+                 host: str, port: int, served_model_names: list[str], api_key: str | None,
                  limits: ServerLimits, kv_peers: KVPeers,
                  access_log: bool, drain_timeout: float) -> int:
     registry = CollectorRegistry()
     startup = StartupState(registry, served_model_names[0])
+    client = AsyncEngineClient(config)
+    startup.engine_spawned = time.monotonic()
+    starting = asyncio.create_task(client.start(startup.update))
     app = SwitchableApp(StartingApp(startup, lambda: generate_latest(registry)))
-    # Open at once: probes, scrapers and routers see the phase while the engine starts.
     server = Server(uvicorn.Config(app, host=host, port=port, access_log=access_log,
                                    timeout_keep_alive=30, log_level="info", lifespan="off",
                                    timeout_graceful_shutdown=drain_timeout))
     serving_task = asyncio.create_task(server.serve())
-    client = AsyncEngineClient(config)
-    starting = asyncio.create_task(client.start(startup.update))
-    await asyncio.wait([serving_task, starting], return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():  # stopped (a signal) or could not bind while the engine started
-        starting.cancel()
+    loading = asyncio.create_task(asyncio.to_thread(_load_tokenizer, config, Path(model_path),
+                                                     chat_template, startup))
+    both = asyncio.gather(starting, loading)
+    await asyncio.wait([serving_task, both], return_when=asyncio.FIRST_COMPLETED)
+    if not both.done():  # stopped (a signal) or could not bind while the engine started
+        both.cancel()
         await client.shutdown()
         await serving_task
         return 0 if server.started else 1
     try:
-        info = starting.result()
-    except Exception:
+        info, tokenizer = both.result()
+    except BaseException:
         server.should_exit = True
         await serving_task
         await client.shutdown()
         raise
+    # Loaded by now, mostly (the tokenizer's thread imported the serving code).
+    from strata.server.app import build_app
+    from strata.server.metrics import ServerMetrics
+    from strata.server.remote_prefill import RemotePrefill
+    from strata.server.serving import OpenAIServing
+
     startup.ready(info.startup_seconds)
     gc.freeze()  # the tokenizer and the app live forever: keep them out of later collections
     logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d (pid %d); started in "

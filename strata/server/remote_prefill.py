@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from strata.http_headers import KV_PEER_TOKEN_HEADER, PREFILLER_HEADER
 from strata.inputs import TokenizedPrompt
-from strata.server.errors import APIError
+from strata.openai_errors import APIError
 from strata.server.kv_peers import KVPeers
 
 logger = logging.getLogger("strata.server")

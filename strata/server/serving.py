@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
 
 import jinja2
 
 from strata.engine.client import AsyncEngineClient, EngineInfo
 from strata.engine.validation import validate_request
 from strata.inputs import TokenizedPrompt
+from strata.openai_errors import APIError
 from strata.sampling_params import SamplingParams
-from strata.server.errors import APIError
 from strata.server.generation import Generation
+from strata.server.limits import ServerLimits
 from strata.server.metrics import ServerMetrics
 from strata.server.protocol import ChatMessage
 from strata.server.remote_prefill import RemotePrefill
@@ -27,28 +27,6 @@ from strata.tokenizer import Tokenizer
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if not loop.first %}\n{% endif %}"
     "{{ message['content'] }}{% endfor %}")
-
-
-BYTES_PER_TOKEN_ID = 8  # a token id in JSON: up to 6 digits, a comma and a space
-MIN_BODY_BYTES, MAX_BODY_BYTES = 1 << 20, 32 << 20
-
-
-@dataclass
-class ServerLimits:
-    max_waiting_requests: int = 1024  # samples waiting to be scheduled
-    max_samples_per_request: int = 256  # prompts x n
-    max_request_body_bytes: int | None = None  # None: as much as the largest request needs
-    retry_after_seconds: int = 1
-
-    def body_bytes(self, max_model_len: int) -> int:
-        """The body limit: by default, room for a list of --max-samples-per-request prompts
-        of max_model_len token ids (1-32 MiB). A larger body cannot be a request this server
-        would take, and refusing it by its Content-Length spares the event loop buffering and
-        parsing it, which no thread can take off it (JSON parsers hold the GIL)."""
-        if self.max_request_body_bytes is not None:
-            return self.max_request_body_bytes
-        need = self.max_samples_per_request * max_model_len * BYTES_PER_TOKEN_ID
-        return min(MAX_BODY_BYTES, max(MIN_BODY_BYTES, need))
 
 
 class OpenAIServing:

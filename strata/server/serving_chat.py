@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
+from strata.openai_errors import APIError
 from strata.outputs import Logprob
-from strata.server.errors import APIError
 from strata.server.generation import Generation
 from strata.server.protocol import ChatCompletionRequest
 from strata.server.serving import OpenAIServing

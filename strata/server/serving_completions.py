@@ -9,9 +9,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from strata.inputs import TokenizedPrompt
+from strata.openai_errors import APIError
 from strata.output_processor import Sample
 from strata.outputs import Logprob
-from strata.server.errors import APIError
 from strata.server.generation import Generation
 from strata.server.protocol import CompletionRequest
 from strata.server.serving import OpenAIServing

@@ -11,8 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from strata.http_disconnect import disconnected
-from strata.openai_errors import error_body
-from strata.server.errors import APIError
+from strata.openai_errors import APIError, error_body
 
 DONE = b"data: [DONE]\n\n"
 logger = logging.getLogger("strata.server")

@@ -37,6 +37,7 @@ class StartupState:
     total_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     began: float = field(default_factory=lambda: time.monotonic() - process_age_seconds())
+    engine_spawned: float | None = None  # when the engine process was started
 
     def __post_init__(self) -> None:
         label = ["model_name"]
@@ -44,8 +45,9 @@ class StartupState:
                             "starting, loading, warming or ready.", [*label, "phase"],
                             registry=self.registry)
         self._seconds = Gauge("strata:startup_duration_seconds",
-                              "Seconds each step of the start took; step=\"total\" is from "
-                              "process start to ready (the time a new replica takes).",
+                              "Seconds each step of the start took (docs/architecture.md); "
+                              "step=\"total\" is from process start to ready: the time a "
+                              "new replica takes.",
                               [*label, "step"], registry=self.registry)
         self._loaded = Gauge("strata:weights_loaded_bytes", "Bytes of weights in place.",
                              label, registry=self.registry).labels(self.model_name)
@@ -53,17 +55,26 @@ class StartupState:
                             label, registry=self.registry).labels(self.model_name)
         self._show()
 
+    def frontend_ready(self) -> None:
+        """This process' imports and tokenizer are done (from a thread: no gauge is set)."""
+        self.seconds["frontend"] = time.monotonic() - self.began
+
     def update(self, report: EngineStarting) -> None:
-        if report.phase != self.phase and report.phase == "loading":
-            self.seconds["process"] = time.monotonic() - self.began  # imports, tokenizer
         self.phase = report.phase
         self.loaded_bytes, self.total_bytes = report.loaded_bytes, report.total_bytes
-        self.seconds |= report.seconds
+        self._add_engine_seconds(report.seconds)
         self._show()
+
+    def _add_engine_seconds(self, seconds: dict[str, float]) -> None:
+        self.seconds |= {k: v for k, v in seconds.items() if k != "engine_process"}
+        if "engine_process" in seconds and self.engine_spawned is not None:
+            # from this process' start to the engine's first read of the weights
+            self.seconds["engine_start"] = self.engine_spawned - self.began + \
+                seconds["engine_process"]
 
     def ready(self, engine_seconds: dict[str, float]) -> None:
         self.phase = "ready"
-        self.seconds |= engine_seconds
+        self._add_engine_seconds(engine_seconds)
         self.seconds["total"] = time.monotonic() - self.began
         self._show()
 
