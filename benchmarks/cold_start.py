@@ -38,7 +38,7 @@ from strata.health import wait_healthy
 
 RATES_MBPS = (100, 1000)
 STEPS = ("engine_start", "imports", "frontend", "weights_read", "weights_wait", "weights_place",
-         "kv_allocate", "kv_wait", "kernels", "warm_up", "total")
+         "kv_allocate", "kernels", "warm_up", "total")
 
 
 def parse_args() -> argparse.Namespace:

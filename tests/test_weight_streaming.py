@@ -167,8 +167,8 @@ def test_a_failed_load_is_one_line_and_a_non_zero_exit_with_no_process_left(tmp_
 @pytest.mark.timeout(240)
 def test_loading_overlaps_the_transfer_and_the_phases_show(tmp_path):
     """At 200 kB/s the 1 MB of weights take ~5 s: the server is healthy soon after their
-    last byte, not a whole load later (its 500 MB KV cache is zeroed meanwhile), and while
-    they stream /health says 503 "loading" with the bytes in place, /metrics the phase."""
+    last byte, not a whole load later (its 500 MB KV pool costs nothing to allocate), and
+    while they stream /health says 503 "loading" with the bytes read, /metrics the phase."""
     source, transfer = serve_folder(STORIES, bytes_per_second=200e3)
     url = f"http://127.0.0.1:{source.server_address[1]}"
     port = free_port()
@@ -201,11 +201,11 @@ def test_loading_overlaps_the_transfer_and_the_phases_show(tmp_path):
         assert seconds > 4.0
         after = healthy - transfer.last_byte
         steps = scrape_by_label(base, "strata:startup_duration_seconds")
-        # Serial, the KV cache's zeroing would come after the last byte; here only what
-        # needs every weight does (packing, a warm-up step), and the health poll.
+        # After the last byte, only what needs every weight (packing, a warm-up step) and
+        # the health poll: torch's import and the model's build happened meanwhile.
         assert after < steps["kernels"] + steps["warm_up"] + 1.0, (after, steps)
         assert healthy - transfer.first_range < 1.15 * seconds + 1.0
-        assert steps["kv_wait"] < 0.5 * steps["kv_allocate"] + 0.05, steps
+        assert steps["kv_allocate"] < 0.1, steps  # 500 MB of pool, given zeroed by the kernel
         assert scrape_by_label(base, "strata:startup_phase")["ready"] == 1.0
         assert parse_metrics(httpx.get(f"{base}/metrics?{METRICS_QUERY}").text).num_blocks
     finally:

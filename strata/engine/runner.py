@@ -8,9 +8,10 @@ what they sampled comes back as Python lists, one row per sampling request.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,18 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None] | None = None  # None: no request asked for any
 
 
-def _timed(function, *args, **kwargs):
-    started = time.monotonic()
-    return function(*args, **kwargs), time.monotonic() - started
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The KV pool, one tensor for all layers: [layers, K and V, blocks, block_size,
+    kv_heads, head_dim]. Zeroed, not empty: attention reads whole blocks and masks the
+    unused slots, and 0 * NaN from stale memory would still poison the output. On CPU it is
+    an anonymous mapping, whose pages the kernel hands out zeroed when first written: a
+    start pays nothing for gigabytes of pool (zeroing them took seconds), as vLLM's CPU pool
+    (torch.empty) does not either, but with the zeros guaranteed. On a GPU, a memset."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)
 
 
 def available_memory(device: torch.device) -> int:
@@ -96,25 +106,18 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         # Every rank must have as many blocks as rank 0's scheduler hands out.
         self.num_blocks = tp.min_over_ranks(self._num_blocks())
-        # Zeroed, not empty: attention reads whole blocks and masks the unused
-        # slots, and 0 * NaN from stale memory would still poison the output.
-        # One tensor for all layers: [layers, K and V, blocks, block_size, kv_heads, head_dim].
-        # Allocated (gigabytes to zero) while the weights stream in.
         shape = (args.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
                  args.head_dim)
-        with ThreadPoolExecutor(1, thread_name_prefix="strata-kv-alloc") as side:
-            kv_caches = side.submit(_timed, torch.zeros, *shape, dtype=self.dtype,
-                                    device=self.device)
-            times = PlacementTimes()
-            load_weights(self.model, weights, times)
-            waited = time.monotonic()
-            self.kv_caches, allocate_seconds = kv_caches.result()
+        started = time.monotonic()
+        self.kv_caches = zeroed(shape, self.dtype, self.device)
+        allocated = time.monotonic()
+        times = PlacementTimes()
+        load_weights(self.model, weights, times)
         # Where a start's time went (EngineReady reports it; the benchmark prints it).
         self.startup_seconds = {"weights_read": weights.read_seconds or 0.0,
                                 "weights_wait": times.wait_seconds,
                                 "weights_place": times.place_seconds,
-                                "kv_allocate": allocate_seconds,
-                                "kv_wait": time.monotonic() - waited}
+                                "kv_allocate": allocated - started}
 
     @property
     def bytes_per_block(self) -> int:

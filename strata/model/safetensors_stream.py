@@ -200,7 +200,7 @@ class WeightStream:
         self.folder = folder  # config.json and the rest of the small files
         self.names = weight_file_names(folder, remote)
         self.concurrency = CONCURRENT_READS["url" if remote else "folder"]
-        self.files: WeightFiles = open_weight_files(model, folder, self.concurrency)
+        self.files: WeightFiles = open_weight_files(model, folder)
         self.location = self.files.location
         self.total_bytes: int | None = None  # known once the headers are read
         self._done: queue.Queue[TensorEntry | BaseException | int] = queue.Queue()
@@ -222,7 +222,9 @@ class WeightStream:
             entries = [e for name in self.names for e in read_header(self.files, name)]
         except BaseException as exc:  # noqa: BLE001 (the consumer raises it)
             self._done.put(exc)
-            entries = []
+            for _ in self._readers:
+                self._tasks.put(None)
+            return
         total = sum(e.nbytes for e in entries)
         # A small checkpoint still gets several reads per reader: they overlap with placing.
         chunk = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, total // (4 * self.concurrency)))

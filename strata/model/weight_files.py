@@ -7,9 +7,11 @@ latency, not by the link.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Protocol
 
@@ -85,16 +87,22 @@ class FolderFiles:
 
 
 class HttpFiles:
-    """Files under a base URL, read with HTTP range requests over a pool of connections."""
+    """Files under a base URL, read with HTTP range requests. The HEAD (redirects followed:
+    a registry's URL may send to a CDN) goes through httpx; the ranges through the standard
+    library's http.client, one keep-alive connection per reader thread, because its
+    readinto() receives straight into the tensor's buffer with the GIL released: httpx hands
+    over chunks of bytes to copy in Python, which at hundreds of MB/s held the GIL enough to
+    double the torch import it overlaps."""
 
-    def __init__(self, base_url: str, connections: int) -> None:
+    def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
         self.location = self.base_url
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        # No overall timeout (a shard can take minutes); a stall of 60 s is a lost connection.
-        self.client = httpx.Client(limits=limits, follow_redirects=True,
-                                   timeout=httpx.Timeout(60.0, connect=10.0))
+        self.client = httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0))
+        self._urls: dict[str, urllib.parse.SplitResult] = {}  # after redirects
         self._sizes: dict[str, int] = {}
+        self._local = threading.local()  # each reader thread's connection
+        self._connections: set[http.client.HTTPConnection] = set()  # to close them all
+        self._lock = threading.Lock()
 
     def size(self, name: str) -> int:
         if name not in self._sizes:
@@ -109,50 +117,81 @@ class HttpFiles:
                 raise WeightFileError(f"{name}: HEAD answered {response.status_code} without a "
                                       f"Content-Length at {self.base_url}")
             self._sizes[name] = int(response.headers["content-length"])
+            self._urls[name] = urllib.parse.urlsplit(str(response.url))
         return self._sizes[name]
 
     def read_into(self, name: str, offset: int, buffers: list[memoryview]) -> None:
+        self.size(name)
         for attempt in range(READ_RETRIES + 1):
             try:
                 return self._read_once(name, offset, [b.cast("B") for b in buffers])
-            except (httpx.HTTPError, _ShortRead) as exc:
+            except (OSError, http.client.HTTPException, _ShortRead) as exc:
+                self._drop_connection()
                 if attempt == READ_RETRIES:
                     reason = str(exc) if isinstance(exc, _ShortRead) else \
                         f"connection lost ({type(exc).__name__}: {exc})"
                     raise WeightFileError(f"{name}: {reason}, after {READ_RETRIES + 1} tries "
                                           f"of bytes {offset}+") from None
 
+    def _connection(self, url: urllib.parse.SplitResult) -> http.client.HTTPConnection:
+        https = url.scheme == "https"
+        where = (url.hostname, url.port or (443 if https else 80))
+        connection = getattr(self._local, "connection", None)
+        if connection is None or (connection.host, connection.port) != where:
+            self._drop_connection()
+            kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+            # A stall of 60 s is a lost connection; a whole shard may take minutes.
+            connection = kind(*where, timeout=60.0)
+            self._local.connection = connection
+            with self._lock:
+                self._connections.add(connection)
+        return connection
+
+    def _drop_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+            with self._lock:
+                self._connections.discard(connection)
+
     def _read_once(self, name: str, offset: int, buffers: list[memoryview]) -> None:
         length = sum(b.nbytes for b in buffers)
         if length == 0:
             return
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        with self.client.stream("GET", f"{self.base_url}/{name}", headers=headers) as response:
-            if response.status_code == 200:
-                raise WeightFileError(f"{name}: {self.base_url} does not serve range requests "
-                                      f"(a Range request answered 200, not 206)")
-            if response.status_code != 206:
-                raise _ShortRead(f"a range request answered {response.status_code}")
-            index, position = 0, 0
-            for data in response.iter_raw(1 << 20):
-                view = memoryview(data)
-                while view.nbytes:
-                    if index == len(buffers):
-                        raise _ShortRead(f"the server sent more than the {length} bytes "
-                                         f"asked for")
-                    target = buffers[index]
-                    take = min(view.nbytes, target.nbytes - position)
-                    target[position:position + take] = view[:take]
-                    view, position = view[take:], position + take
-                    if position == target.nbytes:
-                        index, position = index + 1, 0
-            if index != len(buffers):
-                raise _ShortRead("the connection ended before the range did")
+        url = self._urls[name]
+        connection = self._connection(url)
+        connection.request("GET", url.path + (f"?{url.query}" if url.query else ""),
+                           headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        response = connection.getresponse()
+        if response.status == 200:
+            response.close()
+            raise WeightFileError(f"{name}: {self.base_url} does not serve range requests "
+                                  f"(a Range request answered 200, not 206)")
+        if response.status != 206 or response.length != length:
+            response.close()
+            raise _ShortRead(f"a range request of {length} bytes answered {response.status} "
+                             f"with {response.length} bytes")
+        received = 0
+        for buffer in buffers:
+            filled = 0
+            while filled < buffer.nbytes:
+                got = response.readinto(buffer[filled:])
+                if not got:
+                    raise _ShortRead(f"connection lost after {received + filled} of "
+                                     f"{length} bytes")
+                filled += got
+            received += filled
 
     def close(self) -> None:
+        """Once no read is in flight (WeightStream sees to it)."""
         self.client.close()
+        with self._lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
 
 
-def open_weight_files(model: str, folder: Path, connections: int) -> WeightFiles:
+def open_weight_files(model: str, folder: Path) -> WeightFiles:
     """The model's weight files: at its URL when it is one, else in its (resolved) folder."""
-    return HttpFiles(model, connections) if is_url(model) else FolderFiles(folder)
+    return HttpFiles(model) if is_url(model) else FolderFiles(folder)
