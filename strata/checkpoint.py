@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -58,13 +59,10 @@ def fetch_metadata(url: str) -> Path:
     folder = cache / "strata" / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     base = url.rstrip("/")
-    with httpx.Client(follow_redirects=True, timeout=30.0) as client:
-        for name in METADATA_FILES:
-            try:
-                response = client.get(f"{base}/{name}")
-            except httpx.HTTPError as exc:
-                raise FileNotFoundError(f"cannot fetch {name} from {base}: "
-                                        f"{type(exc).__name__}: {exc}") from None
+    with httpx.Client(follow_redirects=True, timeout=30.0) as client, \
+            ThreadPoolExecutor(len(METADATA_FILES)) as pool:  # one round trip, not eight
+        for name, response in zip(METADATA_FILES, pool.map(
+                lambda name: _get(client, f"{base}/{name}"), METADATA_FILES), strict=True):
             if response.status_code == 404:
                 (folder / name).unlink(missing_ok=True)
                 if name == "config.json":
@@ -77,3 +75,10 @@ def fetch_metadata(url: str) -> Path:
                 part.write(response.content)
             os.replace(part.name, folder / name)
     return folder
+
+
+def _get(client: httpx.Client, url: str) -> httpx.Response:
+    try:
+        return client.get(url)
+    except httpx.HTTPError as exc:
+        raise FileNotFoundError(f"cannot fetch {url}: {type(exc).__name__}: {exc}") from None

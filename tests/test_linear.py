@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.model.cpu_kernels import skinny_linear_kernel
-from strata.model.layers import Embedding, Linear, use_cpu_linear_kernel
+from strata.model.layers import (
+    Embedding,
+    Linear,
+    cpu_linear_kernel_pays,
+    pack_linears,
+    packable_linears,
+)
 
 kernel_required = pytest.mark.skipif(skinny_linear_kernel() is None,
                                      reason="the C++ kernel could not be built here")
@@ -51,15 +57,15 @@ def test_weights_shared_with_an_embedding_are_not_packed():
             self.proj = Linear(32, 32, bias=False)
 
     model = Tied()
-    use_cpu_linear_kernel(model, calibrate=False)  # packed whatever this CPU measures
+    pack_linears(packable_linears(model))  # packed whatever this CPU measures
     assert model.head.packed is None and model.head.weight is model.embed.weight
     assert model.proj.packed is not None and model.proj.weight is None
 
 
 @kernel_required
 def test_the_kernel_is_used_only_where_it_beats_torch(monkeypatch, caplog):
-    """Calibration: the kernel packs the weights if it is faster than torch's product for
-    one row on this CPU, and otherwise leaves them, saying so."""
+    """Calibration: the kernel is used if it is faster than torch's product for one row on
+    this CPU, and otherwise not, saying so."""
     from strata.model import layers
 
     for packed_s, torch_s, packs in ((1e-6, 2e-6, True), (5e-6, 1e-6, False)):
@@ -67,8 +73,7 @@ def test_the_kernel_is_used_only_where_it_beats_torch(monkeypatch, caplog):
                             t=torch_s: (p, t))
         model = nn.Sequential(Linear(32, 64, bias=False))
         with caplog.at_level("WARNING", logger="strata.model.layers"):
-            use_cpu_linear_kernel(model)
-        assert (model[0].packed is not None) is packs
+            assert cpu_linear_kernel_pays(packable_linears(model)) is packs
         assert ("5.0x slower" in caplog.text) is not packs
     packed_s, torch_s = layers.kernel_vs_torch_seconds(layers.skinny_linear_kernel(),
                                                        torch.randn(64, 32))

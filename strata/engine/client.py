@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -60,8 +61,11 @@ STARTUP_CONNECT_MS = 5000
 
 
 class AsyncEngineClient:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model_path: Path) -> None:
+        """`model_path`: the model's folder, resolved (a URL's small files fetched) already:
+        the engine reads them there rather than fetching them again."""
         self.config = config
+        self.model_path = model_path
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
         self.on_stats: Callable[[EngineStats], None] = lambda stats: None
@@ -104,7 +108,7 @@ class AsyncEngineClient:
         self._process = spawn.Process(
             target=run_engine_core, name="strata-engine-core", daemon=True,
             args=(self.config, f"ipc://{base / 'input'}", f"ipc://{base / 'output'}",
-                  os.getpid()))
+                  os.getpid(), str(self.model_path)))
         try:
             self._process.start()
             ready = await self._wait_ready(on_starting)

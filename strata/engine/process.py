@@ -19,12 +19,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
 
-from strata.checkpoint import resolve_model_path
 from strata.config import EngineConfig
 from strata.engine.messages import (
     AbortRequests,
@@ -55,8 +55,9 @@ class FrontendGone(Exception):
 
 
 def run_engine_core(config: EngineConfig, input_address: str, output_address: str,
-                    parent: int) -> None:
-    """Entry point of the engine process (started with multiprocessing's spawn)."""
+                    parent: int, model_path: str) -> None:
+    """Entry point of the engine process (started with multiprocessing's spawn);
+    `model_path` is the model's folder, which the frontend resolved."""
     # SIGTERM (the frontend's terminate(), or the kernel's when the frontend dies) unwinds
     # like an exception, so that the cleanup below runs; a second one kills outright.
     exit_on_sigterm()
@@ -86,8 +87,7 @@ def run_engine_core(config: EngineConfig, input_address: str, output_address: st
             report.phase = "loading"
             report.seconds["engine_process"] = process_age_seconds()
             # The weights start streaming now, and torch imports (seconds) while they do.
-            report.weights = weights = WeightStream(config.model,
-                                                    resolve_model_path(config.model))
+            report.weights = weights = WeightStream(config.model, Path(model_path))
             started = time.monotonic()
             from strata.engine.core import EngineCore
             from strata.engine.kv_event_publisher import KVEventPublisher

@@ -43,29 +43,39 @@ class Linear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def use_cpu_linear_kernel(model: nn.Module, calibrate: bool = True) -> None:
-    """Pack every Linear for the kernel, where it can run (CPU, float32, built) and, if
-    calibrate, where it beats torch's product on this CPU for a decode step's one row. A
-    weight shared with an embedding stays as it is: lookups read its [out, in] rows."""
+def packable_linears(model: nn.Module) -> list[Linear]:
+    """The Linears the CPU kernel can take (CPU, float32, kernel built). A weight shared
+    with an embedding stays as it is: lookups read its [out, in] rows."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    kernel = skinny_linear_kernel()
     if not linears or linears[0].weight.device.type != "cpu" \
-            or linears[0].weight.dtype != torch.float32 or kernel is None:
-        return
+            or linears[0].weight.dtype != torch.float32 or skinny_linear_kernel() is None:
+        return []
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    packable = [m for m in linears if id(m.weight) not in shared]
-    if calibrate and packable:
-        widest = max(packable, key=lambda m: m.weight.numel())
-        packed_s, torch_s = kernel_vs_torch_seconds(kernel, widest.weight.detach())
-        if packed_s >= torch_s:
-            # Seen on AVX2-only CPUs: 5-10x slower than torch's product, every row count.
-            logger.warning("the packed CPU linear kernel is %.1fx slower than torch's on this "
-                           "CPU (%.0f vs %.0f us for a %s weight, one row): using torch's",
-                           packed_s / torch_s, 1e6 * packed_s, 1e6 * torch_s,
-                           "x".join(map(str, widest.weight.shape)))
-            return
-    for module in packable:
-        module.pack(kernel)
+    return [m for m in linears if id(m.weight) not in shared]
+
+
+def cpu_linear_kernel_pays(linears: list[Linear]) -> bool:
+    """Whether the packed kernel beats torch's product on this CPU for a decode step's one
+    row, timed on the widest weight's shape. The weight's values play no part, so this runs
+    before the checkpoint is in (while it streams)."""
+    if not linears:
+        return False
+    widest = max(linears, key=lambda m: m.weight.numel()).weight
+    packed_s, torch_s = kernel_vs_torch_seconds(skinny_linear_kernel(),
+                                                torch.randn(widest.shape))
+    if packed_s >= torch_s:
+        # Seen on AVX2-only CPUs: 5-10x slower than torch's product, every row count.
+        logger.warning("the packed CPU linear kernel is %.1fx slower than torch's on this "
+                       "CPU (%.0f vs %.0f us for a %s weight, one row): using torch's",
+                       packed_s / torch_s, 1e6 * packed_s, 1e6 * torch_s,
+                       "x".join(map(str, widest.shape)))
+        return False
+    return True
+
+
+def pack_linears(linears: list[Linear]) -> None:
+    for module in linears:
+        module.pack(skinny_linear_kernel())
 
 
 def kernel_vs_torch_seconds(kernel, weight: torch.Tensor, rounds: int = 5,

@@ -70,7 +70,7 @@ async def _serve(config: EngineConfig, model_path: str, chat_template: str | Non
                  access_log: bool, drain_timeout: float) -> int:
     registry = CollectorRegistry()
     startup = StartupState(registry, served_model_names[0])
-    client = AsyncEngineClient(config)
+    client = AsyncEngineClient(config, Path(model_path))
     startup.engine_spawned = time.monotonic()
     starting = asyncio.create_task(client.start(startup.update))
     app = SwitchableApp(StartingApp(startup, lambda: generate_latest(registry)))
