@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import queue
 import struct
 import sys
@@ -49,7 +50,7 @@ class TensorEntry:
     shape: list[int]
     start: int  # absolute offset of its bytes in the file
     nbytes: int
-    buffer: bytearray | None = None  # allocated when its first piece is read
+    buffer: mmap.mmap | None = None  # allocated when its first piece is read
     pending: int = 0  # bytes not yet read
 
 
@@ -255,7 +256,9 @@ class WeightStream:
         with self._lock:  # a tensor's buffer is allocated by whichever of its reads is first
             for piece in read.pieces:
                 if piece.entry.buffer is None:
-                    piece.entry.buffer = bytearray(piece.entry.nbytes)
+                    # Not a bytearray, which zeroes every byte before the read overwrites it
+                    # (holding the GIL): an anonymous mapping's pages are given as written.
+                    piece.entry.buffer = mmap.mmap(-1, max(1, piece.entry.nbytes))
         self.files.read_into(read.file, read.start, [
             memoryview(p.entry.buffer)[p.offset:p.offset + p.length] for p in read.pieces])
         with self._lock:
