@@ -21,7 +21,7 @@ demo: install
 	BIN=$(BIN) scripts/demo.sh
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 lint: install
 	$(BIN)/ruff check strata tests benchmarks
