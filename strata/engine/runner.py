@@ -50,7 +50,7 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None] | None = None  # None: no request asked for any
 
 
-def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def kv_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The KV pool, one tensor for all layers: [layers, K and V, blocks, block_size,
     kv_heads, head_dim]. Zeroed, not empty: attention reads whole blocks and masks the
     unused slots, and 0 * NaN from stale memory would still poison the output. On CPU it is
@@ -110,7 +110,7 @@ class ModelRunner:
         shape = (args.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
                  args.head_dim)
         started = time.monotonic()
-        self.kv_caches = zeroed(shape, self.dtype, self.device)
+        self.kv_caches = kv_pool(shape, self.dtype, self.device)
         allocated = time.monotonic()
         self.pack_linears = cpu_linear_kernel_pays(packable_linears(self.model))
         calibrated = time.monotonic()
