@@ -69,7 +69,10 @@ class FolderFiles:
         fd = self._fd(name)
         pending = [b.cast("B") for b in buffers if b.nbytes]
         while pending:
-            done = os.preadv(fd, pending[:512], offset)  # IOV_MAX is 1024 on Linux
+            try:
+                done = os.preadv(fd, pending[:512], offset)  # IOV_MAX is 1024 on Linux
+            except OSError as exc:  # a mounted bucket's lost connection is an EIO here
+                raise WeightFileError(f"{name}: cannot read at byte {offset} ({exc})") from None
             if done == 0:
                 raise WeightFileError(f"{name}: the file ended at byte {offset} (truncated "
                                       f"while being read?)")
