@@ -23,18 +23,18 @@ import zmq.asyncio
 from strata.config import EngineConfig
 from strata.engine.messages import (
     AbortRequests,
-    AddRequest,
+    AddRequests,
     EngineCoreOutput,
     EngineReady,
     EngineStarting,
     EngineStats,
     EngineStep,
     FromEngine,
+    NewRequest,
     Shutdown,
 )
 from strata.engine.process import run_engine_core
 from strata.owned_dirs import owned_temp_dir, remove_orphaned_dirs
-from strata.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):
@@ -75,7 +75,7 @@ class AsyncEngineClient:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromEngine)
         self._tasks: list[asyncio.Task] = []
-        self._num_sent = 0  # AddRequests sent, against the engine's count of those received
+        self._num_sent = 0  # requests sent, against the engine's count of those received
         self._num_in_transit = 0
 
     def num_queued(self, num_new: int = 0) -> int:
@@ -141,16 +141,17 @@ class AsyncEngineClient:
                                    f"ready")
             on_starting(message)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, sink: Sink, cache_salt: str | None = None,
-                    kv_transfer_params: dict | None = None) -> None:
+    def add_requests(self, requests: list[NewRequest], sink: Sink,
+                     cache_salt: str | None = None,
+                     kv_transfer_params: dict | None = None) -> None:
+        """Queue requests whose outputs all go to `sink`, in one message."""
         if self.dead:
             raise EngineDeadError("the engine process is not running")
-        self._sinks[request_id] = sink
-        self._num_sent += 1
-        self._num_in_transit += 1
-        self._send(AddRequest(request_id, prompt_token_ids, params, cache_salt,
-                              kv_transfer_params))
+        for request in requests:
+            self._sinks[request.request_id] = sink
+        self._num_sent += len(requests)
+        self._num_in_transit += len(requests)
+        self._send(AddRequests(requests, cache_salt, kv_transfer_params))
 
     def abort(self, request_ids: list[str]) -> None:
         live = [i for i in request_ids if self._sinks.pop(i, None) is not None]

@@ -50,10 +50,17 @@ class EngineStats(msgspec.Struct):
     kv_transfer_durations: list[float] = []  # reads since the last stats
 
 
-class AddRequest(msgspec.Struct, tag=True):
+class NewRequest(msgspec.Struct):
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+
+
+class AddRequests(msgspec.Struct, tag=True):
+    """One HTTP request's samples (prompts x n), in one message so that the engine takes
+    them all in before the same step: none waits a step behind its siblings."""
+
+    requests: list[NewRequest]
     cache_salt: str | None = None
     kv_transfer_params: dict | None = None
 
@@ -97,10 +104,10 @@ class EngineStep(msgspec.Struct, tag=True):
     outputs: list[EngineCoreOutput]
     rejected: list[tuple[str, str]]  # (request id, reason)
     stats: EngineStats
-    # AddRequests taken off the socket so far: what the frontend sent beyond this is in transit,
+    # Requests taken off the socket so far: what the frontend sent beyond this is in transit,
     # not yet in the engine's waiting queue.
     num_received: int = 0
 
 
-ToEngine = AddRequest | AbortRequests | Shutdown
+ToEngine = AddRequests | AbortRequests | Shutdown
 FromEngine = EngineStarting | EngineReady | EngineStep

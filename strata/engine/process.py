@@ -28,7 +28,7 @@ import zmq
 from strata.config import EngineConfig
 from strata.engine.messages import (
     AbortRequests,
-    AddRequest,
+    AddRequests,
     EngineReady,
     EngineStarting,
     EngineStep,
@@ -228,11 +228,12 @@ class EngineLoop:
                 return False
             if isinstance(message, AbortRequests):
                 self.core.abort_requests(message.request_ids)
-            elif isinstance(message, AddRequest):
-                self.num_received += 1
-                try:
-                    self.core.add_request(message.request_id, message.prompt_token_ids,
-                                          message.params, message.cache_salt,
-                                          message.kv_transfer_params)
-                except ValueError as exc:
-                    self.rejected.append((message.request_id, str(exc)))
+            elif isinstance(message, AddRequests):
+                self.num_received += len(message.requests)
+                for request in message.requests:
+                    try:
+                        self.core.add_request(request.request_id, request.prompt_token_ids,
+                                              request.params, message.cache_salt,
+                                              message.kv_transfer_params)
+                    except ValueError as exc:
+                        self.rejected.append((request.request_id, str(exc)))

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 from strata.engine.client import AsyncEngineClient, EngineDeadError, EngineRejectedError
+from strata.engine.messages import NewRequest
 from strata.inputs import TokenizedPrompt
 from strata.openai_errors import APIError
 from strata.output_processor import OutputProcessor, Sample, SampleDelta
@@ -39,9 +40,10 @@ class Generation:
         self.last_token_time: dict[str, float] = {}  # by engine id, for the ITL
 
     def start(self) -> None:
-        for sample in self.outputs.samples.values():
-            self.client.add_request(sample.engine_id, sample.prompt.token_ids, sample.params,
-                                    self.queue, self.cache_salt, self.kv_transfer_params)
+        self.client.add_requests(
+            [NewRequest(sample.engine_id, sample.prompt.token_ids, sample.params)
+             for sample in self.outputs.samples.values()],
+            self.queue, self.cache_salt, self.kv_transfer_params)
         self.metrics.prompt_tokens.inc(self.outputs.num_prompt_tokens)
 
     @property
