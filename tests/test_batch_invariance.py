@@ -41,8 +41,11 @@ def test_all_together_equals_alone(stories_llm, prompts, expected):
 
 @pytest.mark.parametrize("chunk", [1, 7, 16, None])
 def test_chunked_prefill_equals_alone(prompts, expected, chunk):
+    # A budget of one token is a step per token: the prompts up to 47 tokens (three blocks)
+    # keep it to ~600 steps instead of ~4,400 (25 s of the suite).
+    count = 15 if chunk == 1 else len(prompts)
     llm = LLM(str(STORIES), max_num_batched_tokens=chunk or 4096, max_num_seqs=32)
-    assert _run_all(llm, prompts) == expected
+    assert _run_all(llm, prompts[:count]) == expected[:count]
 
 
 def test_preemption_equals_alone(prompts, expected):
