@@ -162,6 +162,11 @@ class EngineCore:
         self.executor.shutdown()
 
     @property
+    def holds_leases(self) -> bool:
+        """Some finished prefills' blocks wait for a decode instance to read them."""
+        return self.kv_transfer is not None and bool(self.kv_transfer.leases)
+
+    @property
     def waiting_on_transfers(self) -> bool:
         """Some requests wait for K/V from a peer (the loop naps if nothing else ran)."""
         return bool(self.scheduler.transferring)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # the frontend imports this module to spawn it, and must not 
 
 logger = logging.getLogger("strata.engine")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its frontend is still alive
+LEASE_POLL_MS = 10  # how often an idle prefiller looks for reads that ended: frees their blocks
 TRANSFER_POLL_MS = 1  # how often an engine waiting only on KV reads looks at them
 SEND_TIMEOUT_MS = 1000  # how often a send blocked on a full queue checks the frontend lives
 REPORT_INTERVAL = 0.25  # seconds between two reports of the start's progress
@@ -181,7 +182,8 @@ class EngineLoop:
             if os.getppid() != self.parent_pid:
                 raise FrontendGone  # it died without telling us: stop, busy or not
             idle = not self.core.has_unfinished_requests
-            if idle and not self.inputs.poll(IDLE_POLL_MS):
+            nap = LEASE_POLL_MS if self.core.holds_leases else IDLE_POLL_MS
+            if idle and not self.inputs.poll(nap):
                 self.core.check_health()  # a tensor-parallel rank that died ends the engine
                 self.core.poll_transfers()  # leases end while idle too: report the freed blocks
                 self.send([])
