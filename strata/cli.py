@@ -32,6 +32,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=True, help="share the KV blocks of common prefixes (default on)")
+    parser.add_argument("--kv-offloading-size", type=float, default=0.0, metavar="GIB",
+                        help="a host-memory KV tier of this many GiB under the pool: blocks "
+                             "the prefix cache evicts are kept there and loaded back on a "
+                             "hit (default 0: none)")
+    parser.add_argument("--kv-offloading-backend", choices=("native",), default="native")
+    parser.add_argument("--kv-offloading-disk", default=None, metavar="PATH",
+                        help="a disk KV tier under the host tier: a memory-mapped file in "
+                             "this folder (needs --kv-offloading-disk-size)")
+    parser.add_argument("--kv-offloading-disk-size", default=None, metavar="SIZE",
+                        help="the disk tier's size, e.g. 20GiB")
     parser.add_argument("--prefix-caching-hash-seed", type=int, default=0,
                         help="seed of the block hashes in KV events (same in every process)")
     parser.add_argument("--schedule-policy", choices=("lpm", "fcfs"), default="lpm",
@@ -66,6 +76,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching,
                 prefix_caching_hash_seed=args.prefix_caching_hash_seed,
+                kv_offloading_size=args.kv_offloading_size,
+                kv_offloading_backend=args.kv_offloading_backend,
+                kv_offloading_disk=args.kv_offloading_disk,
+                kv_offloading_disk_size=args.kv_offloading_disk_size,
                 schedule_policy=args.schedule_policy,
                 tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
                 node_rank=args.node_rank, master_addr=args.master_addr,

@@ -44,6 +44,16 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Seeds the chained block hashes, so that every process given it names blocks alike.
     prefix_caching_hash_seed: int = 0
+    # A host-memory tier under the pool, in GiB (vLLM's --kv-offloading-size): the blocks
+    # the prefix cache evicts are kept there and loaded back on a hit. 0: none.
+    kv_offloading_size: float = 0.0
+    kv_offloading_backend: str = "native"  # vLLM's flag; the only backend is Strata's own
+    # A disk tier under the host tier: a memory-mapped file in this folder, of this size.
+    kv_offloading_disk: str | None = None
+    kv_offloading_disk_size: int | str | None = None
+    # Exact numbers of tier blocks, overriding the sizes (tests, benchmarks).
+    num_offload_blocks: int | None = None
+    num_offload_disk_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -52,6 +62,35 @@ class CacheConfig:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        self._check_offloading()
+
+    def _check_offloading(self) -> None:
+        if not (math.isfinite(self.kv_offloading_size) and self.kv_offloading_size >= 0):
+            raise ValueError(f"kv_offloading_size is in GiB, at least 0, not "
+                             f"{self.kv_offloading_size!r}")
+        if self.kv_offloading_backend != "native":
+            raise ValueError(f"unknown KV offloading backend {self.kv_offloading_backend!r} "
+                             f"(the one there is: native)")
+        if self.kv_offloading_disk_size is not None:
+            self.kv_offloading_disk_size = parse_size(self.kv_offloading_disk_size)
+        sized = self.kv_offloading_disk_size is not None or \
+            self.num_offload_disk_blocks is not None
+        if (self.kv_offloading_disk is not None) != sized:
+            raise ValueError("a disk tier needs both its folder (kv_offloading_disk) and its "
+                             "size (kv_offloading_disk_size)")
+        if self.kv_offloading_disk is not None and not self.offloading:
+            raise ValueError("a disk tier sits under the host tier: set kv_offloading_size too")
+        if self.offloading and not self.enable_prefix_caching:
+            raise ValueError("KV offloading keeps the blocks the prefix cache evicts: it needs "
+                             "prefix caching on")
+        for name in ("num_offload_blocks", "num_offload_disk_blocks"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    @property
+    def offloading(self) -> bool:
+        return self.kv_offloading_size > 0 or self.num_offload_blocks is not None
 
 
 @dataclass

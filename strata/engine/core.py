@@ -13,6 +13,8 @@ from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.kv_connector import make_connector
 from strata.engine.kv_connector.connector import KVLayout
 from strata.engine.kv_connector.group import RankGroupConnector, exchange_addresses
+from strata.engine.kv_offload.copies import DEVICE
+from strata.engine.kv_offload.manager import OffloadManager
 from strata.engine.kv_transfer import KVTransfer
 from strata.engine.messages import EngineCoreOutput, EngineStats
 from strata.engine.request import Request
@@ -48,12 +50,20 @@ class EngineCore:
                              f"max_model_len ({self.max_model_len})")
         self.eos_token_ids = _eos_token_ids(self.model_path)
         self.kv_events: list[KVEvent] = []  # taken by the publisher after each step
+        on_event = self.kv_events.append if config.kv_events_endpoint else None
+        runner = self.runner
+        offload = None
+        if runner.num_offload_blocks:  # every rank moves its own shard of each block
+            offload = OffloadManager(runner.num_offload_blocks, runner.num_offload_disk_blocks,
+                                     config.cache.block_size,
+                                     runner.bytes_per_block * self.executor.tp.size, on_event)
+        # The pool's events say "GPU" whatever the device, as vLLM's do: the medium names
+        # the tier (the engine's own pool; "CPU" and "DISK" are the tiers under it).
         self.kv_cache_manager = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size,
+            runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching,
-            hash_seed=config.cache.prefix_caching_hash_seed,
-            on_event=self.kv_events.append if config.kv_events_endpoint else None,
-            medium="GPU" if self.runner.device.type == "cuda" else "CPU")
+            hash_seed=config.cache.prefix_caching_hash_seed, on_event=on_event,
+            medium=DEVICE, offload=offload)
         # Last: from here on the core holds a connector's sockets and threads (shutdown).
         self.kv_transfer = self._kv_transfer(config)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.kv_transfer)
@@ -130,6 +140,9 @@ class EngineCore:
         """Schedule, run the model once, and report each request's new token."""
         self.poll_transfers()
         scheduler_output = self.scheduler.schedule()
+        copies = self.kv_cache_manager.take_copies()
+        if copies:  # before anything writes a block: a peer's read, or the step
+            self.executor.copy_blocks(copies)
         if scheduler_output.remote_reads:
             self.kv_transfer.start_reads(scheduler_output.remote_reads)
         if not scheduler_output.requests:
@@ -179,7 +192,14 @@ class EngineCore:
             kv_cache_usage=self.kv_cache_manager.usage, num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=scheduler.num_prompt_tokens_admitted,
             prefix_cache_hits=scheduler.num_cached_tokens_admitted,
-            **self._transfer_stats())
+            **self._transfer_stats(), **self._offload_stats())
+
+    def _offload_stats(self) -> dict:
+        offload = self.kv_cache_manager.offload
+        if offload is None:
+            return {}
+        hits, copied = offload.stats()
+        return dict(kv_offload_hits=hits, kv_offload_bytes=copied)
 
     def _transfer_stats(self) -> dict:
         if self.kv_transfer is None:

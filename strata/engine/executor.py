@@ -18,8 +18,11 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
+
 from strata.checkpoint import load_json
 from strata.config import EngineConfig
+from strata.engine.kv_offload.copies import BlockCopies
 from strata.engine.runner import ModelRunner, ModelRunnerOutput
 from strata.engine.scheduler import SchedulerOutput
 from strata.engine.step_batch import StepBatch
@@ -94,6 +97,16 @@ class Executor:
             return self.runner.execute(batch, step.requests)
         except RuntimeError as exc:  # torch.distributed's errors (DistError) are RuntimeErrors
             raise self.group_failed(exc) from exc
+
+    def copy_blocks(self, copies: BlockCopies) -> None:
+        """A step's copies between the KV tiers, on every rank's shard."""
+        if self.tp.size > 1:
+            try:
+                send(self.tp, self.timeout, MessageKind.KV_COPY,
+                     payload=msgspec.msgpack.encode(copies))
+            except RuntimeError as exc:
+                raise self.group_failed(exc) from exc
+        self.runner.copy_blocks(copies)
 
     def check_health(self) -> None:
         """Raise unless every rank answers within the timeout (called while idle: a step's

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from strata.block_hash import BlockHashChain
 from strata.engine.block_pool import BlockPool
+from strata.engine.kv_offload.copies import BlockCopies
+from strata.engine.kv_offload.manager import OffloadManager
 from strata.engine.radix_cache import PrefixMatch, RadixCache
 from strata.engine.request import Request
 from strata.kv_events import KVEvent
@@ -16,12 +18,14 @@ from strata.math_utils import cdiv
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
                  hash_seed: int = 0, on_event: Callable[[KVEvent], None] | None = None,
-                 medium: str | None = None) -> None:
+                 medium: str | None = None, offload: OffloadManager | None = None) -> None:
         self.block_size = block_size
         self.hash_seed = hash_seed
         self.pool = BlockPool(num_blocks)
-        self.prefix_cache = (RadixCache(self.pool, block_size, on_event, medium)
-                      if enable_prefix_caching else None)
+        self.offload = offload  # the KV tiers under the pool, if any
+        self.prefix_cache = (RadixCache(self.pool, block_size, on_event, medium,
+                                        offload.store if offload else None)
+                             if enable_prefix_caching else None)
 
     @property
     def num_blocks(self) -> int:
@@ -50,8 +54,14 @@ class KVCacheManager:
         if self.prefix_cache is None or request.block_ids:
             return PrefixMatch()
         max_blocks = (request.num_tokens - 1) // self.block_size
-        return self.prefix_cache.match_prefix(request.all_token_ids, request.cache_salt,
-                                              max_blocks)
+        match = self.prefix_cache.match_prefix(request.all_token_ids, request.cache_salt,
+                                               max_blocks)
+        # A prompt read from a P/D peer reads every block its pool lacks: no tier lookup.
+        if self.offload is not None and match.num_blocks < max_blocks and \
+                request.remote_prefill is None:
+            hashes = self.block_hashes(request, max_blocks)
+            match.tier_hits = self.offload.lookup(hashes[match.num_blocks:])
+        return match
 
     def blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         total = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size)
@@ -63,15 +73,33 @@ class KVCacheManager:
         `match` (taken by a request that holds nothing yet); False, changing nothing, if
         the pool is short."""
         cached = match.num_blocks if match else 0
-        needed = cdiv(request.num_computed_tokens + cached * self.block_size + num_new_tokens,
-                      self.block_size) - len(request.block_ids) - cached
+        loaded = len(match.tier_hits) if match else 0
+        needed = cdiv(request.num_computed_tokens + (cached + loaded) * self.block_size
+                      + num_new_tokens, self.block_size) - len(request.block_ids) - cached
         available = self.num_free_blocks - (match.num_evictable_blocks if match else 0)
         if needed > available:
             return False
         if cached:
             self._use_cached(request, match)
-        request.block_ids.extend(self._take(max(0, needed)))
+        if loaded:
+            self.offload.pin(match.tier_hits)  # the evictions below must not reuse their slots
+        new_blocks = self._take(max(0, needed))
+        request.block_ids.extend(new_blocks)
+        if loaded:
+            self._load(request, match.tier_hits, new_blocks[:loaded])
         return True
+
+    def _load(self, request: Request, tier_hits: list[tuple[str, int]],
+              blocks: list[int]) -> None:
+        """Blocks found in a tier are copied into `blocks` before the step runs: they count
+        as computed, and go into the prefix cache at once for others to share."""
+        self.offload.load(tier_hits, blocks)
+        request.num_computed_tokens += len(blocks) * self.block_size
+        self.cache_blocks(request)
+
+    def take_copies(self) -> BlockCopies | None:
+        """The copies between the KV tiers this step's scheduling planned."""
+        return self.offload.take_copies() if self.offload else None
 
     def _use_cached(self, request: Request, match: PrefixMatch) -> None:
         self.pool.ref(match.block_ids)
@@ -114,5 +142,12 @@ class KVCacheManager:
         request.block_ids = []
 
     def reset_prefix_cache(self) -> bool:
-        """Drop every cached block; refused (False) while a request holds one."""
-        return self.prefix_cache is None or self.prefix_cache.clear()
+        """Drop every cached block, in every tier; refused (False) while a request holds
+        one."""
+        if self.prefix_cache is None:
+            return True
+        if not self.prefix_cache.clear():
+            return False
+        if self.offload is not None:
+            self.offload.clear()
+        return True

@@ -23,6 +23,8 @@ from strata.engine.block_pool import BlockPool
 from strata.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 Key = tuple  # (salt, *first block tokens) under the root, (*first block tokens) below
+# Blocks leaving the pool: (their hashes, their parent's hash, their tokens, their block ids)
+EvictHook = Callable[[list[int], int | None, list[int], list[int]], None]
 
 
 @dataclass(eq=False)
@@ -49,21 +51,30 @@ class PrefixMatch:
     node: RadixNode | None = None
     block_ids: list[int] = field(default_factory=list)
     num_evictable_blocks: int = 0  # of block_ids: unlocked now, so counted as free
+    # The blocks after those, found in a KV tier under the pool: loaded, not computed.
+    tier_hits: list[tuple[str, int]] = field(default_factory=list)  # (medium, block hash)
 
     @property
     def num_blocks(self) -> int:
+        """Blocks in the device pool."""
         return len(self.block_ids)
+
+    @property
+    def num_hit_blocks(self) -> int:
+        """Blocks the request need not compute: in the pool, or in a tier."""
+        return len(self.block_ids) + len(self.tier_hits)
 
 
 class RadixCache:
     def __init__(self, pool: BlockPool, block_size: int,
                  on_event: Callable[[KVEvent], None] | None = None,
-                 medium: str | None = None) -> None:
+                 medium: str | None = None, on_evict: EvictHook | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
         self.root = RadixNode()
         self.on_event = on_event
         self.medium = medium
+        self.on_evict = on_evict  # KV offloading: keeps what leaves the pool
         self.num_cached_blocks = 0
         self.num_evictable_blocks = 0  # cached blocks of unlocked nodes: free for admission
         self._clock = itertools.count(1)
@@ -259,10 +270,14 @@ class RadixCache:
 
     def _remove_tail(self, node: RadixNode, count: int) -> None:
         blocks, hashes = node.block_ids[-count:], node.block_hashes[-count:]
+        tokens = node.token_ids[-count * self.block_size:]
         del node.block_ids[-count:], node.block_hashes[-count:]
         del node.token_ids[-count * self.block_size:]
         if any(self.pool.ref_counts[b] != 1 for b in blocks):
             raise RuntimeError("evicting a KV block that a request still holds")
+        if self.on_evict is not None:
+            above = node.block_hashes or node.parent.block_hashes  # the root's: none
+            self.on_evict(hashes, above[-1] if above else None, tokens, blocks)
         self.pool.free(blocks[::-1])
         self.num_cached_blocks -= count
         self.num_evictable_blocks -= count
@@ -273,9 +288,10 @@ class RadixCache:
         """Evict everything; refused (False) while any request holds a cached block."""
         if self.num_evictable_blocks != self.num_cached_blocks:
             return False
-        on_event, self.on_event = self.on_event, None  # one AllBlocksCleared says it all
+        # One AllBlocksCleared says it all; nothing cleared is kept in a lower tier.
+        on_event, on_evict, self.on_event, self.on_evict = self.on_event, self.on_evict, None, None
         self.evict(self.num_cached_blocks)
-        self.on_event = on_event
+        self.on_event, self.on_evict = on_event, on_evict
         if on_event is not None:
             on_event(AllBlocksCleared())
         return True

@@ -20,6 +20,8 @@ import torch
 
 from strata.checkpoint import load_json
 from strata.config import EngineConfig
+from strata.engine.kv_offload.copies import BlockCopies
+from strata.engine.kv_offload.stores import TierStores
 from strata.engine.messages import TokenLogprobs
 from strata.engine.request import Request
 from strata.engine.step_batch import StepBatch
@@ -111,6 +113,11 @@ class ModelRunner:
                  args.head_dim)
         started = time.monotonic()
         self.kv_caches = kv_pool(shape, self.dtype, self.device)
+        self.num_offload_blocks, self.num_offload_disk_blocks = self._num_tier_blocks(tp)
+        self.tier_stores = TierStores(self.kv_caches, self.num_offload_blocks,
+                                      config.cache.kv_offloading_disk,
+                                      self.num_offload_disk_blocks) \
+            if self.num_offload_blocks else None
         allocated = time.monotonic()
         self.pack_linears = cpu_linear_kernel_pays(packable_linears(self.model))
         calibrated = time.monotonic()
@@ -148,6 +155,25 @@ class ModelRunner:
                 f"max_model_len {self.max_model_len}: raise --kv-cache-memory or lower "
                 f"--max-model-len")
         return num_blocks
+
+    def _num_tier_blocks(self, tp: TensorParallel) -> tuple[int, int]:
+        """Blocks of the host and disk tiers (every rank alike: rank 0's index is theirs)."""
+        cache = self.config.cache
+        if not cache.offloading:
+            return 0, 0
+        host = cache.num_offload_blocks or int(cache.kv_offloading_size * 2**30) // \
+            self.bytes_per_block
+        disk = cache.num_offload_disk_blocks or (cache.kv_offloading_disk_size or 0) // \
+            self.bytes_per_block
+        if host < 1 or (cache.kv_offloading_disk is not None and disk < 1):
+            raise ValueError(f"a KV tier smaller than one block ({self.bytes_per_block} "
+                             f"bytes here): raise --kv-offloading-size or "
+                             f"--kv-offloading-disk-size")
+        return tp.min_over_ranks(host), tp.min_over_ranks(disk) if disk else 0
+
+    def copy_blocks(self, copies: BlockCopies) -> None:
+        """Every rank: a step's copies between the KV tiers, before the step runs."""
+        self.tier_stores.apply(copies)
 
     def _free_memory(self) -> int:
         """Free memory once the weights are in: on CPU their pages are not yet touched."""

@@ -161,9 +161,9 @@ class Scheduler:
             if budget <= 0 or len(self.running) + len(self.transferring) >= config.max_num_seqs:
                 break
             match = kv_cache_manager.get_computed_blocks(request)
-            if self._computed_elsewhere(request, match.num_blocks, in_flight):
+            if self._computed_elsewhere(request, match.num_hit_blocks, in_flight):
                 continue  # another request is computing its next block: reuse it next step
-            num_new = request.num_tokens - match.num_blocks * kv_cache_manager.block_size
+            num_new = request.num_tokens - match.num_hit_blocks * kv_cache_manager.block_size
             if request.remote_prefill is not None:
                 # Blocks for all of the prompt but its last token, read rather than computed.
                 if not kv_cache_manager.allocate_slots(request, num_new - 1, match):

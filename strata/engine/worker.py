@@ -81,6 +81,7 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     from strata.engine.kv_connector import make_connector
     from strata.engine.kv_connector.connector import KVLayout
     from strata.engine.kv_connector.group import answer_poll, apply, exchange_addresses
+    from strata.engine.kv_offload.copies import BlockCopies
     from strata.engine.runner import ModelRunner
     from strata.engine.worker_channel import MessageKind, answer_heartbeat, receive
     from strata.model.parallel import create_store, join_group, leave_group, set_threads_per_rank
@@ -112,6 +113,8 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
                 apply(connector, rank, message.payload)
             elif message.kind == MessageKind.KV_POLL:
                 answer_poll(tp, connector)
+            elif message.kind == MessageKind.KV_COPY:
+                runner.copy_blocks(msgspec.msgpack.decode(message.payload, type=BlockCopies))
             else:
                 break
     finally:

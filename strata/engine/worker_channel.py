@@ -25,6 +25,7 @@ class MessageKind(enum.IntEnum):
     SHUTDOWN = 3
     KV_OP = 4  # a KV-connector operation follows (publish, release, read)
     KV_POLL = 5  # send back what the KV connector finished
+    KV_COPY = 6  # a step's copies between the KV tiers follow (msgspec BlockCopies)
 
 
 @dataclass

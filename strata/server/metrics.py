@@ -71,6 +71,15 @@ class ServerMetrics:
                                              TRANSFER_BUCKETS)
         self.kv_transfer_fallbacks = counter("strata:kv_transfer_fallbacks_total",
                                              "Remote prefills that failed, computed here.")
+        # KV offloading: prompt tokens found in the tiers under the pool (also counted in
+        # prefix_cache_hits), and bytes copied between tiers, by vLLM's transfer types.
+        self.offload_hits = Counter(
+            "strata:kv_offload_hits_total", "Prompt tokens loaded from a KV tier (medium).",
+            ["model_name", "medium"], registry=registry)
+        self.offload_bytes = Counter(
+            "vllm:kv_offload_total_bytes_total", "Bytes copied between KV tiers.",
+            ["model_name", "transfer_type"], registry=registry)
+        self.model_name = model_name
         success = Counter("vllm:request_success_total", "Finished samples, by finish reason.",
                           ["model_name", "finished_reason"], registry=registry)
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -94,6 +103,12 @@ class ServerMetrics:
         for seconds in stats.kv_transfer_durations:
             self.kv_transfer_seconds.observe(seconds)
         self.kv_transfer_fallbacks.inc(stats.kv_transfer_fallbacks - last.kv_transfer_fallbacks)
+        for counter, now, before in ((self.offload_hits, stats.kv_offload_hits,
+                                      last.kv_offload_hits),
+                                     (self.offload_bytes, stats.kv_offload_bytes,
+                                      last.kv_offload_bytes)):
+            for label, value in now.items():
+                counter.labels(self.model_name, label).inc(value - before.get(label, 0))
         self._last = stats
 
     def finished(self, reason: str, e2e: float) -> None:

@@ -1,0 +1,216 @@
+"""KV offloading: the tiers under the device pool, their books, their copies, their events;
+then greedy tokens with blocks loaded back from the host and disk tiers."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import httpx
+import pytest
+
+from strata import LLM, SamplingParams
+from strata.config import SchedulerConfig
+from strata.engine.kv_cache_manager import KVCacheManager
+from strata.engine.kv_offload.copies import DEVICE, DISK, HOST
+from strata.engine.kv_offload.manager import OffloadManager
+from strata.engine.runner import ModelRunnerOutput
+from strata.engine.scheduler import Scheduler
+from strata.router.kv_event_index import KVEventIndex
+from tests.conftest import STORIES, assert_all_blocks_free
+from tests.kv_invariants import check_kv_books, tree_nodes
+from tests.server_process import ServerProcess
+from tests.test_radix_cache import BS, make_request
+from tests.test_server_prefix_cache import complete, random_prompt
+
+
+def check_tier_books(offload: OffloadManager) -> None:
+    for tier in offload.tiers:
+        slots = [entry.slot for entry in tier.entries.values()]
+        assert len(set(slots)) == len(slots), f"{tier.medium}: a slot holds two blocks"
+        assert not set(slots) & set(tier.free_slots), f"{tier.medium}: a free slot is used"
+        assert len(slots) + len(tier.free_slots) == tier.num_slots, f"{tier.medium}: leak"
+        assert not tier.busy, "slots stay busy after the step's copies were taken"
+
+
+class Contents:
+    """What each device block and tier slot holds, as the block hash whose K/V it is: the
+    copies move labels, the step's forward writes the blocks it computes."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[str, int], object] = {}
+
+    def copy(self, copies) -> None:
+        for run in copies.runs:
+            moved = [self.slots.get((run.source, s)) for s in run.source_slots]
+            for slot, label in zip(run.target_slots, moved, strict=True):
+                self.slots[run.target, slot] = label
+
+    def forward(self, kv: KVCacheManager, out) -> None:
+        for request, num_new in zip(out.requests, out.num_new_tokens, strict=True):
+            end = request.num_computed_tokens + num_new
+            hashes = kv.block_hashes(request, end // BS)
+            for index in range(request.num_computed_tokens // BS, -(-end // BS)):
+                full = (index + 1) * BS <= end
+                self.slots[DEVICE, request.block_ids[index]] = \
+                    hashes[index] if full else "partial"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_scheduling_keeps_every_tiers_books_contents_and_event_index(seed):
+    """The random scheduling run of the device pool's books, over a pool of 24 blocks with a
+    host tier of 10 and a disk tier of 8 under it. After every step: the pool's and the
+    tiers' books balance; every cached block and every tier slot holds the K/V of the block
+    it is indexed as (copies applied in the step's order, then the step's writes); and a
+    router index rebuilt from the events alone equals each tier's contents."""
+    rng = random.Random(seed)
+    events = []
+    offload = OffloadManager(10, 8, BS, 1, on_event=events.append)
+    kv = KVCacheManager(24, BS, enable_prefix_caching=True, on_event=events.append,
+                        medium=DEVICE, offload=offload)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=20,
+                                          max_passed_over=4, init_new_token_ratio=0,
+                                          min_new_token_ratio=0), kv)
+    prefixes = [[rng.randrange(50) for _ in range(24)] for _ in range(6)]
+    index, contents = KVEventIndex(), Contents()
+    next_id = 0
+    for step in range(1500):
+        if rng.random() < 0.3:
+            prefix = rng.choice(prefixes)[:rng.randrange(25)]
+            tokens = prefix + [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
+            scheduler.add_request(make_request(str(next_id), tokens, rng.choice([None, "s"]),
+                                               max_tokens=rng.randrange(1, 20)))
+            next_id += 1
+        if scheduler.requests and rng.random() < 0.05:
+            scheduler.abort_requests([rng.choice(list(scheduler.requests))])
+        out = scheduler.schedule()
+        contents.copy(kv.take_copies())
+        contents.forward(kv, out)
+        sampled = [rng.randrange(50) for r, n in zip(out.requests, out.num_new_tokens)
+                   if r.num_computed_tokens + n == r.num_tokens]
+        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
+        check_kv_books(kv, list(scheduler.requests.values()))
+        check_tier_books(offload)
+        for node in tree_nodes(kv.prefix_cache.root):
+            for block, block_hash in zip(node.block_ids, node.block_hashes, strict=True):
+                assert contents.slots[DEVICE, block] == block_hash, f"step {step}: pool"
+        for tier in offload.tiers:
+            for block_hash, entry in tier.entries.items():
+                assert contents.slots[tier.medium, entry.slot] == block_hash, tier.medium
+        index.apply("e", step, events)
+        events.clear()
+        held = index.endpoints["e"].tiers
+        assert held.get(DEVICE, set()) == {h for n in tree_nodes(kv.prefix_cache.root)
+                                           for h in n.block_hashes}
+        assert held.get(HOST, set()) == set(offload.tiers[0].entries)
+        assert held.get(DISK, set()) == set(offload.tiers[1].entries)
+    assert scheduler.num_preemptions > 0
+    assert offload.hit_blocks[HOST] > 0 and offload.hit_blocks[DISK] > 0
+    assert offload.copied_blocks[HOST, DISK] > 0 and offload.dropped_blocks > 0
+    scheduler.abort_requests(list(scheduler.requests))
+    check_kv_books(kv, [])
+
+
+def test_events_carry_the_medium_and_a_lower_tier_scores_between_none_and_the_pool():
+    events: list = []
+    offload = OffloadManager(4, 0, BS, 1, on_event=events.append)
+    kv = KVCacheManager(4, BS, enable_prefix_caching=True, on_event=events.append,
+                        medium=DEVICE, offload=offload)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64), kv)
+    first, second = list(range(1, 10)), list(range(20, 33))
+    for request_id, tokens in (("a", first), ("b", second)):
+        scheduler.add_request(make_request(request_id, tokens, max_tokens=1))
+        out = scheduler.schedule()
+        kv.take_copies()
+        scheduler.update_from_output(out, ModelRunnerOutput([0]))
+    # a cached 2 blocks; b's 13 tokens need all 4: a's two went down to the host tier.
+    a_hashes = kv.block_hashes(make_request("x", first), 2)
+    b_hashes = kv.block_hashes(make_request("y", second), 3)
+    assert [(type(e).__name__, e.medium, e.block_hashes) for e in events] == [
+        ("BlockStored", DEVICE, a_hashes),
+        ("BlockStored", HOST, a_hashes[:1]), ("BlockStored", HOST, a_hashes[1:]),
+        ("BlockRemoved", DEVICE, a_hashes),
+        ("BlockStored", DEVICE, b_hashes)]
+    index = KVEventIndex()
+    index.apply("e", 0, events)
+    in_pool, in_host = index.match("e", b_hashes), index.match("e", a_hashes)
+    assert in_pool == 1.0 and 0 < in_host < in_pool
+    assert index.match("e", [12345, 678]) == 0.0
+
+
+def _conversations(llm_kwargs: dict, turns: int = 2) -> tuple[list, list, object]:
+    """Six conversations of ~100-token turns, taken in turn over a pool of 32 blocks (each
+    turn pushes the others' blocks out): each turn's greedy tokens and cached tokens."""
+    rng = random.Random(0)
+    llm = LLM(str(STORIES), num_kv_blocks=32, max_num_seqs=2, **llm_kwargs)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    histories = [[1] + [rng.randrange(3, 500) for _ in range(100)] for _ in range(6)]
+    tokens, cached = [], []
+    for _ in range(turns):
+        for i, history in enumerate(histories):
+            output = llm.generate({"prompt_token_ids": history}, params, use_tqdm=False)[0]
+            tokens.append(output.outputs[0].token_ids)
+            cached.append(output.num_cached_tokens)
+            histories[i] = history + tokens[-1] + [rng.randrange(3, 500) for _ in range(8)]
+    assert_all_blocks_free(llm)
+    stats = llm.engine.stats()
+    llm.shutdown()
+    return tokens, cached, stats
+
+
+@pytest.fixture(scope="module")
+def without_tiers():
+    return _conversations({})
+
+
+@pytest.mark.parametrize("tiers", [
+    {"num_offload_blocks": 200},
+    # A host tier of 10 blocks over a disk tier: most hits come back from disk.
+    {"num_offload_blocks": 10, "kv_offloading_disk": "DISK", "num_offload_disk_blocks": 200},
+], ids=["host", "disk"])
+def test_greedy_tokens_are_the_same_with_blocks_loaded_back_from_a_tier(
+        without_tiers, tiers, tmp_path):
+    if tiers.get("kv_offloading_disk"):
+        tiers = tiers | {"kv_offloading_disk": str(tmp_path)}
+    tokens, cached, stats = _conversations(tiers)
+    plain_tokens, plain_cached, _ = without_tiers
+    assert tokens == plain_tokens
+    assert sum(plain_cached[6:]) == 0  # without tiers every later turn is computed again
+    assert all(c >= 96 for c in cached[6:])  # with them, each finds its history
+    medium = DISK if "kv_offloading_disk" in tiers else HOST
+    assert stats.kv_offload_hits[medium] > 0
+    assert stats.prefix_cache_hits == sum(cached)
+    if medium == DISK:
+        assert list(tmp_path.iterdir()) == []  # the file is unlinked once mapped
+
+
+def test_a_server_reports_the_host_tiers_hits_as_cached_tokens_and_in_its_metrics(tmp_path):
+    """40 device blocks: five 200-token prompts push the first one out of the pool, to the
+    host tier; asked again, it is loaded back (cached_tokens), and /metrics count the hit
+    and the bytes both ways."""
+    server = ServerProcess(tmp_path, "--num-gpu-blocks-override", "40",
+                           "--kv-offloading-size", "0.01")
+    try:
+        first = random_prompt(3)
+        expected = complete(server.url, first, max_tokens=8)
+        for i in range(5):
+            complete(server.url, random_prompt(10 + i, 200))
+        again = complete(server.url, first, max_tokens=8)
+        assert again["prompt_tokens_details"]["cached_tokens"] == 96
+        assert again["completion_tokens"] == expected["completion_tokens"]
+        text = httpx.get(f"{server.url}/metrics").text
+        assert 'strata:kv_offload_hits_total{medium="CPU",model_name="stories"} 96.0' in text
+        for transfer in ("GPU_to_CPU", "CPU_to_GPU"):
+            moved = re.search(rf'vllm:kv_offload_total_bytes_total\{{model_name="stories",'
+                              rf'transfer_type="{transfer}"\}} (\S+)', text)
+            assert moved and float(moved.group(1)) > 0, transfer
+    finally:
+        assert server.stop() == 0, server.log_text()
+
+
+@pytest.mark.timeout(120)
+def test_two_tensor_parallel_ranks_each_move_their_shard_with_the_same_tokens(without_tiers):
+    tokens, cached, stats = _conversations({"num_offload_blocks": 200,
+                                            "tensor_parallel_size": 2})
+    assert tokens == without_tiers[0]
+    assert all(c >= 96 for c in cached[6:]) and stats.kv_offload_hits[HOST] > 0
