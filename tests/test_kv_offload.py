@@ -184,20 +184,32 @@ def test_greedy_tokens_are_the_same_with_blocks_loaded_back_from_a_tier(
         assert list(tmp_path.iterdir()) == []  # the file is unlinked once mapped
 
 
+def _completion(url: str, prompt: list[int], **fields) -> tuple[list[list[int]], int]:
+    """(each choice's greedy token ids, the prompt's cached tokens)."""
+    response = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True,
+        **fields})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return ([c["token_ids"] for c in body["choices"]],
+            body["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
 def test_a_server_reports_the_host_tiers_hits_as_cached_tokens_and_in_its_metrics(tmp_path):
     """40 device blocks: five 200-token prompts push the first one out of the pool, to the
-    host tier; asked again, it is loaded back (cached_tokens), and /metrics count the hit
-    and the bytes both ways."""
+    host tier; asked again (n = 2), it is loaded back (cached_tokens, the same tokens), a
+    salted copy never finds it, and /metrics count the hits and the bytes both ways."""
     server = ServerProcess(tmp_path, "--num-gpu-blocks-override", "40",
                            "--kv-offloading-size", "0.01")
     try:
         first = random_prompt(3)
-        expected = complete(server.url, first, max_tokens=8)
+        [expected], _ = _completion(server.url, first)
         for i in range(5):
             complete(server.url, random_prompt(10 + i, 200))
-        again = complete(server.url, first, max_tokens=8)
-        assert again["prompt_tokens_details"]["cached_tokens"] == 96
-        assert again["completion_tokens"] == expected["completion_tokens"]
+        assert _completion(server.url, first, cache_salt="another tenant")[1] == 0
+        for i in range(5):  # the first prompt and its salted copy go to the host tier
+            complete(server.url, random_prompt(20 + i, 200))
+        assert _completion(server.url, first, n=2) == ([expected, expected], 96)
         text = httpx.get(f"{server.url}/metrics").text
         assert 'strata:kv_offload_hits_total{medium="CPU",model_name="stories"} 96.0' in text
         for transfer in ("GPU_to_CPU", "CPU_to_GPU"):

@@ -199,7 +199,8 @@ class EngineCore:
         if offload is None:
             return {}
         hits, copied = offload.stats()
-        return dict(kv_offload_hits=hits, kv_offload_bytes=copied)
+        return dict(kv_offload_hits=hits, kv_offload_bytes=copied,
+                    kv_offload_seconds=dict(self.runner.copy_seconds))
 
     def _transfer_stats(self) -> dict:
         if self.kv_transfer is None:

@@ -49,9 +49,11 @@ class EngineStats(msgspec.Struct):
     kv_transfer_fallbacks: int = 0  # reads that failed; the prompt was computed here
     kv_transfer_durations: list[float] = []  # reads since the last stats
     # KV offloading, cumulative: tokens found in each tier under the pool (also counted in
-    # prefix_cache_hits), and bytes copied by transfer type ("GPU_to_CPU", "CPU_to_GPU"...).
+    # prefix_cache_hits), and the bytes and seconds (rank 0's) of the copies by transfer
+    # type ("GPU_to_CPU", "CPU_to_GPU"...).
     kv_offload_hits: dict[str, int] = {}
     kv_offload_bytes: dict[str, int] = {}
+    kv_offload_seconds: dict[str, float] = {}
 
 
 class NewRequest(msgspec.Struct):

@@ -12,6 +12,7 @@ import math
 import mmap
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,7 @@ class ModelRunner:
         started = time.monotonic()
         self.kv_caches = kv_pool(shape, self.dtype, self.device)
         self.num_offload_blocks, self.num_offload_disk_blocks = self._num_tier_blocks(tp)
+        self.copy_seconds: Counter[str] = Counter()  # by transfer type, cumulative
         self.tier_stores = TierStores(self.kv_caches, self.num_offload_blocks,
                                       config.cache.kv_offloading_disk,
                                       self.num_offload_disk_blocks) \
@@ -173,7 +175,7 @@ class ModelRunner:
 
     def copy_blocks(self, copies: BlockCopies) -> None:
         """Every rank: a step's copies between the KV tiers, before the step runs."""
-        self.tier_stores.apply(copies)
+        self.copy_seconds.update(self.tier_stores.apply(copies))
 
     def _free_memory(self) -> int:
         """Free memory once the weights are in: on CPU their pages are not yet touched."""

@@ -72,12 +72,16 @@ class ServerMetrics:
         self.kv_transfer_fallbacks = counter("strata:kv_transfer_fallbacks_total",
                                              "Remote prefills that failed, computed here.")
         # KV offloading: prompt tokens found in the tiers under the pool (also counted in
-        # prefix_cache_hits), and bytes copied between tiers, by vLLM's transfer types.
+        # prefix_cache_hits), and the bytes and time of the copies between tiers, by
+        # vLLM's transfer types.
         self.offload_hits = Counter(
             "strata:kv_offload_hits_total", "Prompt tokens loaded from a KV tier (medium).",
             ["model_name", "medium"], registry=registry)
         self.offload_bytes = Counter(
             "vllm:kv_offload_total_bytes_total", "Bytes copied between KV tiers.",
+            ["model_name", "transfer_type"], registry=registry)
+        self.offload_seconds = Counter(
+            "vllm:kv_offload_total_time_total", "Seconds the copies between KV tiers took.",
             ["model_name", "transfer_type"], registry=registry)
         self.model_name = model_name
         success = Counter("vllm:request_success_total", "Finished samples, by finish reason.",
@@ -106,7 +110,9 @@ class ServerMetrics:
         for counter, now, before in ((self.offload_hits, stats.kv_offload_hits,
                                       last.kv_offload_hits),
                                      (self.offload_bytes, stats.kv_offload_bytes,
-                                      last.kv_offload_bytes)):
+                                      last.kv_offload_bytes),
+                                     (self.offload_seconds, stats.kv_offload_seconds,
+                                      last.kv_offload_seconds)):
             for label, value in now.items():
                 counter.labels(self.model_name, label).inc(value - before.get(label, 0))
         self._last = stats
