@@ -1,16 +1,20 @@
 """Strata vs llama.cpp's llama-server vs `transformers serve`, through `strata bench serve`.
 
     python benchmarks/serve_peers.py --peers-dir WORKDIR [--rounds 2] [--save out.json]
+        [--model DIR --gguf FILE]
 
 WORKDIR is what ../shared/peers/reproduce_peers.sh built: tiny-llama/ (the 19.5M
-model), gguf/tiny-llama-f32.gguf, llama-build/bin/llama-server and venv-hf/. Every
-server serves the same weights; each runs alone (the others stopped) and rounds
-interleave the servers, so load that comes and goes on a shared machine hits all of
-them. The table gives each figure's median over rounds, and Strata's throughput as
-a ratio to each peer's.
+model), gguf/tiny-llama-f32.gguf, llama-build/bin/llama-server and venv-hf/; --model
+and --gguf name another model (a wider one: benchmarks/make_model.py, and llama.cpp's
+convert_hf_to_gguf.py). Every server serves the same weights; each runs alone (the
+others stopped) and rounds interleave the servers, so load that comes and goes on a
+shared machine hits all of them. The table gives each figure's median over rounds, and
+Strata's throughput as a ratio to each peer's.
 Workload: 32-token prompts (text, built with the model's tokenizer), 128 output
 tokens with EOS ignored, greedy, at each --concurrency; 4 x concurrency requests
-(at least 8) per run.
+(at least 8) per run. "roofline" is the fraction of the machine's copy bandwidth a
+decode step at the ITL p50 moves (every weight, and the K/V of each sequence at 96
+tokens: benchmarks/roofline.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import markdown_table
+from harness import machine, markdown_table
+from roofline import copy_bandwidth, decode_step_bytes
 
 from strata.bench import BenchConfig, plot_cdfs, run_benchmark
 from strata.health import wait_healthy
@@ -34,7 +39,8 @@ PORT = 8300
 INPUT_LEN, OUTPUT_LEN = 32, 128
 COLUMNS = (("output tok/s", "output_throughput", "{:.0f}"),
            ("TTFT p50 ms", "median_ttft_ms", "{:.1f}"), ("TTFT p99 ms", "p99_ttft_ms", "{:.1f}"),
-           ("ITL p50 ms", "median_itl_ms", "{:.2f}"), ("ITL p99 ms", "p99_itl_ms", "{:.2f}"))
+           ("ITL p50 ms", "median_itl_ms", "{:.2f}"), ("ITL p99 ms", "p99_itl_ms", "{:.2f}"),
+           ("roofline", "roofline", "{:.0%}"))
 
 
 @dataclass
@@ -44,28 +50,28 @@ class Peer:
     extra_body: dict
     takes_ignore_eos: bool = True  # else EOS is switched off through extra_body
 
-    def command(self, peers: Path, concurrency: int, threads: int) -> tuple[list[str], dict]:
+    def command(self, peers: Path, model: Path, gguf: Path, concurrency: int,
+                threads: int) -> tuple[list[str], dict]:
         raise NotImplementedError
 
 
 class Strata(Peer):
-    def command(self, peers, concurrency, threads):
-        return ([sys.executable, "-m", "strata.cli", "serve", str(peers / "tiny-llama"),
+    def command(self, peers, model, gguf, concurrency, threads):
+        return ([sys.executable, "-m", "strata.cli", "serve", str(model),
                  "--port", str(PORT), "--served-model-name", self.model_name,
                  "--max-num-seqs", "64", "--disable-uvicorn-access-log"],
                 {"OMP_NUM_THREADS": str(threads)})
 
 
 class LlamaCpp(Peer):
-    def command(self, peers, concurrency, threads):
-        return ([str(peers / "llama-build/bin/llama-server"), "-m",
-                 str(peers / "gguf/tiny-llama-f32.gguf"), "--host", "127.0.0.1", "--port",
-                 str(PORT), "--parallel", str(concurrency), "-cb", "-c",
+    def command(self, peers, model, gguf, concurrency, threads):
+        return ([str(peers / "llama-build/bin/llama-server"), "-m", str(gguf), "--host",
+                 "127.0.0.1", "--port", str(PORT), "--parallel", str(concurrency), "-cb", "-c",
                  str(256 * concurrency), "-t", str(threads), "--no-webui"], {})
 
 
 class TransformersServe(Peer):
-    def command(self, peers, concurrency, threads):
+    def command(self, peers, model, gguf, concurrency, threads):
         return ([str(peers / "venv-hf/bin/transformers"), "serve", self.model_name,
                  "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1", "--port",
                  str(PORT)], {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
@@ -79,9 +85,10 @@ def peers_of(peers_dir: Path) -> list[Peer]:
                               {"generation_config": hf_eos}, takes_ignore_eos=False)]
 
 
-def start(peer: Peer, peers_dir: Path, concurrency: int, threads: int,
+def start(peer: Peer, args: argparse.Namespace, concurrency: int,
           log_dir: Path) -> subprocess.Popen:
-    command, env = peer.command(peers_dir, concurrency, threads)
+    command, env = peer.command(args.peers_dir, args.model, args.gguf, concurrency,
+                                args.threads)
     log = open(log_dir / f"{peer.name}-{concurrency}.log", "w")  # noqa: SIM115
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **env}, start_new_session=True)
@@ -101,6 +108,10 @@ def stop(process: subprocess.Popen) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers-dir", type=Path)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="Strata's checkpoint (default: PEERS_DIR/tiny-llama)")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="llama.cpp's (default: PEERS_DIR/gguf/tiny-llama-f32.gguf)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="compute threads per server")
@@ -113,18 +124,23 @@ def main() -> int:
     if args.table_from:
         print(table_from_json(args.table_from))
         return 0
+    args.model = args.model or args.peers_dir / "tiny-llama"
+    args.gguf = args.gguf or args.peers_dir / "gguf/tiny-llama-f32.gguf"
     peers = [p for p in peers_of(args.peers_dir) if not args.only or p.name in args.only]
+    bandwidth = copy_bandwidth()  # before any server runs
+    step_bytes = {c: decode_step_bytes(args.model, c, INPUT_LEN + OUTPUT_LEN // 2)
+                  for c in args.concurrency}
     log_dir = Path(args.save.parent if args.save else ".")
     summaries: dict[tuple[str, int], list[dict]] = {}
     results = {}
     for round_index in range(args.rounds):
         for concurrency in args.concurrency:
             for peer in peers:
-                process = start(peer, args.peers_dir, concurrency, args.threads, log_dir)
+                process = start(peer, args, concurrency, log_dir)
                 try:
                     run = run_benchmark(BenchConfig(
                         base_url=f"http://127.0.0.1:{PORT}", model=peer.model_name,
-                        tokenizer=str(args.peers_dir / "tiny-llama"),
+                        tokenizer=str(args.model),
                         num_prompts=max(8, 4 * concurrency), max_concurrency=concurrency,
                         random_input_len=INPUT_LEN, random_output_len=OUTPUT_LEN,
                         ignore_eos=peer.takes_ignore_eos, extra_body=peer.extra_body,
@@ -133,11 +149,15 @@ def main() -> int:
                 finally:
                     stop(process)
                 summary = run["summary"]
+                if summary.get("median_itl_ms"):
+                    summary["roofline"] = step_bytes[concurrency] / (
+                        summary["median_itl_ms"] / 1000) / bandwidth
                 summaries.setdefault((peer.name, concurrency), []).append(summary)
                 results[f"{peer.name} c={concurrency}"] = run["results"]
                 print(f"round {round_index} c={concurrency} {peer.name}: "
                       f"{summary['output_throughput']:.0f} tok/s, "
                       f"{summary['failed']} failed", file=sys.stderr, flush=True)
+    print(f"{machine()}, copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print(table(summaries, peers, args.concurrency))
     if args.save:
         args.save.write_text(json.dumps(
