@@ -28,7 +28,7 @@ from strata.engine.request import Request
 from strata.engine.step_batch import StepBatch
 from strata.math_utils import cdiv
 from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
-from strata.model.layers import cpu_linear_kernel_pays, pack_linears, packable_linears
+from strata.model.layers import choose_cpu_linear_kernels, pack_linears, packable_linears
 from strata.model.loader import PlacementTimes
 from strata.model.parallel import SINGLE, TensorParallel
 from strata.model.registry import build_model, load_weights, resolve_device, resolve_dtype
@@ -87,8 +87,7 @@ class ModelRunner:
             raise
         self.model.bind_kv_caches(self.kv_caches)
         started = time.monotonic()
-        if self.pack_linears:
-            pack_linears(packable_linears(self.model))
+        pack_linears(packable_linears(self.model), self.linear_kernels)
         self.startup_seconds["kernels"] += time.monotonic() - started
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
 
@@ -121,7 +120,7 @@ class ModelRunner:
                                       self.num_offload_disk_blocks) \
             if self.num_offload_blocks else None
         allocated = time.monotonic()
-        self.pack_linears = cpu_linear_kernel_pays(packable_linears(self.model))
+        self.linear_kernels = choose_cpu_linear_kernels(packable_linears(self.model))
         calibrated = time.monotonic()
         times = PlacementTimes()
         load_weights(self.model, weights, times)

@@ -16,88 +16,123 @@ from strata.model.parallel import SINGLE, TensorParallel
 logger = logging.getLogger(__name__)
 
 
+ONEDNN_BATCH_HINT = 32  # the rows oneDNN lays a packed weight out for (good from 1 to 512)
+CALIBRATION_ROWS = (1, 8, 32)  # decode batches a CPU linear kernel is chosen on
+
+
 class Linear(nn.Linear):
     """nn.Linear without random initialisation (the checkpoint overwrites every weight).
 
-    On CPU in float32 the weight is then packed for the C++ kernel (see
-    csrc/skinny_linear.cpp): MKL's GEMM re-packs the weight on every call, which for the few
-    rows of a decode step costs more than the product. Once packed, the kernel does every
-    product, decode steps and prompt chunks alike.
+    On CPU in float32 the weight can be packed once for a faster product than F.linear's,
+    which for the few rows of a decode step re-reads the [out, in] weight poorly (on an
+    AVX2 EPYC: 7 GB/s of a 16 GB/s machine for a 32000x256 head at one row, 4x slower
+    than its own single row at eight): "onednn" (torch's oneDNN linear over a weight
+    reordered for it) or "skinny" (the C++ kernel of csrc/skinny_linear.cpp). Which one,
+    per weight shape, is measured at start (choose_cpu_linear_kernels).
     """
 
+    kernel: str = "torch"
     packed: torch.Tensor | None = None
 
     def reset_parameters(self) -> None:
         pass
 
-    def pack(self, kernel) -> None:
-        """Swap the weight for its packed copy (the [out, in] weight is freed)."""
-        self.packed = kernel.pack_weight(self.weight.detach())  # CPU only: no buffer to move
+    def pack(self, kernel: str) -> None:
+        """Swap the weight for its packed copy for `kernel` (the [out, in] weight is freed)."""
+        weight = self.weight.detach()  # CPU only: no buffer to move
+        self.packed = _PACK[kernel](weight)
+        self.kernel = kernel
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if self.kernel == "torch":
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
-        out = skinny_linear_kernel().packed_linear(rows, self.packed, self.bias, self.out_features)
+        out = _PRODUCT[self.kernel](rows, self.packed, self.bias, self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
 
 
+_PACK = {
+    "onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w, ONEDNN_BATCH_HINT),
+    "skinny": lambda w: skinny_linear_kernel().pack_weight(w),
+}
+_PRODUCT = {
+    "onednn": lambda rows, packed, bias, _: torch.ops.mkldnn._linear_pointwise(
+        rows, packed, bias, "none", [], ""),
+    "skinny": lambda rows, packed, bias, out: skinny_linear_kernel().packed_linear(
+        rows, packed, bias, out),
+}
+
+
 def packable_linears(model: nn.Module) -> list[Linear]:
-    """The Linears the CPU kernel can take (CPU, float32, kernel built). A weight shared
-    with an embedding stays as it is: lookups read its [out, in] rows."""
+    """The Linears a CPU kernel can take (CPU, float32). A weight shared with an embedding
+    stays as it is: lookups read its [out, in] rows."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if not linears or linears[0].weight.device.type != "cpu" \
-            or linears[0].weight.dtype != torch.float32 or skinny_linear_kernel() is None:
+            or linears[0].weight.dtype != torch.float32:
         return []
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [m for m in linears if id(m.weight) not in shared]
 
 
-def cpu_linear_kernel_pays(linears: list[Linear]) -> bool:
-    """Whether the packed kernel beats torch's product on this CPU for a decode step's one
-    row, timed on the widest weight's shape. The weight's values play no part, so this runs
+def cpu_linear_kernels() -> list[str]:
+    """The kernels this machine has, torch's own product first."""
+    kernels = ["torch"]
+    if torch.backends.mkldnn.is_available():
+        kernels.append("onednn")
+    if skinny_linear_kernel() is not None:
+        kernels.append("skinny")
+    return kernels
+
+
+def choose_cpu_linear_kernels(linears: list[Linear]) -> dict[tuple[int, ...], str]:
+    """For each weight shape, the fastest kernel on this CPU over decode batches of
+    CALIBRATION_ROWS rows, timed on random weights: the values play no part, so this runs
     before the checkpoint is in (while it streams)."""
-    if not linears:
-        return False
-    widest = max(linears, key=lambda m: m.weight.numel()).weight
-    packed_s, torch_s = kernel_vs_torch_seconds(skinny_linear_kernel(),
-                                                torch.randn(widest.shape))
-    if packed_s >= torch_s:
-        # Seen on AVX2-only CPUs: 5-10x slower than torch's product, every row count.
-        logger.warning("the packed CPU linear kernel is %.1fx slower than torch's on this "
-                       "CPU (%.0f vs %.0f us for a %s weight, one row): using torch's",
-                       packed_s / torch_s, 1e6 * packed_s, 1e6 * torch_s,
-                       "x".join(map(str, widest.shape)))
-        return False
-    return True
+    choice, lines = {}, []
+    for shape in sorted({tuple(m.weight.shape) for m in linears}):
+        seconds = kernel_seconds(torch.randn(shape), cpu_linear_kernels())
+        fastest = min(seconds, key=seconds.get)
+        choice[shape] = fastest
+        lines.append(f"{'x'.join(map(str, shape))} {fastest} "
+                     f"({seconds['torch'] / seconds[fastest]:.1f}x torch's)")
+    if choice:
+        logger.info("CPU linear kernels, by weight: %s", ", ".join(lines))
+    return choice
 
 
-def pack_linears(linears: list[Linear]) -> None:
-    for module in linears:
-        module.pack(skinny_linear_kernel())
-
-
-def kernel_vs_torch_seconds(kernel, weight: torch.Tensor, rounds: int = 5,
-                            round_seconds: float = 0.01) -> tuple[float, float]:
-    """Seconds per one-row product, packed kernel and F.linear: the best of alternating
-    rounds (the machine may be shared), each about `round_seconds` long, so that a start
-    spends a fraction of a second here whatever the weight's size and the kernel's speed."""
-    packed = kernel.pack_weight(weight)
-    row = torch.randn(1, weight.shape[1])
-    products = (lambda: kernel.packed_linear(row, packed, None, weight.shape[0]),
-                lambda: F.linear(row, weight))
-    best = [float("inf"), float("inf")]
-    calls = 1
+def kernel_seconds(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
+                   round_seconds: float = 0.005) -> dict[str, float]:
+    """Seconds of one product at each of CALIBRATION_ROWS, summed, per kernel: the best of
+    alternating rounds (the machine may be shared), each about `round_seconds` long per
+    product, so a start spends a fraction of a second here whatever the weights' sizes."""
+    out = weight.shape[0]
+    packed = {k: _PACK[k](weight) if k != "torch" else weight for k in kernels}
+    products = {}
+    for rows in CALIBRATION_ROWS:
+        x = torch.randn(rows, weight.shape[1])
+        for kernel in kernels:
+            products[kernel, rows] = (
+                (lambda x=x: F.linear(x, weight)) if kernel == "torch" else
+                (lambda x=x, k=kernel: _PRODUCT[k](x, packed[k], None, out)))
+    best = dict.fromkeys(products, float("inf"))
+    calls = dict.fromkeys(products, 1)
     for round_ in range(rounds + 1):  # the first round, of one call each, sizes the others
-        for i, product in enumerate(products):
+        for key, product in products.items():
             started = time.perf_counter()
-            for _ in range(calls):
+            for _ in range(calls[key]):
                 product()
-            best[i] = min(best[i], (time.perf_counter() - started) / calls)
-        if round_ == 0:
-            calls = max(1, min(20, int(round_seconds / max(best))))
-    return best[0], best[1]
+            best[key] = min(best[key], (time.perf_counter() - started) / calls[key])
+            if round_ == 0:
+                calls[key] = max(1, min(20, int(round_seconds / best[key])))
+    return {k: sum(best[k, rows] for rows in CALIBRATION_ROWS) for k in kernels}
+
+
+def pack_linears(linears: list[Linear], kernels: dict[tuple[int, ...], str]) -> None:
+    for module in linears:
+        kernel = kernels.get(tuple(module.weight.shape), "torch")
+        if kernel != "torch":
+            module.pack(kernel)
 
 
 class Embedding(nn.Embedding):
