@@ -81,3 +81,9 @@ def test_the_fastest_kernel_is_chosen_per_weight_shape(monkeypatch, caplog):
     monkeypatch.undo()
     seconds = layers.kernel_seconds(torch.randn(64, 32), layers.cpu_linear_kernels())
     assert set(seconds) >= {"torch", "onednn"} and all(0 < t < 1 for t in seconds.values())
+
+
+def test_strata_linear_torch_keeps_every_weight_for_f_linear(monkeypatch):
+    monkeypatch.setenv("STRATA_LINEAR", "torch")
+    model = nn.Sequential(Linear(32, 64, bias=False))
+    assert choose_cpu_linear_kernels(packable_linears(model)) == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import torch
@@ -76,8 +77,11 @@ def packable_linears(model: nn.Module) -> list[Linear]:
 
 
 def cpu_linear_kernels() -> list[str]:
-    """The kernels this machine has, torch's own product first."""
+    """The kernels this machine has, torch's own product first (only it with
+    STRATA_LINEAR=torch: the reference path)."""
     kernels = ["torch"]
+    if os.environ.get("STRATA_LINEAR", "auto") == "torch":
+        return kernels
     if torch.backends.mkldnn.is_available():
         kernels.append("onednn")
     if skinny_linear_kernel() is not None:
@@ -89,9 +93,12 @@ def choose_cpu_linear_kernels(linears: list[Linear]) -> dict[tuple[int, ...], st
     """For each weight shape, the fastest kernel on this CPU over decode batches of
     CALIBRATION_ROWS rows, timed on random weights: the values play no part, so this runs
     before the checkpoint is in (while it streams)."""
+    kernels = cpu_linear_kernels()
+    if len(kernels) == 1:
+        return {}
     choice, lines = {}, []
     for shape in sorted({tuple(m.weight.shape) for m in linears}):
-        seconds = kernel_seconds(torch.randn(shape), cpu_linear_kernels())
+        seconds = kernel_seconds(torch.randn(shape), kernels)
         fastest = min(seconds, key=seconds.get)
         choice[shape] = fastest
         lines.append(f"{'x'.join(map(str, shape))} {fastest} "
@@ -117,6 +124,10 @@ def kernel_seconds(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
                 (lambda x=x, k=kernel: _PRODUCT[k](x, packed[k], None, out)))
     best = dict.fromkeys(products, float("inf"))
     calls = dict.fromkeys(products, 1)
+
+    def total(kernel: str) -> float:
+        return sum(best[kernel, rows] for rows in CALIBRATION_ROWS)
+
     for round_ in range(rounds + 1):  # the first round, of one call each, sizes the others
         for key, product in products.items():
             started = time.perf_counter()
@@ -125,7 +136,10 @@ def kernel_seconds(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
             best[key] = min(best[key], (time.perf_counter() - started) / calls[key])
             if round_ == 0:
                 calls[key] = max(1, min(20, int(round_seconds / best[key])))
-    return {k: sum(best[k, rows] for rows in CALIBRATION_ROWS) for k in kernels}
+        if round_ == 0:  # a kernel twice as slow as the fastest is out: no more time on it
+            fastest = min(map(total, kernels))
+            products = {key: p for key, p in products.items() if total(key[0]) < 2 * fastest}
+    return {k: total(k) for k in kernels}
 
 
 def pack_linears(linears: list[Linear], kernels: dict[tuple[int, ...], str]) -> None:
