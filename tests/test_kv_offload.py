@@ -20,7 +20,7 @@ from strata.router.kv_event_index import KVEventIndex
 from tests.conftest import STORIES, assert_all_blocks_free
 from tests.kv_invariants import check_kv_books, tree_nodes
 from tests.server_process import ServerProcess
-from tests.test_radix_cache import BS, make_request
+from tests.test_radix_cache import BS, make_request, random_samples, random_traffic
 from tests.test_server_prefix_cache import complete, random_prompt
 
 
@@ -75,20 +75,11 @@ def test_random_scheduling_keeps_every_tiers_books_contents_and_event_index(seed
     index, contents = KVEventIndex(), Contents()
     next_id = 0
     for step in range(1500):
-        if rng.random() < 0.3:
-            prefix = rng.choice(prefixes)[:rng.randrange(25)]
-            tokens = prefix + [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
-            scheduler.add_request(make_request(str(next_id), tokens, rng.choice([None, "s"]),
-                                               max_tokens=rng.randrange(1, 20)))
-            next_id += 1
-        if scheduler.requests and rng.random() < 0.05:
-            scheduler.abort_requests([rng.choice(list(scheduler.requests))])
+        next_id = random_traffic(rng, scheduler, prefixes, next_id)
         out = scheduler.schedule()
         contents.copy(kv.take_copies())
         contents.forward(kv, out)
-        sampled = [rng.randrange(50) for r, n in zip(out.requests, out.num_new_tokens)
-                   if r.num_computed_tokens + n == r.num_tokens]
-        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
+        scheduler.update_from_output(out, random_samples(rng, out))
         check_kv_books(kv, list(scheduler.requests.values()))
         check_tier_books(offload)
         for node in tree_nodes(kv.prefix_cache.root):

@@ -33,6 +33,28 @@ def run_prefill(kv: KVCacheManager, request: Request) -> None:
     kv.cache_blocks(request)
 
 
+def random_traffic(rng: random.Random, scheduler: Scheduler, prefixes: list[list[int]],
+                   next_id: int) -> int:
+    """One step's arrivals and aborts: now and then a request on some shared prefix (salted
+    or not), more rarely an abort. Returns the next request id."""
+    if rng.random() < 0.3:
+        prefix = rng.choice(prefixes)[:rng.randrange(25)]
+        tokens = prefix + [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
+        scheduler.add_request(make_request(str(next_id), tokens, rng.choice([None, "s"]),
+                                           max_tokens=rng.randrange(1, 20)))
+        next_id += 1
+    if scheduler.requests and rng.random() < 0.05:
+        scheduler.abort_requests([rng.choice(list(scheduler.requests))])
+    return next_id
+
+
+def random_samples(rng: random.Random, out) -> ModelRunnerOutput:
+    """A fake model's output: a random token for each request that reached its end."""
+    return ModelRunnerOutput([rng.randrange(50) for r, n in zip(out.requests,
+                                                                 out.num_new_tokens)
+                              if r.num_computed_tokens + n == r.num_tokens])
+
+
 def cached_ids(kv: KVCacheManager) -> set[int]:
     return {h for node in tree_nodes(kv.prefix_cache.root) for h in node.block_hashes}
 
@@ -156,18 +178,9 @@ def test_random_scheduling_keeps_the_books_and_the_event_index_exact(seed):
     index: set[int] = set()
     num_removed = next_id = 0
     for _ in range(1500):
-        if rng.random() < 0.3:
-            prefix = rng.choice(prefixes)[:rng.randrange(25)]
-            tokens = prefix + [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
-            scheduler.add_request(make_request(str(next_id), tokens, rng.choice([None, "s"]),
-                                               max_tokens=rng.randrange(1, 20)))
-            next_id += 1
-        if scheduler.requests and rng.random() < 0.05:
-            scheduler.abort_requests([rng.choice(list(scheduler.requests))])
+        next_id = random_traffic(rng, scheduler, prefixes, next_id)
         out = scheduler.schedule()
-        sampled = [rng.randrange(50) for r, n in zip(out.requests, out.num_new_tokens)
-                   if r.num_computed_tokens + n == r.num_tokens]
-        scheduler.update_from_output(out, ModelRunnerOutput(sampled))
+        scheduler.update_from_output(out, random_samples(rng, out))
         check_kv_books(kv, list(scheduler.requests.values()))
         # the queued prefill work it exports, kept incrementally, against a recount
         assert scheduler.num_waiting_tokens == sum(r.num_tokens for r in scheduler.waiting)
