@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -54,10 +55,12 @@ class Linear(nn.Linear):
 
 
 _PACK = {
+    "torch": lambda w: w,
     "onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w, ONEDNN_BATCH_HINT),
     "skinny": lambda w: skinny_linear_kernel().pack_weight(w),
 }
 _PRODUCT = {
+    "torch": lambda rows, weight, bias, _: F.linear(rows, weight, bias),
     "onednn": lambda rows, packed, bias, _: torch.ops.mkldnn._linear_pointwise(
         rows, packed, bias, "none", [], ""),
     "skinny": lambda rows, packed, bias, out: skinny_linear_kernel().packed_linear(
@@ -114,14 +117,10 @@ def kernel_seconds(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
     alternating rounds (the machine may be shared), each about `round_seconds` long per
     product, so a start spends a fraction of a second here whatever the weights' sizes."""
     out = weight.shape[0]
-    packed = {k: _PACK[k](weight) if k != "torch" else weight for k in kernels}
-    products = {}
-    for rows in CALIBRATION_ROWS:
-        x = torch.randn(rows, weight.shape[1])
-        for kernel in kernels:
-            products[kernel, rows] = (
-                (lambda x=x: F.linear(x, weight)) if kernel == "torch" else
-                (lambda x=x, k=kernel: _PRODUCT[k](x, packed[k], None, out)))
+    packed = {k: _PACK[k](weight) for k in kernels}
+    products = {(k, rows): functools.partial(_PRODUCT[k], torch.randn(rows, weight.shape[1]),
+                                             packed[k], None, out)
+                for rows in CALIBRATION_ROWS for k in kernels}
     for product in products.values():  # first calls set libraries up: not timed
         product()
     best = dict.fromkeys(products, float("inf"))

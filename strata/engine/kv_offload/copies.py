@@ -13,6 +13,11 @@ DEVICE, HOST, DISK = "GPU", "CPU", "DISK"  # vLLM's medium names; GPU = the engi
 COPY_ORDER = ((HOST, DISK), (DEVICE, HOST), (DEVICE, DISK), (HOST, DEVICE), (DISK, DEVICE))
 
 
+def transfer_type(source: str, target: str) -> str:
+    """vLLM's label for copies from one medium to another ("GPU_to_CPU")."""
+    return f"{source}_to_{target}"
+
+
 class CopyRun(msgspec.Struct, array_like=True):
     source: str  # medium
     target: str

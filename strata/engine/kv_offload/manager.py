@@ -6,7 +6,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from strata.engine.kv_offload.copies import COPY_ORDER, DEVICE, DISK, HOST, BlockCopies, CopyRun
+from strata.engine.kv_offload.copies import (
+    COPY_ORDER,
+    DEVICE,
+    DISK,
+    HOST,
+    BlockCopies,
+    CopyRun,
+    transfer_type,
+)
 from strata.engine.kv_offload.tier import OffloadTier, TierEntry
 from strata.kv_events import BlockRemoved, BlockStored, KVEvent
 
@@ -143,5 +151,5 @@ class OffloadManager:
     def stats(self) -> tuple[dict[str, int], dict[str, int]]:
         """(tokens found per tier, bytes copied per transfer type as vLLM names them)."""
         return ({medium: count * self.block_size for medium, count in self.hit_blocks.items()},
-                {f"{source}_to_{target}": count * self.bytes_per_block
+                {transfer_type(source, target): count * self.bytes_per_block
                  for (source, target), count in self.copied_blocks.items()})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from strata.engine.kv_offload.copies import DEVICE, DISK, HOST, BlockCopies
+from strata.engine.kv_offload.copies import DEVICE, DISK, HOST, BlockCopies, transfer_type
 
 SLOT_DIM = 2  # [layers, K and V, blocks, block_size, kv_heads, head_dim]
 
@@ -67,5 +67,5 @@ class TierStores:
             target.index_copy_(SLOT_DIM, target_slots, blocks.to(target.device))
             if target.device.type == "cuda":
                 torch.cuda.synchronize(target.device)
-            seconds[f"{run.source}_to_{run.target}"] = time.perf_counter() - started
+            seconds[transfer_type(run.source, run.target)] = time.perf_counter() - started
         return seconds

@@ -24,7 +24,7 @@ class OffloadTier:
     busy: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.free_slots = list(range(self.num_slots - 1, -1, -1))
+        self.clear()
 
     def touch(self, block_hash: int) -> None:
         self.entries.move_to_end(block_hash)
