@@ -99,6 +99,7 @@ def test_killed_at_any_moment_leaves_no_process(tmp_path, command, moment, signu
         code = process.wait(SIGTERM_EXIT_SECONDS + 5)
         if signum == signal.SIGTERM:
             assert time.monotonic() - started < SIGTERM_EXIT_SECONDS
+            assert "Traceback" not in (tmp_path / f"{command}.log").read_text()  # a clean stop
         assert code != 0 or signum == signal.SIGTERM
         wait_until(lambda: not tagged_processes(tag), "every process to exit", GONE_SECONDS)
     finally:

@@ -13,6 +13,7 @@ with a non-zero code shortly after, so a supervisor restarts it instead of it ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -84,6 +85,8 @@ async def _serve(config: EngineConfig, model_path: str, chat_template: str | Non
     await asyncio.wait([serving_task, both], return_when=asyncio.FIRST_COMPLETED)
     if not both.done():  # stopped (a signal) or could not bind while the engine started
         both.cancel()
+        with contextlib.suppress(asyncio.CancelledError):  # retrieved, so nothing is logged
+            await both
         await client.shutdown()
         await serving_task
         return 0 if server.started else 1
