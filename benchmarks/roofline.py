@@ -36,9 +36,11 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     return 2 * source.nbytes / statistics.median(seconds)
 
 
-def decode_step_bytes(model: Path, batch: int, context: int, dtype_bytes: int = 4) -> int:
+def decode_step_bytes(model: Path, batch: int, context: int, weight_bytes: float = 4,
+                      kv_bytes: float = 4) -> int:
     """What one decode step of `batch` sequences of `context` tokens reads at least: every
-    weight once (the input embedding only for its `batch` rows), and each sequence's K/V."""
+    weight once (the input embedding only for its `batch` rows), and each sequence's K/V,
+    at `weight_bytes` per weight (1 for int8, 1.0625 for q8_0) and `kv_bytes` per K/V value."""
     config = json.loads((model / "config.json").read_text())
     weights = 0
     for file in model.glob("*.safetensors"):
@@ -51,11 +53,11 @@ def decode_step_bytes(model: Path, batch: int, context: int, dtype_bytes: int = 
                 if name.endswith("embed_tokens.weight") and not config.get(
                         "tie_word_embeddings"):
                     count = batch * shape[1]
-                weights += count * dtype_bytes
+                weights += count
     heads = config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_per_token = 2 * config["num_hidden_layers"] * heads * head_dim * dtype_bytes
-    return weights + batch * context * kv_per_token
+    kv_per_token = 2 * config["num_hidden_layers"] * heads * head_dim * kv_bytes
+    return int(weights * weight_bytes + batch * context * kv_per_token)
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from strata.autoscale.cli import add_autoscale_parser
 from strata.bench.cli import add_bench_parser
-from strata.config import DEFAULT_MODEL
+from strata.config import DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATIONS
 
 DEFAULT_MASTER_PORT = 29501  # vLLM's
 
@@ -20,6 +20,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
     parser.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
+                        help="int8: weights in 8 bits, one scale per output channel, "
+                             "activations in float32 (CPU; a model sharing its head with "
+                             "its embedding keeps that weight in float32)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="the KV pool's type (auto: the model's); float16 or bfloat16 "
+                             "halves a float32 model's KV bytes")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -70,9 +77,10 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, device=args.device, seed=args.seed,
-                max_model_len=args.max_model_len, block_size=args.block_size,
-                kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_gpu_blocks_override,
+    return dict(dtype=args.dtype, quantization=args.quantization, device=args.device,
+                seed=args.seed, max_model_len=args.max_model_len, block_size=args.block_size,
+                kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+                num_kv_blocks=args.num_gpu_blocks_override,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching,
                 prefix_caching_hash_seed=args.prefix_caching_hash_seed,

@@ -33,6 +33,10 @@ def parse_size(value: int | float | str) -> int:
     return int(size)
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("int8",)  # weight-only, per output channel (CPU)
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16
@@ -40,6 +44,9 @@ class CacheConfig:
     kv_cache_memory: int | str | None = None
     # Exact number of blocks, overriding the memory budget (tests, benchmarks).
     num_kv_blocks: int | None = None
+    # The KV pool's element type (vLLM's --kv-cache-dtype): auto = the model's dtype; a
+    # 16-bit type halves the pool's bytes on a float32 model (more tokens, less to read).
+    kv_cache_dtype: str = "auto"
     # Share the KV blocks of common prefixes between requests (a radix tree of blocks).
     enable_prefix_caching: bool = True
     # Seeds the chained block hashes, so that every process given it names blocks alike.
@@ -62,6 +69,9 @@ class CacheConfig:
             self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r} (choose from "
+                             f"{', '.join(KV_CACHE_DTYPES)})")
         self._check_offloading()
 
     def _check_offloading(self) -> None:
@@ -175,6 +185,9 @@ class EngineConfig:
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None
     dtype: str = "auto"
+    # Weights stored in fewer bits (--quantization): int8 = weight-only, one scale per
+    # output channel, activations in float32 (CPU).
+    quantization: str | None = None
     device: str = "auto"
     seed: int = 0
     max_model_len: int | None = None
@@ -191,6 +204,11 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r} (choose from "
+                             f"{', '.join(QUANTIZATIONS)})")
 
     @classmethod
     def create(cls, model: str = DEFAULT_MODEL, **kwargs) -> EngineConfig:

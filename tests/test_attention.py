@@ -28,11 +28,14 @@ def _decode_group(context_lens: list[int], block_size: int, num_blocks: int) -> 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 8, 32), (8, 2, 16), (4, 1, 64)])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("lens", [[1], [17, 3, 64, 100, 33]])
-def test_kernel_matches_reference(monkeypatch, heads, kv_heads, head_dim, window, lens):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_reference(monkeypatch, heads, kv_heads, head_dim, window, lens,
+                                  cache_dtype):
+    """Either cache type: the kernel widens what it reads as the reference path does."""
     torch.manual_seed(0)
     num_blocks, block_size = 64, 16
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(cache_dtype)
     q = torch.randn(len(lens), heads, head_dim)
     meta = AttentionMetadata(torch.empty(0), [_decode_group(lens, block_size, num_blocks)])
     fast = paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5, window)

@@ -97,6 +97,12 @@ class ModelRunner:
         self.tp = tp
         self.device = resolve_device(config.device, tp.rank % config.parallel.ranks_per_node)
         self.dtype = resolve_dtype(config.dtype, self.device, hf_config)
+        if config.quantization and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(f"--quantization {config.quantization} runs on CPU with float32 "
+                             f"activations (--dtype auto or float32), not {self.dtype} on "
+                             f"{self.device.type}")
+        self.kv_dtype = self.dtype if config.cache.kv_cache_dtype == "auto" else \
+            getattr(torch, config.cache.kv_cache_dtype)
         self.model = build_model(model_path, self.dtype, self.device, self.tp)
         args = self.model.args
         # This rank's KV heads only: at N ranks the same memory holds about N x the tokens.
@@ -112,7 +118,7 @@ class ModelRunner:
         shape = (args.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
                  args.head_dim)
         started = time.monotonic()
-        self.kv_caches = kv_pool(shape, self.dtype, self.device)
+        self.kv_caches = kv_pool(shape, self.kv_dtype, self.device)
         self.num_offload_blocks, self.num_offload_disk_blocks = self._num_tier_blocks(tp)
         self.copy_seconds: Counter[str] = Counter()  # by transfer type, cumulative
         self.tier_stores = TierStores(self.kv_caches, self.num_offload_blocks,
@@ -120,7 +126,8 @@ class ModelRunner:
                                       self.num_offload_disk_blocks) \
             if self.num_offload_blocks else None
         allocated = time.monotonic()
-        self.linear_kernels = choose_cpu_linear_kernels(packable_linears(self.model))
+        self.linear_kernels = choose_cpu_linear_kernels(packable_linears(self.model),
+                                                        config.quantization)
         calibrated = time.monotonic()
         times = PlacementTimes()
         load_weights(self.model, weights, times)
@@ -135,7 +142,7 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         a = self.model.args
         return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * \
-            self.dtype.itemsize
+            self.kv_dtype.itemsize
 
     def _num_blocks(self) -> int:
         cache = self.config.cache

@@ -16,6 +16,9 @@ Two paths:
   `F.scaled_dot_product_attention`, grouped-query heads as extra query rows rather than
   repeated K/V. This path is the reference the kernel is tested against.
 
+The cache may be narrower than the model (--kv-cache-dtype float16 or bfloat16 under a
+float32 model): K/V are rounded as they are written and widened back as they are read.
+
 Cascade attention, on the kernel path only and for layers without a sliding window:
 decodes whose block tables start with the same cached blocks (the prefix cache shares
 them; the runner forms such sets where that spares enough K/V reads, its
@@ -80,9 +83,10 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new K/V at slot = block_id * block_size + offset."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    """Store new K/V at slot = block_id * block_size + offset, in the cache's dtype (which
+    --kv-cache-dtype may make narrower than the model's)."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -111,7 +115,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _decode_kernel(q: torch.Tensor):
-    """The C++ decode kernel where it applies (CPU, float32) and could be built."""
+    """The C++ decode kernel where it applies (CPU, float32 queries) and could be built."""
     if q.device.type != "cpu" or q.dtype != torch.float32:
         return None
     return paged_decode_kernel()
@@ -127,8 +131,8 @@ def _add_shared_prefix(attended: torch.Tensor, lse: torch.Tensor, queries: torch
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     per_kv = num_heads // num_kv_heads
-    k = k_cache.index_select(0, prefix.block_ids).view(-1, num_kv_heads, head_dim)
-    v = v_cache.index_select(0, prefix.block_ids).view(-1, num_kv_heads, head_dim)
+    k = k_cache.index_select(0, prefix.block_ids).view(-1, num_kv_heads, head_dim).to(q.dtype)
+    v = v_cache.index_select(0, prefix.block_ids).view(-1, num_kv_heads, head_dim).to(q.dtype)
     # Every query head that reads a KV head, of every row, is one row of the product.
     q = q.view(num_rows, num_kv_heads, per_kv, head_dim).permute(1, 0, 2, 3).reshape(
         num_kv_heads, num_rows * per_kv, head_dim)
@@ -161,8 +165,8 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     # (index_select on the flat table: several times faster than advanced indexing on CPU).
     blocks = group.block_tables.flatten()
     context_shape = (batch, -1, num_kv_heads, head_dim)
-    k = k_cache.index_select(0, blocks).view(context_shape).transpose(1, 2)
-    v = v_cache.index_select(0, blocks).view(context_shape).transpose(1, 2)
+    k = k_cache.index_select(0, blocks).view(context_shape).transpose(1, 2).to(q.dtype)
+    v = v_cache.index_select(0, blocks).view(context_shape).transpose(1, 2).to(q.dtype)
     # Grouped-query attention without repeating K/V: the query heads that share a
     # KV head become extra query rows of that head.
     queries = q[group.token_index].view(batch, max_q, num_kv_heads, per_kv, head_dim)

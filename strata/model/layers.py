@@ -29,12 +29,15 @@ class Linear(nn.Linear):
     which for the few rows of a decode step re-reads the [out, in] weight poorly (on an
     AVX2 EPYC: 7 GB/s of a 16 GB/s machine for a 32000x256 head at one row, 4x slower
     than its own single row at eight): "onednn" (torch's oneDNN linear over a weight
-    reordered for it) or "skinny" (the C++ kernel of csrc/skinny_linear.cpp). Which one,
-    per weight shape, is measured at start (choose_cpu_linear_kernels).
+    reordered for it) or "skinny" (the C++ kernel of csrc/skinny_linear.cpp). With
+    --quantization int8 the weight is packed as int8 with a scale per output instead:
+    "int8" (the same C++ kernel, widening each vector in registers) or "int8-torch"
+    (torch's _weight_int8pack_mm). Which one, per weight shape, is measured at start
+    (choose_cpu_linear_kernels).
     """
 
     kernel: str = "torch"
-    packed: torch.Tensor | None = None
+    packed: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reset_parameters(self) -> None:
         pass
@@ -54,10 +57,30 @@ class Linear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric, per output channel: int8 values in [-127, 127] and each row's scale
+    (its largest magnitude over 127), so that weight ~= values * scales[:, None]."""
+    scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    values = torch.round(weight / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return values, scales
+
+
+def _pack_int8(weight: torch.Tensor, pack) -> tuple[torch.Tensor, torch.Tensor]:
+    values, scales = quantize_int8(weight)
+    return pack(values), scales
+
+
+def _int8_torch(rows, packed, bias, _) -> torch.Tensor:
+    out = torch._weight_int8pack_mm(rows.contiguous(), *packed)
+    return out if bias is None else out.add_(bias)
+
+
 _PACK = {
     "torch": lambda w: w,
     "onednn": lambda w: torch.ops.mkldnn._reorder_linear_weight(w, ONEDNN_BATCH_HINT),
     "skinny": lambda w: skinny_linear_kernel().pack_weight(w),
+    "int8": lambda w: _pack_int8(w, skinny_linear_kernel().pack_weight),
+    "int8-torch": lambda w: _pack_int8(w, torch.Tensor.contiguous),
 }
 _PRODUCT = {
     "torch": lambda rows, weight, bias, _: F.linear(rows, weight, bias),
@@ -65,6 +88,9 @@ _PRODUCT = {
         rows, packed, bias, "none", [], ""),
     "skinny": lambda rows, packed, bias, out: skinny_linear_kernel().packed_linear(
         rows, packed, bias, out),
+    "int8": lambda rows, packed, bias, out: skinny_linear_kernel().packed_linear_int8(
+        rows, *packed, bias, out),
+    "int8-torch": _int8_torch,
 }
 
 
@@ -79,9 +105,12 @@ def packable_linears(model: nn.Module) -> list[Linear]:
     return [m for m in linears if id(m.weight) not in shared]
 
 
-def cpu_linear_kernels() -> list[str]:
-    """The kernels this machine has, torch's own product first (only it with
-    STRATA_LINEAR=torch: the reference path)."""
+def cpu_linear_kernels(quantization: str | None = None) -> list[str]:
+    """The kernels this machine has for the weights' format, the reference first: torch's
+    own product in float32 (the only one with STRATA_LINEAR=torch), torch's int8 product
+    under int8."""
+    if quantization == "int8":
+        return ["int8-torch"] + (["int8"] if skinny_linear_kernel() is not None else [])
     kernels = ["torch"]
     if os.environ.get("STRATA_LINEAR", "auto") == "torch":
         return kernels
@@ -92,20 +121,24 @@ def cpu_linear_kernels() -> list[str]:
     return kernels
 
 
-def choose_cpu_linear_kernels(linears: list[Linear]) -> dict[tuple[int, ...], str]:
+def choose_cpu_linear_kernels(linears: list[Linear], quantization: str | None = None
+                              ) -> dict[tuple[int, ...], str]:
     """For each weight shape, the fastest kernel on this CPU over decode batches of
     CALIBRATION_ROWS rows, timed on random weights: the values play no part, so this runs
-    before the checkpoint is in (while it streams)."""
-    kernels = cpu_linear_kernels()
+    before the checkpoint is in (while it streams). Quantized weights always get a kernel
+    of their format, even where there is only one."""
+    kernels = cpu_linear_kernels(quantization)
     if len(kernels) == 1:
-        return {}
+        return dict.fromkeys((tuple(m.weight.shape) for m in linears), kernels[0]) \
+            if quantization else {}
+    reference = kernels[0]
     choice, lines = {}, []
     for shape in sorted({tuple(m.weight.shape) for m in linears}):
         seconds = kernel_seconds(torch.randn(shape), kernels)
         fastest = min(seconds, key=seconds.get)
         choice[shape] = fastest
         lines.append(f"{'x'.join(map(str, shape))} {fastest} "
-                     f"({seconds['torch'] / seconds[fastest]:.1f}x torch's)")
+                     f"({seconds[reference] / seconds[fastest]:.1f}x {reference}'s)")
     if choice:
         logger.info("CPU linear kernels, by weight: %s", ", ".join(lines))
     return choice

@@ -1,4 +1,6 @@
-// Paged attention for single-token queries (decodes) on CPU, float32.
+// Paged attention for single-token queries (decodes) on CPU: float32 queries and
+// outputs, a cache of float32, float16 or bfloat16 (--kv-cache-dtype), each K/V value
+// widened to float32 as it is read (F16C's conversion where the CPU has it).
 //
 // Reads each sequence's K/V straight from the cache blocks named by its block
 // table: no gathered copy of the context, which is what the pure-PyTorch path
@@ -16,14 +18,29 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q,
-                            torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor context_starts,
-                            torch::Tensor context_lens, double scale, int64_t window) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32,
-              "paged_decode_attention: float32 only");
+namespace {
+
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float widen(float x) { return x; }
+inline float widen(_Float16 x) { return static_cast<float>(x); }
+inline float widen(BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename T>
+void attend(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torch::Tensor k_cache,
+            torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor context_starts,
+            torch::Tensor context_lens, double scale, int64_t window) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && block_tables.is_contiguous() &&
                   context_lens.is_contiguous() && context_starts.is_contiguous() &&
@@ -34,8 +51,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor 
   const int64_t per_kv = heads / kv_heads, max_blocks = block_tables.size(1);
   const int64_t token_stride = kv_heads * dim, block_stride = block_size * token_stride;
   const float* q_ptr = q.data_ptr<float>();
-  const float* k_ptr = k_cache.data_ptr<float>();
-  const float* v_ptr = v_cache.data_ptr<float>();
+  const T* k_ptr = static_cast<const T*>(k_cache.data_ptr());
+  const T* v_ptr = static_cast<const T*>(v_cache.data_ptr());
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* starts = context_starts.data_ptr<int64_t>();
@@ -67,14 +84,14 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor 
         float* outputs = out_ptr + seq * heads * dim;
         scores.assign(heads * n, 0.f);
         for (int64_t j = first; j < len; ++j) {
-          const float* row = k_ptr + table[j / block_size] * block_stride +
-                             (j % block_size) * token_stride;
+          const T* row = k_ptr + table[j / block_size] * block_stride +
+                         (j % block_size) * token_stride;
           for (int64_t h = head_begin; h < head_end; ++h) {
             const float* query = queries + h * dim;
-            const float* key = row + (h / per_kv) * dim;
+            const T* key = row + (h / per_kv) * dim;
             float dot = 0.f;
   #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
+            for (int64_t d = 0; d < dim; ++d) dot += query[d] * widen(key[d]);
             scores[h * n + (j - first)] = dot * softmax_scale;
           }
         }
@@ -89,14 +106,14 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor 
           std::fill(outputs + h * dim, outputs + (h + 1) * dim, 0.f);
         }
         for (int64_t j = first; j < len; ++j) {
-          const float* row = v_ptr + table[j / block_size] * block_stride +
-                             (j % block_size) * token_stride;
+          const T* row = v_ptr + table[j / block_size] * block_stride +
+                         (j % block_size) * token_stride;
           for (int64_t h = head_begin; h < head_end; ++h) {
             const float weight = scores[h * n + (j - first)];
-            const float* value = row + (h / per_kv) * dim;
+            const T* value = row + (h / per_kv) * dim;
             float* output = outputs + h * dim;
   #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) output[d] += weight * value[d];
+            for (int64_t d = 0; d < dim; ++d) output[d] += weight * widen(value[d]);
           }
         }
       }
@@ -104,7 +121,31 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor 
   });
 }
 
+}  // namespace
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor lse, torch::Tensor q,
+                            torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor context_starts,
+                            torch::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == v_cache.scalar_type(),
+              "paged_decode_attention: float32 queries, K and V caches of one dtype");
+  switch (k_cache.scalar_type()) {
+    case torch::kFloat32:
+      return attend<float>(out, lse, q, k_cache, v_cache, block_tables, context_starts,
+                           context_lens, scale, window);
+    case torch::kFloat16:
+      return attend<_Float16>(out, lse, q, k_cache, v_cache, block_tables, context_starts,
+                              context_lens, scale, window);
+    case torch::kBFloat16:
+      return attend<BFloat16>(out, lse, q, k_cache, v_cache, block_tables, context_starts,
+                              context_lens, scale, window);
+    default:
+      TORCH_CHECK(false, "paged_decode_attention: a float32, float16 or bfloat16 cache");
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
-        "Paged attention of single-token queries through block tables (CPU, float32)");
+        "Paged attention of single-token queries through block tables (CPU; float32 queries, "
+        "a float32, float16 or bfloat16 cache)");
 }
