@@ -2,7 +2,9 @@
 leader and the worker of a LeaderWorkerSet (two "nodes"), `strata up --nnodes 2`, and P/D
 between two TP-2 instances give the tokens and logprobs of N = 1. A worker SIGKILLed
 under load takes the group down: the leader's /health turns 503, every client gets an
-answer, the leader exits non-zero, and no process is left."""
+answer, the leader exits non-zero, and no process is left; so does a worker that stops
+answering. (A server's start is most of a test's time here: the failure tests reuse the
+parity tests' servers.)"""
 
 from __future__ import annotations
 
@@ -75,17 +77,6 @@ def expected(strata_server) -> list[dict]:
 
 
 @pytest.mark.timeout(300)
-def test_two_ranks_over_http_match_one(tmp_path, expected):
-    server = ServerProcess(tmp_path, "-tp", "2")
-    try:
-        assert len(workers_of(server)) == 1
-        assert_same(completions(server.url), expected)
-        assert prefix_hits(server.url) > 0
-    finally:
-        assert server.stop() == 0, server.log_text()
-
-
-@pytest.mark.timeout(300)
 def test_one_command_serves_as_leader_and_worker_of_a_leaderworkerset(tmp_path, expected):
     """The same command line on both "nodes"; only LeaderWorkerSet's environment differs."""
     port, master_port = free_port(), free_port()
@@ -129,10 +120,15 @@ def test_up_runs_two_nodes_behind_the_router(tmp_path, expected):
 
 
 @pytest.mark.timeout(300)
-def test_a_worker_killed_under_load_takes_the_group_down(tmp_path):
+def test_two_ranks_match_one_and_a_worker_killed_under_load_takes_the_group_down(tmp_path,
+                                                                                expected):
+    """One server for both (a start is the test's cost): N = 1's tokens and logprobs, with
+    prefix hits; then its worker SIGKILLed under load."""
     server = ServerProcess(tmp_path, "-tp", "2", "--distributed-timeout", "5")
     [worker] = workers_of(server)
     everyone = descendants(server.process.pid)
+    assert_same(completions(server.url), expected)
+    assert prefix_hits(server.url) > 0
     endings: list[str] = []
 
     def stream() -> None:
@@ -167,20 +163,6 @@ def _running(url: str) -> float:
     return 0.0
 
 
-@pytest.mark.timeout(120)
-def test_a_worker_that_stops_answering_takes_the_group_down(tmp_path):
-    server = ServerProcess(tmp_path, "-tp", "2", "--distributed-timeout", "2")
-    [worker] = workers_of(server)
-    everyone = descendants(server.process.pid)
-    os.kill(worker, signal.SIGSTOP)  # alive, but silent: only the idle heartbeat can tell
-    wait_until(lambda: not healthy(server.url), "the leader's /health to fail", timeout=10)
-    assert server.process.wait(30) != 0, server.log_text()
-    assert "tensor-parallel group failed" in server.log_text()
-    server.stop()
-    wait_until(lambda: not any(alive(pid) for pid in everyone), "every process to end",
-               timeout=10)
-
-
 @pytest.mark.timeout(300)
 def test_pd_at_two_ranks_moves_each_ranks_shard(tmp_path, strata_server):
     """`strata up --prefill 1 --decode 1 -tp 2`: each decode rank reads its shard of the
@@ -206,27 +188,38 @@ def test_pd_at_two_ranks_moves_each_ranks_shard(tmp_path, strata_server):
 
 
 @pytest.mark.timeout(300)
-def test_an_odd_checkpoint_over_http_matches_one_rank(tmp_path, tp_checkpoints):
+def test_an_odd_checkpoint_matches_one_rank_and_a_silent_worker_takes_the_group_down(
+        tmp_path, tp_checkpoints):
     """The oddest of the offline test's checkpoints (every one is checked at N = 2 there, by
     the same engine code), served at N = 2: N = 1's greedy ids, and every token's logprob
     within 1e-4. One KV head for two ranks, a vocabulary of 509, biases: the shapes the
-    server's own path (logprobs over the padded vocabulary) could get wrong."""
+    server's own path (logprobs over the padded vocabulary) could get wrong. Then the same
+    server's worker stops answering (SIGSTOP: alive, but silent, so only the idle heartbeat
+    can tell), and the group goes down."""
     prompt = [1, 5, 77, 300, 12, 9]
     path = tp_checkpoints["one_kv_head"]
     llm = LLM(str(path), skip_tokenizer_init=True, kv_cache_memory="8MiB")
     [one] = llm.generate({"prompt_token_ids": prompt}, SamplingParams(
         temperature=0, max_tokens=8, ignore_eos=True, logprobs=0), use_tqdm=False)
-    server = ServerProcess(tmp_path, "-tp", "2", model=path)
+    server = ServerProcess(tmp_path, "-tp", "2", "--distributed-timeout", "2", model=path)
+    [worker] = workers_of(server)
+    everyone = descendants(server.process.pid)
     try:
         choice = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
             "model": SERVED_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True, "logprobs": 0,
         }).json()["choices"][0]
+        expected = one.outputs[0]
+        assert choice["token_ids"] == expected.token_ids
+        offline = [step[token].logprob for step, token in zip(expected.logprobs,
+                                                              expected.token_ids)]
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in
+                   zip(choice["logprobs"]["token_logprobs"], offline, strict=True))
+        os.kill(worker, signal.SIGSTOP)
+        wait_until(lambda: not healthy(server.url), "the leader's /health to fail", timeout=10)
+        assert server.process.wait(30) != 0, server.log_text()
+        assert "tensor-parallel group failed" in server.log_text()
     finally:
-        assert server.stop() == 0, server.log_text()
-    expected = one.outputs[0]
-    assert choice["token_ids"] == expected.token_ids
-    offline = [step[token].logprob for step, token in zip(expected.logprobs,
-                                                          expected.token_ids)]
-    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in
-               zip(choice["logprobs"]["token_logprobs"], offline, strict=True))
+        server.stop()
+    wait_until(lambda: not any(alive(pid) for pid in everyone), "every process to end",
+               timeout=10)

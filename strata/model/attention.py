@@ -96,18 +96,24 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     for group in meta.groups:
         if group.token_index.shape[1] == 1 and (kernel := _decode_kernel(q)) is not None:
-            queries = q.index_select(0, group.flat_tokens)
-            attended = torch.empty_like(queries)
+            # A step of decodes only (every token is one, in order): the kernel reads q and
+            # writes out in place, with no gather before or scatter after.
+            whole = len(group.flat_tokens) == len(q)
+            queries = q.contiguous() if whole else q.index_select(0, group.flat_tokens)
+            attended = out if whole else torch.empty_like(queries)
             lse = torch.empty(queries.shape[:2], dtype=torch.float32)
             # A sliding window cuts the context differently per layer: no shared prefixes.
             cascade = group.shared_prefixes and sliding_window is None
-            starts = group.context_starts if cascade else torch.zeros_like(group.context_lens)
+            starts = group.context_starts
+            if starts is None or (group.shared_prefixes and not cascade):
+                starts = torch.zeros_like(group.context_lens)
             kernel.paged_decode_attention(attended, lse, queries, k_cache, v_cache,
                                           group.block_tables, starts, group.context_lens, scale,
                                           sliding_window or 0)
             for prefix in group.shared_prefixes if cascade else []:
                 _add_shared_prefix(attended, lse, queries, k_cache, v_cache, prefix, scale)
-            out.index_copy_(0, group.flat_tokens, attended)
+            if not whole:
+                out.index_copy_(0, group.flat_tokens, attended)
             continue
         attended = _attend_group(q, k_cache, v_cache, group, scale, sliding_window)
         out.index_copy_(0, group.flat_tokens, attended.flatten(0, 1)[group.padded_rows])

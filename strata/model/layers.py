@@ -134,21 +134,24 @@ def choose_cpu_linear_kernels(linears: list[Linear], quantization: str | None = 
     reference = kernels[0]
     choice, lines = {}, []
     for shape in sorted({tuple(m.weight.shape) for m in linears}):
-        seconds = kernel_seconds(torch.randn(shape), kernels)
-        fastest = min(seconds, key=seconds.get)
+        slowdowns = kernel_slowdowns(torch.randn(shape), kernels)
+        fastest = min(slowdowns, key=slowdowns.get)
         choice[shape] = fastest
         lines.append(f"{'x'.join(map(str, shape))} {fastest} "
-                     f"({seconds[reference] / seconds[fastest]:.1f}x {reference}'s)")
+                     f"({slowdowns[reference] / slowdowns[fastest]:.1f}x {reference}'s)")
     if choice:
         logger.info("CPU linear kernels, by weight: %s", ", ".join(lines))
     return choice
 
 
-def kernel_seconds(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
-                   round_seconds: float = 0.005) -> dict[str, float]:
-    """Seconds of one product at each of CALIBRATION_ROWS, summed, per kernel: the best of
-    alternating rounds (the machine may be shared), each about `round_seconds` long per
-    product, so a start spends a fraction of a second here whatever the weights' sizes."""
+def kernel_slowdowns(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
+                     round_seconds: float = 0.005) -> dict[str, float]:
+    """Each kernel's time for one product over the fastest kernel's, averaged over the
+    batches of CALIBRATION_ROWS rows: each batch size counts alike (a sum of seconds would
+    let the largest decide alone, and the single stream is where a step is shortest).
+    Times are the best of alternating rounds (the machine may be shared), each about
+    `round_seconds` long per product, so a start spends a fraction of a second here
+    whatever the weights' sizes."""
     out = weight.shape[0]
     packed = {k: _PACK[k](weight) for k in kernels}
     products = {(k, rows): functools.partial(_PRODUCT[k], torch.randn(rows, weight.shape[1]),
@@ -159,8 +162,9 @@ def kernel_seconds(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
     best = dict.fromkeys(products, float("inf"))
     calls = dict.fromkeys(products, 1)
 
-    def total(kernel: str) -> float:
-        return sum(best[kernel, rows] for rows in CALIBRATION_ROWS)
+    def slowdown(kernel: str) -> float:
+        return sum(best[kernel, rows] / min(best[k, rows] for k in kernels)
+                   for rows in CALIBRATION_ROWS) / len(CALIBRATION_ROWS)
 
     for round_ in range(rounds + 1):  # the first round, of one call each, sizes the others
         for key, product in products.items():
@@ -171,9 +175,8 @@ def kernel_seconds(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
             if round_ == 0:
                 calls[key] = max(1, min(20, int(round_seconds / best[key])))
         if round_ == 0:  # a kernel twice as slow as the fastest is out: no more time on it
-            fastest = min(map(total, kernels))
-            products = {key: p for key, p in products.items() if total(key[0]) < 2 * fastest}
-    return {k: total(k) for k in kernels}
+            products = {key: p for key, p in products.items() if slowdown(key[0]) < 2}
+    return {k: slowdown(k) for k in kernels}
 
 
 def pack_linears(linears: list[Linear], kernels: dict[tuple[int, ...], str]) -> None:
