@@ -51,12 +51,16 @@ def load_json(path: Path, required: bool = True) -> dict:
     return json.loads(path.read_text())
 
 
+def user_cache_dir() -> Path:
+    """Strata's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "strata"
+
+
 def fetch_metadata(url: str) -> Path:
     """The small files of the model folder at `url`, in a cache folder of their own (one per
     URL, so that the frontend, the engine and its ranks share it): each start fetches them
     again, replacing each atomically, since the folder behind a URL may have changed."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = cache / "strata" / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    folder = user_cache_dir() / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     base = url.rstrip("/")
     with httpx.Client(follow_redirects=True, timeout=30.0) as client, \

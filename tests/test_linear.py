@@ -89,3 +89,40 @@ def test_strata_linear_torch_keeps_every_weight_for_f_linear(monkeypatch):
     monkeypatch.setenv("STRATA_LINEAR", "torch")
     model = nn.Sequential(Linear(32, 64, bias=False))
     assert choose_cpu_linear_kernels(packable_linears(model)) == {}
+
+
+def test_kernel_choices_are_cached_per_machine(monkeypatch, tmp_path):
+    """A shape timed once on this machine is not timed again; another thread count is
+    another machine; a cache that cannot be written costs nothing but the next timing."""
+    import json
+
+    from strata.model import layers
+
+    cache = tmp_path / "strata" / "linear-kernels.json"
+    model = nn.Sequential(Linear(32, 64, bias=False))
+    first = choose_cpu_linear_kernels(packable_linears(model), cache_file=cache)
+
+    def timed_again(weight, kernels):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(layers, "kernel_slowdowns", timed_again)
+    assert choose_cpu_linear_kernels(packable_linears(model), cache_file=cache) == first
+    monkeypatch.setattr(layers, "kernel_slowdowns",
+                        lambda weight, kernels: {k: 1.0 + i for i, k in enumerate(kernels)})
+    wider = nn.Sequential(Linear(32, 48, bias=False))
+    assert choose_cpu_linear_kernels(packable_linears(wider), cache_file=cache) == \
+        {(48, 32): "torch"}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert choose_cpu_linear_kernels(packable_linears(model), cache_file=cache) == \
+            {(64, 32): "torch"}
+    finally:
+        torch.set_num_threads(threads)
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 2 and {"64x32", "48x32"} <= set(next(iter(entries.values())))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert choose_cpu_linear_kernels(packable_linears(model),
+                                     cache_file=blocked / "linear-kernels.json") == \
+        {(64, 32): "torch"}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from strata.checkpoint import load_json
+from strata.checkpoint import load_json, user_cache_dir
 from strata.config import EngineConfig
 from strata.engine.kv_offload.copies import BlockCopies
 from strata.engine.kv_offload.stores import TierStores
@@ -126,8 +126,9 @@ class ModelRunner:
                                       self.num_offload_disk_blocks) \
             if self.num_offload_blocks else None
         allocated = time.monotonic()
-        self.linear_kernels = choose_cpu_linear_kernels(packable_linears(self.model),
-                                                        config.quantization)
+        self.linear_kernels = choose_cpu_linear_kernels(
+            packable_linears(self.model), config.quantization,
+            user_cache_dir() / "linear-kernels.json")
         calibrated = time.monotonic()
         times = PlacementTimes()
         load_weights(self.model, weights, times)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -121,27 +124,72 @@ def cpu_linear_kernels(quantization: str | None = None) -> list[str]:
     return kernels
 
 
-def choose_cpu_linear_kernels(linears: list[Linear], quantization: str | None = None
-                              ) -> dict[tuple[int, ...], str]:
+def choose_cpu_linear_kernels(linears: list[Linear], quantization: str | None = None,
+                              cache_file: Path | None = None) -> dict[tuple[int, ...], str]:
     """For each weight shape, the fastest kernel on this CPU over decode batches of
     CALIBRATION_ROWS rows, timed on random weights: the values play no part, so this runs
     before the checkpoint is in (while it streams). Quantized weights always get a kernel
-    of their format, even where there is only one."""
+    of their format, even where there is only one. With a `cache_file`, a shape timed
+    before on this machine (same CPU, threads, torch and kernel build) is not timed again:
+    a wide model's timing takes seconds of its start."""
     kernels = cpu_linear_kernels(quantization)
     if len(kernels) == 1:
         return dict.fromkeys((tuple(m.weight.shape) for m in linears), kernels[0]) \
             if quantization else {}
     reference = kernels[0]
+    key = _machine_key(kernels)
+    cached = _read_cache(cache_file).get(key, {}) if cache_file else {}
     choice, lines = {}, []
     for shape in sorted({tuple(m.weight.shape) for m in linears}):
+        name = "x".join(map(str, shape))
+        if name in cached:
+            choice[shape] = cached[name]
+            lines.append(f"{name} {cached[name]} (cached)")
+            continue
         slowdowns = kernel_slowdowns(torch.randn(shape), kernels)
         fastest = min(slowdowns, key=slowdowns.get)
-        choice[shape] = fastest
-        lines.append(f"{'x'.join(map(str, shape))} {fastest} "
+        choice[shape] = cached[name] = fastest
+        lines.append(f"{name} {fastest} "
                      f"({slowdowns[reference] / slowdowns[fastest]:.1f}x {reference}'s)")
     if choice:
         logger.info("CPU linear kernels, by weight: %s", ", ".join(lines))
+    if cache_file and cached:
+        _write_cache(cache_file, key, cached)
     return choice
+
+
+def _machine_key(kernels: list[str]) -> str:
+    """What a timing depends on: the CPU, the threads, torch, and the C++ kernel's build
+    (a rebuilt kernel is timed afresh)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    parts = [cpu, f"{torch.get_num_threads()} threads", f"torch {torch.__version__}",
+             ",".join(kernels)]
+    if (module := skinny_linear_kernel()) is not None:
+        stat = os.stat(module.__file__)
+        parts.append(f"build {stat.st_size}-{stat.st_mtime_ns}")
+    return " | ".join(parts)
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: time everything
+        return {}
+
+
+def _write_cache(path: Path, key: str, choices: dict[str, str]) -> None:
+    """Merged into what is there and replaced at once (starts may run side by side); a
+    cache that cannot be written (a read-only home) only costs the next start its timing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_cache(path) | {key: choices}
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as part:
+            json.dump(entries, part, indent=1)
+        os.replace(part.name, path)
+    except OSError as exc:
+        logger.debug("CPU linear kernel choices not cached (%s)", exc)
 
 
 def kernel_slowdowns(weight: torch.Tensor, kernels: list[str], rounds: int = 3,

@@ -20,7 +20,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -28,13 +32,29 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-inline float widen(float x) { return x; }
 inline float widen(_Float16 x) { return static_cast<float>(x); }
 inline float widen(BFloat16 x) {
   const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+// One KV head's `n` values as float32: a float32 cache is read in place; a 16-bit one is
+// widened into `buffer` first, once for every query head that reads it.
+inline const float* as_float(const float* values, float*, int64_t) { return values; }
+
+template <typename T>
+inline const float* as_float(const T* values, float* buffer, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<T, _Float16>)  // GCC widens _Float16 one value at a time
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(buffer + i,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + i))));
+#endif
+  for (; i < n; ++i) buffer[i] = widen(values[i]);
+  return buffer;
 }
 
 template <typename T>
@@ -70,7 +90,7 @@ void attend(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torch::Tensor
   const int64_t items = batch * splits;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
   at::parallel_for(0, threads, 1, [&](int64_t thread_begin, int64_t thread_end) {
-    std::vector<float> scores;
+    std::vector<float> scores, widened(dim);
     for (int64_t thread = thread_begin; thread < thread_end; ++thread) {
       for (int64_t item = thread; item < items; item += threads) {
         const int64_t seq = item / splits;
@@ -86,13 +106,15 @@ void attend(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torch::Tensor
         for (int64_t j = first; j < len; ++j) {
           const T* row = k_ptr + table[j / block_size] * block_stride +
                          (j % block_size) * token_stride;
-          for (int64_t h = head_begin; h < head_end; ++h) {
-            const float* query = queries + h * dim;
-            const T* key = row + (h / per_kv) * dim;
-            float dot = 0.f;
+          for (int64_t g = head_begin / per_kv; g < head_end / per_kv; ++g) {
+            const float* key = as_float(row + g * dim, widened.data(), dim);
+            for (int64_t h = g * per_kv; h < (g + 1) * per_kv; ++h) {
+              const float* query = queries + h * dim;
+              float dot = 0.f;
   #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += query[d] * widen(key[d]);
-            scores[h * n + (j - first)] = dot * softmax_scale;
+              for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
+              scores[h * n + (j - first)] = dot * softmax_scale;
+            }
           }
         }
         for (int64_t h = head_begin; h < head_end; ++h) {
@@ -108,12 +130,14 @@ void attend(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torch::Tensor
         for (int64_t j = first; j < len; ++j) {
           const T* row = v_ptr + table[j / block_size] * block_stride +
                          (j % block_size) * token_stride;
-          for (int64_t h = head_begin; h < head_end; ++h) {
-            const float weight = scores[h * n + (j - first)];
-            const T* value = row + (h / per_kv) * dim;
-            float* output = outputs + h * dim;
+          for (int64_t g = head_begin / per_kv; g < head_end / per_kv; ++g) {
+            const float* value = as_float(row + g * dim, widened.data(), dim);
+            for (int64_t h = g * per_kv; h < (g + 1) * per_kv; ++h) {
+              const float weight = scores[h * n + (j - first)];
+              float* output = outputs + h * dim;
   #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) output[d] += weight * widen(value[d]);
+              for (int64_t d = 0; d < dim; ++d) output[d] += weight * value[d];
+            }
           }
         }
       }
