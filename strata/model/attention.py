@@ -98,7 +98,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if group.token_index.shape[1] == 1 and (kernel := _decode_kernel(q)) is not None:
             # A step of decodes only (every token is one, in order): the kernel reads q and
             # writes out in place, with no gather before or scatter after.
-            whole = len(group.flat_tokens) == len(q)
+            whole = len(group.flat_tokens) == len(q) and out.is_contiguous()
             queries = q.contiguous() if whole else q.index_select(0, group.flat_tokens)
             attended = out if whole else torch.empty_like(queries)
             lse = torch.empty(queries.shape[:2], dtype=torch.float32)

@@ -223,7 +223,9 @@ def kernel_slowdowns(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
             if round_ == 0:
                 calls[key] = max(1, min(20, int(round_seconds / best[key])))
         if round_ == 0:  # a kernel twice as slow as the fastest is out: no more time on it
-            products = {key: p for key, p in products.items() if slowdown(key[0]) < 2}
+            fastest = min(map(slowdown, kernels))
+            products = {key: p for key, p in products.items()
+                        if slowdown(key[0]) < 2 * fastest}
     return {k: slowdown(k) for k in kernels}
 
 
