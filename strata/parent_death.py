@@ -17,10 +17,15 @@ _libc = ctypes.CDLL(None) if sys.platform == "linux" else None
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
     """The kernel sends `sig` to this process when the thread that started it ends (its
     parent's main thread, here); exits at once if `parent` is already gone."""
-    if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, sig)
+    parent_death_signal(sig)
     if os.getppid() != parent:  # it died before prctl: no signal will come
         os._exit(1)
+
+
+def parent_death_signal(sig: int) -> None:
+    """What the kernel sends this process when its parent goes, from now on."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, sig)
 
 
 def exit_on_sigterm() -> None:

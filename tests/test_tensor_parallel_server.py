@@ -8,6 +8,7 @@ parity tests' servers.)"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -223,3 +224,35 @@ def test_an_odd_checkpoint_matches_one_rank_and_a_silent_worker_takes_the_group_
         server.stop()
     wait_until(lambda: not any(alive(pid) for pid in everyone), "every process to end",
                timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_waiting_for_its_rendezvous_goes_with_its_node(tmp_path):
+    """A headless node whose leader never comes: its rank waits in torch's store connect (a
+    C++ retry loop that a SIGTERM does not end). The node SIGKILLed, the rank goes too,
+    instead of holding the node's output open for ten minutes (seen when a leader's
+    rendezvous port was taken)."""
+    master_port = free_port()
+    log = open(tmp_path / "node.log", "w")  # noqa: SIM115 (the node's life)
+    node = subprocess.Popen(
+        [sys.executable, "-m", "strata.cli", "serve", "--headless", "-tp", "2", "--nnodes", "2",
+         "--node-rank", "1", "--master-port", str(master_port), "--kv-cache-memory", "8MiB"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def rank_in_connect() -> int | None:
+            for pid in descendants(node.pid):
+                with contextlib.suppress(OSError):
+                    fds = Path(f"/proc/{pid}/fd")
+                    if b"strata.engine.worker" in Path(f"/proc/{pid}/cmdline").read_bytes() \
+                            and any(os.readlink(fd).startswith("socket:")
+                                    for fd in fds.iterdir()):
+                        return pid
+            return None
+
+        rank = wait_until(rank_in_connect, "the rank to connect to its rendezvous", timeout=60)
+        node.kill()
+        node.wait()
+        wait_until(lambda: not alive(rank), "the rank to go with its node", timeout=10)
+    finally:
+        node.kill()
+        log.close()

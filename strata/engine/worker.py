@@ -21,19 +21,22 @@ import time
 import msgspec
 
 from strata.config import EngineConfig
-from strata.parent_death import die_with_parent, exit_on_sigterm
+from strata.parent_death import die_with_parent, exit_on_sigterm, parent_death_signal
 
 logger = logging.getLogger("strata.worker")
 
 
 def start_workers(config: EngineConfig, ranks: range, init_method: str) -> list[subprocess.Popen]:
-    """One process per rank, each gone when this process goes."""
+    """One process per rank, each gone when this process goes: killed outright until it
+    has joined its group (it may be in torch's store connect, a C++ retry loop of up to
+    STARTUP_TIMEOUT that no Python signal handler interrupts, and holds nothing to clean
+    up), told with SIGTERM after."""
     parent = os.getpid()
     encoded = msgspec.json.encode(config).decode()
     return [subprocess.Popen(
         [sys.executable, "-m", "strata.engine.worker", "--rank", str(rank),
          "--init-method", init_method, "--config", encoded],
-        preexec_fn=lambda: die_with_parent(parent)) for rank in ranks]
+        preexec_fn=lambda: die_with_parent(parent, signal.SIGKILL)) for rank in ranks]
 
 
 def stop_workers(workers: list[subprocess.Popen], timeout: float = 5.0) -> None:
@@ -93,6 +96,7 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     device = resolve_device(config.device, rank % parallel.ranks_per_node)
     tp = join_group(rank, parallel.tensor_parallel_size, store, device,
                     parallel.distributed_timeout)
+    parent_death_signal(signal.SIGTERM)  # joined: a parent's death now unwinds, with cleanup
     model_path = resolve_model_path(config.model)
     runner = ModelRunner(config, model_path, tp)
     connector = None
