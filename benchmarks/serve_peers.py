@@ -92,8 +92,8 @@ class TransformersServe(Peer):
                  str(PORT)], {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
 
 
-def peers_of(peers_dir: Path) -> list[Peer]:
-    hf_eos = json.dumps({"min_new_tokens": OUTPUT_LEN, "eos_token_id": -1})
+def peers_of(peers_dir: Path, output_len: int) -> list[Peer]:
+    hf_eos = json.dumps({"min_new_tokens": output_len, "eos_token_id": -1})
     return [Strata("strata", "tiny-llama", {}),
             LlamaCpp("llama.cpp", "tiny-llama", {"cache_prompt": False}),
             TransformersServe("transformers", str(peers_dir / "tiny-llama"),
@@ -144,7 +144,8 @@ def main() -> int:
         return 0
     args.model = args.model or args.peers_dir / "tiny-llama"
     args.gguf = args.gguf or args.peers_dir / "gguf/tiny-llama-f32.gguf"
-    peers = [p for p in peers_of(args.peers_dir) if not args.only or p.name in args.only]
+    peers = [p for p in peers_of(args.peers_dir, args.output_len)
+             if not args.only or p.name in args.only]
     bandwidth = copy_bandwidth()  # before any server runs
     context = INPUT_LEN + args.output_len // 2
     log_dir = Path(args.save.parent if args.save else ".")

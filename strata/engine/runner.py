@@ -102,7 +102,7 @@ class ModelRunner:
                              f"activations (--dtype auto or float32), not {self.dtype} on "
                              f"{self.device.type}")
         self.kv_dtype = self.dtype if config.cache.kv_cache_dtype == "auto" else \
-            getattr(torch, config.cache.kv_cache_dtype)
+            resolve_dtype(config.cache.kv_cache_dtype, self.device, hf_config)
         self.model = build_model(model_path, self.dtype, self.device, self.tp)
         args = self.model.args
         # This rank's KV heads only: at N ranks the same memory holds about N x the tokens.
