@@ -17,13 +17,19 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard strata/model/csrc/*.cpp)
 
 install: $(VENV)/.installed
 
+# Debian's Chromium, for the dashboard's browser test (tests/test_dashboard_browser.py)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
 demo: install
 	BIN=$(BIN) scripts/demo.sh
 
-test: install
+test: install browser
 	$(BIN)/pytest -q --durations=20
 
 lint: install
 	$(BIN)/ruff check strata tests benchmarks
 
-.PHONY: install demo test lint
+.PHONY: install browser demo test lint

@@ -135,7 +135,8 @@ def serve(args: argparse.Namespace) -> int:
                       api_key=args.api_key, chat_template=args.chat_template, limits=limits,
                       kv_peers=KVPeers.parse(args.kv_peers, args.kv_peer_token),
                       access_log=not args.disable_uvicorn_access_log,
-                      drain_timeout=args.drain_timeout)
+                      drain_timeout=args.drain_timeout,
+                      dashboard=not args.disable_dashboard)
 
 
 def kv_events_kwargs(args: argparse.Namespace) -> dict:
@@ -196,6 +197,8 @@ def add_serve_parser(commands) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template, or a file holding one")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    parser.add_argument("--disable-dashboard", action="store_true",
+                        help="no live dashboard (/dashboard and its /dashboard/snapshot JSON)")
     add_drain_timeout_arg(parser)
     parser.add_argument("--kv-events-endpoint", default=None,
                         help="publish KV cache events (vLLM's format) on a ZMQ PUB socket "

@@ -15,6 +15,7 @@ import orjson
 import pytest
 import uvicorn
 
+from strata.dashboard.hub import DashboardHub
 from strata.http_headers import ENDPOINT_HEADER, KV_PEER_TOKEN_HEADER, PREFILLER_HEADER
 from strata.router.endpoints import EndpointMetrics
 from strata.router.flow_control import FlowControlConfig
@@ -51,12 +52,13 @@ def scrapes_stop(router: Router, url: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(router: Router, upstream: Callable, stall_timeout: float = 10.0):
+async def serving(router: Router, upstream: Callable, stall_timeout: float = 10.0,
+                  dashboard: DashboardHub | None = None):
     """The proxy on a free port, its endpoints answered by upstream(request)."""
     client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(router, [], client, stall_timeout),
-                                           port=port, log_level="warning"))
+    app = build_app(router, [], client, stall_timeout, dashboard)
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)

@@ -101,6 +101,24 @@ def test_the_api_key_guards_every_route_but_health_and_metrics(guarded_server):
     assert httpx.get(f"{url}/metrics").status_code == 200
 
 
+def test_the_dashboard_takes_the_key_as_a_bearer_token_or_a_basic_password(guarded_server):
+    """A browser cannot add a header to the page's event stream: it asks for the key once
+    (HTTP Basic's challenge), then sends it with every request of the page."""
+    url = guarded_server.url
+    for path in ("/dashboard", "/dashboard/snapshot", "/dashboard/events"):
+        refused = httpx.get(url + path)
+        assert_openai_error(refused, 401)
+        assert 'Basic realm="strata"' in refused.headers.get_list("www-authenticate")
+        assert_openai_error(httpx.get(url + path, auth=("admin", "wrong")), 401)
+    assert httpx.get(f"{url}/dashboard", auth=("", SECRET)).status_code == 200
+    snapshot = httpx.get(f"{url}/dashboard/snapshot",
+                         headers={"Authorization": f"Bearer {SECRET}"})
+    assert snapshot.status_code == 200 and snapshot.json()["kind"] == "engine"
+    # Basic is for the dashboard only: the API still wants its bearer token.
+    assert_openai_error(httpx.post(f"{url}/v1/completions", auth=("", SECRET),
+                                   json={"prompt": "Hi", "max_tokens": 2}), 401)
+
+
 def test_413_for_a_body_over_the_limit(guarded_server):
     url = f"{guarded_server.url}/v1/completions"
     headers = {"Authorization": f"Bearer {SECRET}"}

@@ -26,12 +26,14 @@ from strata.engine.messages import (
     AddRequests,
     EngineCoreOutput,
     EngineReady,
+    EngineSnapshot,
     EngineStarting,
     EngineStats,
     EngineStep,
     FromEngine,
     NewRequest,
     Shutdown,
+    TakeSnapshot,
 )
 from strata.engine.process import run_engine_core
 from strata.owned_dirs import owned_temp_dir, remove_orphaned_dirs
@@ -77,6 +79,7 @@ class AsyncEngineClient:
         self._tasks: list[asyncio.Task] = []
         self._num_sent = 0  # requests sent, against the engine's count of those received
         self._num_in_transit = 0
+        self._snapshot: asyncio.Future[EngineSnapshot] | None = None  # one asked at a time
 
     def num_queued(self, num_new: int = 0) -> int:
         """Requests that would wait to be scheduled once the engine has taken in those in
@@ -158,6 +161,15 @@ class AsyncEngineClient:
         if live and not self.dead:
             self._send(AbortRequests(live))
 
+    async def snapshot(self) -> EngineSnapshot:
+        """The engine's books after its next step; callers at the same time share one."""
+        if self.dead:
+            raise EngineDeadError("the engine process is not running")
+        if self._snapshot is None:
+            self._snapshot = asyncio.get_running_loop().create_future()
+            self._send(TakeSnapshot())
+        return await asyncio.shield(self._snapshot)
+
     def _send(self, message) -> None:
         # PUSH over ipc to a live peer does not block: the frame is queued at once.
         self._to_engine.send(self._encoder.encode(message), copy=False)
@@ -165,6 +177,11 @@ class AsyncEngineClient:
     async def _read_outputs(self) -> None:
         while True:
             message = self._decoder.decode(await self._from_engine.recv())
+            if isinstance(message, EngineSnapshot):
+                if self._snapshot is not None:
+                    self._snapshot.set_result(message)
+                    self._snapshot = None
+                continue
             if not isinstance(message, EngineStep):
                 continue
             for output in message.outputs:
@@ -193,6 +210,10 @@ class AsyncEngineClient:
         for sink in self._sinks.values():
             sink.put_nowait(error)
         self._sinks.clear()
+        if self._snapshot is not None:
+            self._snapshot.set_exception(error)
+            self._snapshot.exception()  # its callers, if any are left, get it; none need to
+            self._snapshot = None
         self.on_dead()
 
     async def shutdown(self, timeout: float = 5.0) -> None:

@@ -16,9 +16,10 @@ from strata.engine.kv_connector.group import RankGroupConnector, exchange_addres
 from strata.engine.kv_offload.copies import DEVICE
 from strata.engine.kv_offload.manager import OffloadManager
 from strata.engine.kv_transfer import KVTransfer
-from strata.engine.messages import EngineCoreOutput, EngineStats
+from strata.engine.messages import EngineCoreOutput, EngineSnapshot, EngineStats
 from strata.engine.request import Request
 from strata.engine.scheduler import Scheduler
+from strata.engine.snapshot import StepLog, take_snapshot
 from strata.engine.validation import validate_request
 from strata.kv_events import KVEvent
 from strata.model.safetensors_stream import WeightStream
@@ -67,6 +68,7 @@ class EngineCore:
         # Last: from here on the core holds a connector's sockets and threads (shutdown).
         self.kv_transfer = self._kv_transfer(config)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.kv_transfer)
+        self.step_log = StepLog()  # the dashboard's; records only while it is watched
 
     def _kv_transfer(self, config: EngineConfig) -> KVTransfer | None:
         if config.kv_connector is None:
@@ -139,6 +141,7 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """Schedule, run the model once, and report each request's new token."""
         self.poll_transfers()
+        preemptions = self.scheduler.num_preemptions
         scheduler_output = self.scheduler.schedule()
         copies = self.kv_cache_manager.take_copies()
         if copies:  # before anything writes a block: a peer's read, or the step
@@ -147,6 +150,7 @@ class EngineCore:
             self.kv_transfer.start_reads(scheduler_output.remote_reads)
         if not scheduler_output.requests:
             return []
+        self.step_log.record(scheduler_output, self.scheduler.num_preemptions - preemptions)
         model_output = self.executor.execute(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, model_output)
 
@@ -161,6 +165,10 @@ class EngineCore:
             self.scheduler.finish_transfer(request_id, ok=False)
         for request_id in finished.leases:
             self.scheduler.release_held(request_id)
+
+    def snapshot(self) -> EngineSnapshot:
+        """The books as the dashboard shows them (strata.engine.snapshot)."""
+        return take_snapshot(self)
 
     def check_health(self) -> None:
         """Raise if a tensor-parallel rank died or stopped answering (vLLM's check_health)."""
@@ -189,7 +197,9 @@ class EngineCore:
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_waiting_tokens=scheduler.num_waiting_tokens,
-            kv_cache_usage=self.kv_cache_manager.usage, num_preemptions=scheduler.num_preemptions,
+            kv_cache_usage=self.kv_cache_manager.usage,
+            num_cached_blocks=self.kv_cache_manager.num_cached_blocks,
+            num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=scheduler.num_prompt_tokens_admitted,
             prefix_cache_hits=scheduler.num_cached_tokens_admitted,
             **self._transfer_stats(), **self._offload_stats())

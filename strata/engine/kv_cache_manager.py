@@ -38,6 +38,10 @@ class KVCacheManager:
         return self.pool.num_free_blocks + evictable
 
     @property
+    def num_cached_blocks(self) -> int:
+        return self.prefix_cache.num_cached_blocks if self.prefix_cache else 0
+
+    @property
     def usage(self) -> float:
         """Fraction of blocks held by live requests (0..1); cached-but-free blocks are free."""
         return 1.0 - self.num_free_blocks / self.pool.num_blocks
@@ -104,6 +108,7 @@ class KVCacheManager:
     def _use_cached(self, request: Request, match: PrefixMatch) -> None:
         self.pool.ref(match.block_ids)
         self.prefix_cache.lock(match.node)
+        self.prefix_cache.count_hit(match.node)
         request.block_ids = list(match.block_ids)
         request.cache_node = match.node
         request.num_cached_blocks = match.num_blocks

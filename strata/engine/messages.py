@@ -41,6 +41,7 @@ class EngineStats(msgspec.Struct):
     num_waiting: int = 0
     num_waiting_tokens: int = 0  # the waiting requests' tokens: the prefill work queued
     kv_cache_usage: float = 0.0
+    num_cached_blocks: int = 0  # blocks in the prefix cache, held by requests or not
     num_preemptions: int = 0  # cumulative
     prefix_cache_queries: int = 0  # cumulative, in tokens
     prefix_cache_hits: int = 0
@@ -104,6 +105,76 @@ class EngineReady(msgspec.Struct, tag=True):
     seconds: dict[str, float] = {}
 
 
+class TakeSnapshot(msgspec.Struct, tag=True):
+    """Send an EngineSnapshot after the next step (the dashboard's view of the books)."""
+
+
+class RequestView(msgspec.Struct, array_like=True):
+    """A request as the dashboard shows it: its tokens, and the KV blocks it holds."""
+
+    request_id: str
+    status: str  # RequestStatus' value, or "held" for a finished prefill's lease (P/D)
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_computed_tokens: int
+    num_cached_tokens: int
+    block_ids: list[int] = []
+
+
+class TreeNodeView(msgspec.Struct, array_like=True):
+    """One node of the prefix tree: its own blocks, the blocks under it (itself included),
+    how many requests reused a prefix through it, and its first tokens (none for a salted
+    prefix: a tenant's cache_salt keeps its prompts to itself)."""
+
+    parent: int  # index of the parent in EngineSnapshot.tree, -1 under the root
+    num_blocks: int
+    subtree_blocks: int
+    hits: int
+    locked: bool  # a live request reads it
+    preview_token_ids: list[int]
+    salted: bool = False
+
+
+class EvictionView(msgspec.Struct, array_like=True):
+    """Blocks the prefix cache gave back to the pool lately."""
+
+    age_seconds: float
+    num_blocks: int
+    preview_token_ids: list[int]
+    salted: bool = False
+
+
+class StepView(msgspec.Struct, array_like=True):
+    """One step's batch: prompt chunks (their tokens) and decodes, and preemptions."""
+
+    prefill_chunks: int
+    prefill_tokens: int
+    decodes: int
+    preemptions: int
+
+
+class EngineSnapshot(msgspec.Struct, tag=True):
+    """The engine's books between two steps, for the dashboard: one byte per KV block (0
+    free, 1 cached and free for reuse, 2 held by requests, 3 held and cached, i.e. shared
+    through the prefix cache), the requests, the last steps, the prefix tree's largest
+    subtrees and its last evictions, and the tiers under the pool (medium -> blocks,
+    capacity)."""
+
+    block_size: int
+    block_states: bytes
+    running: list[RequestView]
+    waiting: list[RequestView]
+    num_waiting: int
+    steps: list[StepView]
+    num_steps: int
+    num_preemptions: int
+    tree: list[TreeNodeView]
+    tree_num_nodes: int
+    evictions: list[EvictionView]
+    tiers: dict[str, tuple[int, int]]
+    build_seconds: float = 0.0
+
+
 class EngineStep(msgspec.Struct, tag=True):
     """One step's new tokens, the requests the engine refused, and its state after."""
 
@@ -115,5 +186,5 @@ class EngineStep(msgspec.Struct, tag=True):
     num_received: int = 0
 
 
-ToEngine = AddRequests | AbortRequests | Shutdown
-FromEngine = EngineStarting | EngineReady | EngineStep
+ToEngine = AddRequests | AbortRequests | TakeSnapshot | Shutdown
+FromEngine = EngineStarting | EngineReady | EngineStep | EngineSnapshot

@@ -33,6 +33,7 @@ from strata.engine.messages import (
     EngineStarting,
     EngineStep,
     Shutdown,
+    TakeSnapshot,
     ToEngine,
 )
 from strata.model.safetensors_stream import WeightStream
@@ -170,6 +171,7 @@ class EngineLoop:
         self.rejected: list[tuple[str, str]] = []
         self.num_received = 0
         self.last_stats, self.last_received = None, 0
+        self.snapshot_asked = False  # answered after the next step (or at once, when idle)
 
     def run(self) -> None:
         try:
@@ -192,6 +194,9 @@ class EngineLoop:
                 return
             outputs = self.core.step() if self.core.has_unfinished_requests else []
             self.send(outputs)
+            if self.snapshot_asked:
+                self.snapshot_asked = False
+                self._send_frame(self.encoder.encode(self.core.snapshot()))
             if self.publisher is not None:
                 self.publisher.publish(self.core.take_kv_events())
             if not outputs and self.core.waiting_on_transfers:
@@ -203,16 +208,18 @@ class EngineLoop:
         stats = self.core.stats()
         if outputs or self.rejected or stats != self.last_stats or self.num_received != \
                 self.last_received:
-            frame = self.encoder.encode(
-                EngineStep(outputs, self.rejected, stats, self.num_received))
-            while True:
-                try:
-                    self.outputs.send(frame)
-                    break
-                except zmq.Again:  # the queue to the frontend is full (SNDTIMEO)
-                    if os.getppid() != self.parent_pid:
-                        raise FrontendGone from None
+            self._send_frame(self.encoder.encode(
+                EngineStep(outputs, self.rejected, stats, self.num_received)))
             self.rejected, self.last_stats, self.last_received = [], stats, self.num_received
+
+    def _send_frame(self, frame: bytes) -> None:
+        while True:
+            try:
+                self.outputs.send(frame)
+                return
+            except zmq.Again:  # the queue to the frontend is full (SNDTIMEO)
+                if os.getppid() != self.parent_pid:
+                    raise FrontendGone from None
 
     def handle_inputs(self) -> bool:
         """Apply every message waiting on the socket; False on Shutdown."""
@@ -230,6 +237,8 @@ class EngineLoop:
                 return False
             if isinstance(message, AbortRequests):
                 self.core.abort_requests(message.request_ids)
+            elif isinstance(message, TakeSnapshot):
+                self.snapshot_asked = True
             elif isinstance(message, AddRequests):
                 self.num_received += len(message.requests)
                 for request in message.requests:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +27,16 @@ from strata.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEven
 Key = tuple  # (salt, *first block tokens) under the root, (*first block tokens) below
 # Blocks leaving the pool: (their hashes, their parent's hash, their tokens, their block ids)
 EvictHook = Callable[[list[int], int | None, list[int], list[int]], None]
+EVICTION_LOG = 32  # evictions remembered for the dashboard
+PREVIEW_TOKENS = 32  # first tokens of an evicted run kept for the dashboard
+
+
+@dataclass
+class Eviction:
+    time: float  # time.monotonic()
+    num_blocks: int
+    preview_token_ids: list[int]
+    salted: bool
 
 
 @dataclass(eq=False)
@@ -36,6 +48,7 @@ class RadixNode:
     key: Key = ()  # this node's key in parent.children
     children: dict[Key, RadixNode] = field(default_factory=dict)
     lock_ref: int = 0  # live requests whose cached prefix ends here or below
+    hits: int = 0  # requests that reused a cached prefix through this node
     last_access: int = 0
     attached: bool = True  # False once evicted whole (stale heap entries check it)
 
@@ -80,6 +93,7 @@ class RadixCache:
         self._clock = itertools.count(1)
         self._tiebreak = itertools.count()
         self._evictable: list[tuple[int, int, RadixNode]] = []  # lazy heap of unlocked leaves
+        self.evictions: deque[Eviction] = deque(maxlen=EVICTION_LOG)
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -143,7 +157,8 @@ class RadixCache:
         parent = node.parent
         upper = RadixNode(node.token_ids[:num_blocks * size], node.block_ids[:num_blocks],
                           node.block_hashes[:num_blocks], parent, node.key,
-                          lock_ref=node.lock_ref, last_access=node.last_access)
+                          lock_ref=node.lock_ref, last_access=node.last_access,
+                          hits=node.hits)
         parent.children[node.key] = upper
         node.token_ids = node.token_ids[num_blocks * size:]
         node.block_ids = node.block_ids[num_blocks:]
@@ -218,6 +233,17 @@ class RadixCache:
         if node is not self.root and node.lock_ref == 0 and not node.children:
             self._push_evictable(node)  # its old heap entry is stale now
 
+    def count_hit(self, node: RadixNode) -> None:
+        """A request reuses the cached prefix that ends at node."""
+        for n in self._path(node):
+            n.hits += 1
+
+    def salt_of(self, node: RadixNode) -> str | None:
+        """The cache salt of node's prefix (the first element of its top node's key)."""
+        while node.parent is not self.root:
+            node = node.parent
+        return node.key[0]
+
     def lock(self, node: RadixNode) -> None:
         for n in self._path(node):
             if n.lock_ref == 0:
@@ -278,6 +304,8 @@ class RadixCache:
         if self.on_evict is not None:
             above = node.block_hashes or node.parent.block_hashes  # the root's: none
             self.on_evict(hashes, above[-1] if above else None, tokens, blocks)
+        self.evictions.append(Eviction(time.monotonic(), count, tokens[:PREVIEW_TOKENS],
+                                       self.salt_of(node) is not None))
         self.pool.free(blocks[::-1])
         self.num_cached_blocks -= count
         self.num_evictable_blocks -= count
@@ -291,6 +319,7 @@ class RadixCache:
         # One AllBlocksCleared says it all; nothing cleared is kept in a lower tier.
         on_event, on_evict, self.on_event, self.on_evict = self.on_event, self.on_evict, None, None
         self.evict(self.num_cached_blocks)
+        self.evictions.clear()  # a reset is not the pool running dry
         self.on_event, self.on_evict = on_event, on_evict
         if on_event is not None:
             on_event(AllBlocksCleared())

@@ -65,6 +65,9 @@ def add_route_args(parser: argparse.ArgumentParser) -> None:
                              "one; --print-envoy-config's Envoy retries down the list)")
     add_flow_control_args(parser)
     add_drain_timeout_arg(parser)
+    parser.add_argument("--disable-dashboard", action="store_true",
+                        help="no live dashboard of the pool (/dashboard and its "
+                             "/dashboard/snapshot JSON)")
     parser.add_argument("--stall-timeout", type=float, default=10.0,
                         help="an endpoint silent this many seconds is given up if its "
                              "/metrics stopped answering too (a healthy one is waited for: "

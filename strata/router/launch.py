@@ -80,7 +80,13 @@ def build(args: argparse.Namespace) -> Starlette:
     if args.ext_proc_port:
         background.append(lambda: _serve_ext_proc(router, args.host, args.ext_proc_port,
                                                   args.ext_proc_max_endpoints))
-    return build_app(router, background, stall_timeout=args.stall_timeout)
+    hub = None
+    if not args.disable_dashboard:
+        from strata.dashboard.hub import DashboardHub
+        from strata.router.dashboard import RouterDashboard
+
+        hub = DashboardHub(RouterDashboard(router).source)
+    return build_app(router, background, stall_timeout=args.stall_timeout, dashboard=hub)
 
 
 async def _serve_ext_proc(router: Router, host: str, port: int, max_endpoints: int) -> None:
@@ -101,6 +107,8 @@ def run_router(args: argparse.Namespace) -> int:
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                    access_log=False, loop="uvloop", http="httptools",
                                    timeout_graceful_shutdown=args.drain_timeout))
+    if app.state.dashboard is not None:  # open pages must not hold up a drain
+        app.state.dashboard.stopping = lambda: server.should_exit
     uvloop.run(server.serve())
     return 0 if server.started else 1  # not started: its port or its startup failed
 

@@ -31,6 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from strata.dashboard.hub import DashboardHub
+from strata.dashboard.routes import dashboard_routes
 from strata.http_disconnect import disconnected
 from strata.http_headers import ENDPOINT_HEADER
 from strata.router.endpoints import Endpoint
@@ -352,7 +354,8 @@ class Proxy:
 
 def build_app(router: Router, background: list[Callable[[], Awaitable[None]]],
               client: httpx.AsyncClient | None = None,
-              stall_timeout: float = STALL_TIMEOUT) -> Starlette:
+              stall_timeout: float = STALL_TIMEOUT,
+              dashboard: DashboardHub | None = None) -> Starlette:
     """The proxy app; background runs beside it (the scraper, a KV events subscriber)."""
     # No read timeout: the stall timeout watches the endpoint's health instead.
     client = client or httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
@@ -370,9 +373,12 @@ def build_app(router: Router, background: list[Callable[[], Awaitable[None]]],
         await client.aclose()
         await router.pool.close()
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/health", proxy.health),
         Route("/metrics", proxy.metrics),
         Route("/v1/models", proxy.models),
         Route("/v1/{path:path}", proxy.forward, methods=["POST"]),
+        *(dashboard_routes(dashboard) if dashboard is not None else []),
     ], lifespan=lifespan)
+    app.state.dashboard = dashboard
+    return app

@@ -5,6 +5,7 @@ HTTP proxy (proxy.py) and Envoy's ext_proc (extproc.py)."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +28,7 @@ PD_HEADERS = (PREFILLER_HEADER, KV_PEER_TOKEN_HEADER)
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 MAX_FAIRNESS_ID_CHARS = 128
+RECENT_DECISIONS = 32  # kept for the dashboard
 
 
 class Policy(Protocol):
@@ -60,6 +62,18 @@ class Decision:
 
 
 @dataclass
+class DecisionRecord:
+    """A decision as the dashboard shows it (the request's body is not kept)."""
+
+    time: float  # time.monotonic()
+    model: str
+    prompt_tokens: int
+    endpoint: str
+    prefiller: str | None
+    scores: dict[str, dict[str, float]]
+
+
+@dataclass
 class Router:
     pool: EndpointPool
     policy: Policy
@@ -77,6 +91,7 @@ class Router:
             self.flow_control, self.saturated, self.ready, self._release,
             self.metrics.observe_queued)
         self.metrics.queue_sizes = self.flow.sizes
+        self.recent: deque[DecisionRecord] = deque(maxlen=RECENT_DECISIONS)
         self.pool.after_scrape = self.flow.dispatch  # fresh metrics may free an endpoint
 
     async def admit(self, body: bytes, headers: Mapping[str, str]) -> Decision:
@@ -149,6 +164,10 @@ class Router:
         decision.seconds = time.perf_counter() - started
         decision.cpu_seconds = time.thread_time() - started_cpu
         self.metrics.observe_decision(decision)
+        prefiller = decision.prefiller
+        self.recent.append(DecisionRecord(
+            time.monotonic(), decision.model, decision.prompt.num_tokens,
+            decision.ranked[0].url, prefiller.url if prefiller else None, decision.scores))
         return decision
 
     def _pick(self, data: dict) -> Decision:

@@ -9,6 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import strata
+from strata.dashboard.hub import DashboardHub
+from strata.dashboard.routes import dashboard_routes
 from strata.openai_errors import APIError
 from strata.server.errors import install_error_handlers
 from strata.server.middleware import APIKeyCheck, BodySizeLimit
@@ -27,7 +29,8 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def build_app(serving: OpenAIServing, api_key: str | None = None,
-              max_body_bytes: int = 32 * 2**20) -> FastAPI:
+              max_body_bytes: int = 32 * 2**20, dashboard: DashboardHub | None = None
+              ) -> FastAPI:
     app = FastAPI(title="Strata", version=strata.__version__,
                   description="OpenAI-compatible LLM serving")
     app.state.serving = serving
@@ -91,4 +94,6 @@ def build_app(serving: OpenAIServing, api_key: str | None = None,
             raise APIError(400, f"token ids must be in [0, {info.vocab_size})", "tokens")
         return json_response({"prompt": await serving.decode(body.tokens)})
 
+    if dashboard is not None:
+        app.router.routes.extend(dashboard_routes(dashboard))
     return app

@@ -39,13 +39,14 @@ DEAD_ENGINE_GRACE_SECONDS = 2.0  # long enough for in-flight clients and probes 
 def serve(config: EngineConfig, *, host: str, port: int, served_model_names: list[str],
           api_key: str | None, limits: ServerLimits,
           kv_peers: KVPeers, chat_template: str | None = None,
-          access_log: bool = True, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> int:
+          access_log: bool = True, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+          dashboard: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_path = resolve_model_path(config.model)
     return uvloop.run(_serve(config, str(model_path), chat_template, host=host, port=port,
                              served_model_names=served_model_names, api_key=api_key,
                              limits=limits, kv_peers=kv_peers, access_log=access_log,
-                             drain_timeout=drain_timeout))
+                             drain_timeout=drain_timeout, dashboard=dashboard))
 
 
 def _load_tokenizer(config: EngineConfig, model_path: Path, chat_template: str | None,
@@ -68,7 +69,7 @@ def _load_tokenizer(config: EngineConfig, model_path: Path, chat_template: str |
 async def _serve(config: EngineConfig, model_path: str, chat_template: str | None, *,
                  host: str, port: int, served_model_names: list[str], api_key: str | None,
                  limits: ServerLimits, kv_peers: KVPeers,
-                 access_log: bool, drain_timeout: float) -> int:
+                 access_log: bool, drain_timeout: float, dashboard: bool) -> int:
     registry = CollectorRegistry()
     startup = StartupState(registry, served_model_names[0])
     client = AsyncEngineClient(config, Path(model_path))
@@ -121,8 +122,15 @@ async def _serve(config: EngineConfig, model_path: str, chat_template: str | Non
                                    metrics.kv_transfer_fallbacks.inc)
     serving = OpenAIServing(client, tokenizer, served_model_names, model_path, metrics, limits,
                             remote_prefill)
+    hub = None
+    if dashboard:
+        from strata.dashboard.hub import DashboardHub
+        from strata.server.dashboard import EngineDashboard
+
+        hub = DashboardHub(EngineDashboard(serving).source)
+        hub.stopping = lambda: server.should_exit  # open pages must not hold up a drain
     app.app = build_app(serving, api_key=api_key,
-                        max_body_bytes=limits.body_bytes(info.max_model_len))
+                        max_body_bytes=limits.body_bytes(info.max_model_len), dashboard=hub)
     exit_code = 0
 
     def engine_died() -> None:

@@ -46,6 +46,10 @@ class ServerMetrics:
             "output so far too): the prefill work queued, before prefix-cache hits.")
         self.kv_usage = gauge("vllm:kv_cache_usage_perc",
                               "Fraction of KV blocks held by live requests (0..1).")
+        self.cached_blocks = gauge(
+            "strata:kv_cache_cached_blocks",
+            "KV blocks in the prefix cache, held by live requests or not (those not held "
+            "count as free in vllm:kv_cache_usage_perc: they are evicted when needed).")
         self.preemptions = counter("vllm:num_preemptions_total", "Preemptions (recomputed).")
         self.prefix_queries = counter("vllm:prefix_cache_queries_total",
                                       "Prompt tokens looked up in the prefix cache.")
@@ -98,6 +102,7 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.waiting_tokens.set(stats.num_waiting_tokens)
         self.kv_usage.set(stats.kv_cache_usage)
+        self.cached_blocks.set(stats.num_cached_blocks)
         last = self._last
         self.preemptions.inc(stats.num_preemptions - last.num_preemptions)
         self.prefix_queries.inc(stats.prefix_cache_queries - last.prefix_cache_queries)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 
 import orjson
@@ -11,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strata.openai_errors import error_body
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+DASHBOARD_PREFIX = "/dashboard"
 
 
 async def _send_error(send: Send, status: int, message: str,
@@ -54,16 +57,37 @@ class APIKeyCheck:
     """401 without `Authorization: Bearer <key>` on every route but /health and /metrics,
     which stay open so that probes and scrapers need no secret (their answers say nothing of
     what clients sent). vLLM guards only /v1/; /tokenize and /docs would tell a stranger the
-    model's vocabulary and the server's fields, and make it work for free."""
+    model's vocabulary and the server's fields, and make it work for free.
+
+    The dashboard's routes also take the key as HTTP Basic's password (any user name): a
+    browser asks for it once and sends it with the page's event stream, which cannot carry
+    a header of the page's own."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.password = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS \
                 and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                return await _send_error(send, 401, "invalid or missing API key",
-                                         [(b"www-authenticate", b"Bearer")])
+            dashboard = scope["path"].startswith(DASHBOARD_PREFIX)
+            if not (hmac.compare_digest(given, self.expected)
+                    or (dashboard and hmac.compare_digest(_basic_password(given),
+                                                          self.password))):
+                challenges = [(b"www-authenticate", b"Bearer")]
+                if dashboard:
+                    challenges.append((b"www-authenticate", b'Basic realm="strata"'))
+                return await _send_error(send, 401, "invalid or missing API key", challenges)
         await self.app(scope, receive, send)
+
+
+def _basic_password(header: bytes) -> bytes:
+    """The password of an `Authorization: Basic` header; b"" for anything else."""
+    scheme, _, encoded = header.partition(b" ")
+    if scheme.lower() != b"basic":
+        return b""
+    try:
+        return base64.b64decode(encoded, validate=True).partition(b":")[2]
+    except (binascii.Error, ValueError):
+        return b""

@@ -1,0 +1,101 @@
+"""DashboardHub: snapshots taken at a bounded rate, however many dashboards are open.
+
+Every page and script shares the hub's last snapshot: five dashboards cost the engine what
+one does. A snapshot is refreshed when one is asked for and the last is older than the
+interval, and never more often than `max_share` of the time the source reported spending
+(the engine's time building it): a pool or tree so large that a snapshot takes 10 ms is
+shown twice a second rather than slowing the engine by more than that share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+DEFAULT_INTERVAL = 0.25  # seconds between two snapshots: four a second
+MAX_SHARE = 0.01  # of the engine's time, at most, spent building snapshots
+KEEPALIVE_SECONDS = 10.0  # a comment line when nothing changed, so proxies keep the stream
+
+
+@dataclass
+class Snapshot:
+    payload: dict
+    cost_seconds: float  # what taking it cost the engine (its own measure)
+    taken: float = field(default_factory=time.monotonic)
+    encoded: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.encoded = orjson.dumps(self.payload)
+
+
+# The source: (payload, seconds the engine spent on it). Raises to say it has none.
+Source = Callable[[], Awaitable[tuple[dict, float]]]
+
+
+class DashboardHub:
+    def __init__(self, source: Source, interval: float = DEFAULT_INTERVAL,
+                 max_share: float = MAX_SHARE) -> None:
+        self.source = source
+        self.interval = interval
+        self.max_share = max_share
+        self.last: Snapshot | None = None
+        self.num_taken = 0
+        self._refresh: asyncio.Task[Snapshot] | None = None
+        self.stopping: Callable[[], bool] = lambda: False  # the server is shutting down
+
+    def next_due(self) -> float:
+        """When the next snapshot may be taken (time.monotonic())."""
+        if self.last is None:
+            return 0.0
+        return self.last.taken + max(self.interval, self.last.cost_seconds / self.max_share)
+
+    async def snapshot(self) -> Snapshot:
+        """The last snapshot, or a new one if it is due; callers at once share one."""
+        if self.last is not None and time.monotonic() < self.next_due():
+            return self.last
+        if self._refresh is None:
+            self._refresh = asyncio.ensure_future(self._take())
+            self._refresh.add_done_callback(self._refreshed)
+        return await asyncio.shield(self._refresh)
+
+    def _refreshed(self, task: asyncio.Task) -> None:
+        self._refresh = None
+        if not task.cancelled() and task.exception() is None:
+            self.last = task.result()
+
+    async def _take(self) -> Snapshot:
+        payload, cost = await self.source()
+        self.num_taken += 1
+        return Snapshot(payload, cost)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """SSE: each new snapshot as it is taken, until the client leaves or the server
+        stops; an error (the engine died) is sent as an event and ends the stream."""
+        sent: Snapshot | None = None
+        quiet_since = time.monotonic()
+        while not self.stopping():
+            try:
+                snapshot = await self.snapshot()
+            except Exception as exc:  # noqa: BLE001 - the page shows it; the server lives on
+                yield b"event: error\ndata: " + orjson.dumps({"message": str(exc)}) + b"\n\n"
+                return
+            now = time.monotonic()
+            if snapshot is not sent:
+                sent, quiet_since = snapshot, now
+                yield b"data: " + snapshot.encoded + b"\n\n"
+            elif now - quiet_since > KEEPALIVE_SECONDS:
+                quiet_since = now
+                yield b": keep-alive\n\n"
+            # A client that left ends the stream here: Starlette cancels the body on its
+            # disconnect, or the next write fails.
+            await asyncio.sleep(max(0.01, self.next_due() - time.monotonic()))
+
+
+def sse_response(hub: DashboardHub) -> Response:
+    return StreamingResponse(hub.stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
