@@ -15,9 +15,10 @@ import pytest
 from strata import LLM
 from strata.dashboard.hub import DashboardHub
 from strata.engine.radix_cache import PREVIEW_TOKENS
-from strata.engine.snapshot import CACHED, FREE, HELD, MAX_WAITING_SHOWN, SHARED
+from strata.engine.snapshot import MAX_WAITING_SHOWN
 from strata.router.dashboard import RouterDashboard
 from strata.sampling_params import SamplingParams
+from strata.server.dashboard import CACHED, FREE, HELD, SHARED, block_states
 from tests.conftest import STORIES
 from tests.kv_invariants import check_kv_books, tree_nodes
 from tests.metrics_scrape import wait_idle
@@ -43,9 +44,9 @@ def check_snapshot(engine) -> None:
     """The snapshot says what the scheduler and the KV cache manager hold, block by block."""
     snapshot = engine.snapshot()
     scheduler, kv = engine.scheduler, engine.kv_cache_manager
-    states = snapshot.block_states
+    states = block_states(snapshot.ref_counts, [r.block_ids for r in snapshot.running])
     assert len(states) == kv.num_blocks
-    blocks = {state: {b for b, s in enumerate(states) if s == state}
+    blocks = {state: {b for b, s in enumerate(states) if s == str(state)}
               for state in (FREE, CACHED, HELD, SHARED)}
     nodes = tree_nodes(kv.prefix_cache.root)
     assert blocks[FREE] == set(kv.pool.free_queue)

@@ -154,14 +154,14 @@ class StepView(msgspec.Struct, array_like=True):
 
 
 class EngineSnapshot(msgspec.Struct, tag=True):
-    """The engine's books between two steps, for the dashboard: one byte per KV block (0
-    free, 1 cached and free for reuse, 2 held by requests, 3 held and cached, i.e. shared
-    through the prefix cache), the requests, the last steps, the prefix tree's largest
-    subtrees and its last evictions, and the tiers under the pool (medium -> blocks,
-    capacity)."""
+    """The engine's books between two steps, for the dashboard: every KV block's reference
+    count (the frontend tells from them and the requests' blocks which are free, cached,
+    held or both: work that grows with the pool, kept off the engine's thread), the
+    requests, the last steps, the prefix tree's largest subtrees and its last evictions, and
+    the tiers under the pool (medium -> blocks, capacity)."""
 
     block_size: int
-    block_states: bytes
+    ref_counts: list[int]
     running: list[RequestView]
     waiting: list[RequestView]
     num_waiting: int

@@ -172,6 +172,7 @@ class EngineLoop:
         self.num_received = 0
         self.last_stats, self.last_received = None, 0
         self.snapshot_asked = False  # answered after the next step (or at once, when idle)
+        self.encode_seconds = 0.0  # what encoding the last snapshot took
 
     def run(self) -> None:
         try:
@@ -195,8 +196,7 @@ class EngineLoop:
             outputs = self.core.step() if self.core.has_unfinished_requests else []
             self.send(outputs)
             if self.snapshot_asked:
-                self.snapshot_asked = False
-                self._send_frame(self.encoder.encode(self.core.snapshot()))
+                self.send_snapshot()
             if self.publisher is not None:
                 self.publisher.publish(self.core.take_kv_events())
             if not outputs and self.core.waiting_on_transfers:
@@ -211,6 +211,17 @@ class EngineLoop:
             self._send_frame(self.encoder.encode(
                 EngineStep(outputs, self.rejected, stats, self.num_received)))
             self.rejected, self.last_stats, self.last_received = [], stats, self.num_received
+
+    def send_snapshot(self) -> None:
+        self.snapshot_asked = False
+        snapshot = self.core.snapshot()
+        # Its cost, for the frontend's pacing: building it, and encoding it, which cannot be
+        # timed before it is encoded: the last one's (the pool's size sets both).
+        snapshot.build_seconds += self.encode_seconds
+        started = time.perf_counter()
+        frame = self.encoder.encode(snapshot)
+        self.encode_seconds = time.perf_counter() - started
+        self._send_frame(frame)
 
     def _send_frame(self, frame: bytes) -> None:
         while True:

@@ -1,9 +1,10 @@
 """The engine's books as the dashboard shows them (EngineSnapshot), and the log of the last
 steps it keeps only while someone looks.
 
-Built between two steps, in the engine's thread: the cost grows with the pool and the tree,
-so the frontend asks for one at most every few hundred milliseconds, and less often when the
-last one took long (strata.server.dashboard).
+Built between two steps, in the engine's thread: copies of the pool's reference counts and
+of the requests' block tables, and a walk of the prefix tree. The frontend asks for one at
+most every few hundred milliseconds, and less often when the last one took long
+(strata.dashboard.hub).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ STEP_LOG = 64  # steps the dashboard's batch view shows
 LOG_IDLE_SECONDS = 10.0  # the step log stops this long after the last snapshot
 MAX_TREE_NODES = 32  # the largest subtrees, from the root down
 MAX_WAITING_SHOWN = 64
-FREE, CACHED, HELD, SHARED = range(4)  # a block's state, one byte each
 
 
 class StepLog:
@@ -80,21 +80,9 @@ def take_snapshot(core: EngineCore) -> EngineSnapshot:
     log = core.step_log
     log.watch()
     return EngineSnapshot(
-        manager.block_size, block_states(manager.pool.ref_counts, holders), running, waiting,
+        manager.block_size, manager.pool.ref_counts[:], running, waiting,
         len(scheduler.waiting), list(log.steps), log.num_steps, scheduler.num_preemptions,
         tree, num_nodes, evictions, tiers, time.perf_counter() - started)
-
-
-def block_states(ref_counts: list[int], holders: list[Request]) -> bytes:
-    """One byte per block. The prefix tree holds one reference on each block in it, each
-    request one on each of its blocks: a block referenced more than its requests hold it is
-    in the tree."""
-    held = [0] * len(ref_counts)
-    for request in holders:
-        for block in request.block_ids:
-            held[block] += 1
-    return bytes(FREE if refs == 0 else CACHED if count == 0 else HELD if refs == count
-                 else SHARED for refs, count in zip(ref_counts, held))
 
 
 def _view(request: Request, status: str, with_blocks: bool) -> RequestView:

@@ -4,13 +4,17 @@ its tokens turned into text, with sparklines from the same counters as /metrics.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+
+import numpy as np
 
 from strata.dashboard.series import Line, Sparklines, registry_reader
 from strata.engine.messages import EngineSnapshot, RequestView
 from strata.server.serving import OpenAIServing
 
-STATE_NAMES = ("free", "cached", "held", "shared")  # strata.engine.snapshot's byte values
+STATE_NAMES = ("free", "cached", "held", "shared")  # a block's state, by its digit
+FREE, CACHED, HELD, SHARED = range(4)
 LINES = [Line("ttft_seconds", "ttft_sum", "ttft_count"),
          Line("itl_seconds", "itl_sum", "itl_count"),
          Line("tokens_per_second", "generation_tokens"),
@@ -35,13 +39,16 @@ class EngineDashboard:
         serving = self.serving
         serving.check_engine()
         snapshot = await serving.client.snapshot()
-        previews = [n.preview_token_ids for n in snapshot.tree] + \
-                   [e.preview_token_ids for e in snapshot.evictions]
-        texts = await asyncio.to_thread(lambda: [serving.tokenizer.decode(p) for p in previews])
-        return self.payload(snapshot, texts), snapshot.build_seconds
+        # Work that grows with the pool and the previews: off the event loop.
+        payload = await asyncio.to_thread(self.payload, snapshot)
+        return payload, snapshot.build_seconds
 
-    def payload(self, snapshot: EngineSnapshot, texts: list[str]) -> dict:
-        info, states = self.serving.info, snapshot.block_states
+    def payload(self, snapshot: EngineSnapshot) -> dict:
+        info, tokenizer = self.serving.info, self.serving.tokenizer
+        states = block_states(snapshot.ref_counts, [r.block_ids for r in snapshot.running])
+        texts = [tokenizer.decode(preview) for preview in itertools.chain(
+            (n.preview_token_ids for n in snapshot.tree),
+            (e.preview_token_ids for e in snapshot.evictions))]
         tree_texts, eviction_texts = texts[:len(snapshot.tree)], texts[len(snapshot.tree):]
         return {
             "kind": "engine",
@@ -50,8 +57,9 @@ class EngineDashboard:
             "kv": {
                 "block_size": snapshot.block_size,
                 "num_blocks": len(states),
-                "states": states.translate(bytes.maketrans(bytes(range(4)), b"0123")).decode(),
-                "counts": {name: states.count(value) for value, name in enumerate(STATE_NAMES)},
+                "states": states,
+                "counts": {name: states.count(str(value))
+                           for value, name in enumerate(STATE_NAMES)},
                 "tiers": {medium: {"blocks": used, "capacity": capacity}
                           for medium, (used, capacity) in snapshot.tiers.items()},
             },
@@ -80,6 +88,17 @@ class EngineDashboard:
             "series": self.sparklines.update(),
             "cost": {"engine_seconds": snapshot.build_seconds},
         }
+
+
+def block_states(ref_counts: list[int], held: list[list[int]]) -> str:
+    """One digit per block: FREE, CACHED (in the prefix tree only), HELD (by requests only)
+    or SHARED (both). The tree holds one reference on each block in it, each request one on
+    each of its blocks: a block referenced more than its requests hold it is in the tree."""
+    refs = np.asarray(ref_counts, dtype=np.int64)
+    holders = np.bincount(np.fromiter(itertools.chain.from_iterable(held), dtype=np.int64),
+                          minlength=len(refs))
+    states = np.select([refs == 0, holders == 0, refs == holders], [FREE, CACHED, HELD], SHARED)
+    return (states + ord("0")).astype(np.uint8).tobytes().decode("ascii")
 
 
 def _request(request: RequestView) -> dict:
