@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -26,10 +28,10 @@ from pathlib import Path
 
 import httpx
 import msgspec
-import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
+    PIDS,
     bench_ids,
     commit,
     comparison_parser,
@@ -42,6 +44,7 @@ from harness import (  # noqa: E402
 from strata.dashboard.hub import DEFAULT_INTERVAL  # noqa: E402
 
 DASHBOARDS = (0, 1, 5)
+ENGINE_SECONDS = re.compile(rb'"engine_seconds":([0-9.eE+-]+)')
 
 
 def engine_run(llm, prompts: list[list[int]], params, watched: bool
@@ -72,7 +75,7 @@ def engine_alone(model: Path, rounds: int) -> str:
     llm = LLM(str(model))
     vocab = llm.engine.runner.vocab_size
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
-    ratios, builds = [], []
+    ratios, builds, shares = [], [], []
     for index in range(rounds + 1):  # round 0 warms up and is not counted
         rng = random.Random(index)
         prompts = [[rng.randrange(3, vocab) for _ in range(256)] for _ in range(64)]
@@ -81,6 +84,8 @@ def engine_alone(model: Path, rounds: int) -> str:
         for watched in order:
             seconds[watched], built = engine_run(llm, prompts, params, watched)
             builds += built
+            if watched:
+                shares.append(sum(built) / seconds[watched])
         if index:
             ratios.append(seconds[True] / seconds[False])
             print(f"engine round {index}: watched {seconds[True]:.2f} s, nobody "
@@ -89,8 +94,8 @@ def engine_alone(model: Path, rounds: int) -> str:
             f"unwatched time {statistics.median(ratios):.3f} (median; range "
             f"{min(ratios):.3f}-{max(ratios):.3f}); a snapshot took "
             f"{1000 * statistics.median(builds):.2f} ms (median of {len(builds)}, max "
-            f"{1000 * max(builds):.2f} ms), pool of {llm.engine.kv_cache_manager.num_blocks} "
-            f"blocks")
+            f"{1000 * max(builds):.2f} ms), {100 * statistics.median(shares):.2f}% of the "
+            f"watched run (median); pool of {llm.engine.kv_cache_manager.num_blocks} blocks")
 
 
 def read_dashboards(url: str, count: int, opened, stop, results) -> None:
@@ -98,11 +103,16 @@ def read_dashboards(url: str, count: int, opened, stop, results) -> None:
     first snapshot); puts (events, engine seconds)."""
     async def read(client: httpx.AsyncClient, costs: list[float], first: asyncio.Event
                    ) -> None:
+        # Lean, as the benchmark's machine is the server's: events split, one field read.
+        held = b""
         async with client.stream("GET", f"{url}/dashboard/events") as stream:
-            async for line in stream.aiter_lines():
-                if line.startswith("data: "):
-                    costs.append(orjson.loads(line[6:])["cost"]["engine_seconds"])
-                    first.set()
+            async for chunk in stream.aiter_raw():
+                *events, held = (held + chunk).split(b"\n\n")
+                for event in events:
+                    found = ENGINE_SECONDS.search(event)
+                    if found:
+                        costs.append(float(found[1]))
+                        first.set()
 
     async def main() -> None:
         costs: list[float] = []
@@ -122,7 +132,36 @@ def read_dashboards(url: str, count: int, opened, stop, results) -> None:
     asyncio.run(main())
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(url: str) -> dict[str, int]:
+    """The frontend's pid (the child `process` started) and its engine's."""
+    frontend = PIDS[url]
+    children = [int(c) for task in Path(f"/proc/{frontend}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    engine = next(c for c in children
+                  if "strata-engine" in Path(f"/proc/{c}/cmdline").read_text()
+                  or "spawn" in Path(f"/proc/{c}/cmdline").read_text())
+    return {"frontend": frontend, "engine": engine}
+
+
 def server_run(url: str, model: Path, seed: int, dashboards: int, settings: dict) -> dict:
+    """One load, with `dashboards` pages open: its summary, and the CPU seconds each
+    process of the server spent per 1,000 output tokens."""
+    pids = server_pids(url)
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    summary = _server_run(url, model, seed, dashboards, settings)
+    tokens = summary["output_throughput"] * summary["duration"] / 1000
+    for name, pid in pids.items():
+        summary[f"{name}_cpu"] = (cpu_seconds(pid) - before[name]) / tokens
+    return summary
+
+
+def _server_run(url: str, model: Path, seed: int, dashboards: int, settings: dict) -> dict:
     if not dashboards:
         return bench_ids(url, model, seed, **settings)
     context = multiprocessing.get_context("spawn")
@@ -140,6 +179,33 @@ def server_run(url: str, model: Path, seed: int, dashboards: int, settings: dict
         reader.join(30)
     summary["events"], summary["engine_seconds"] = events, costs
     return summary
+
+
+def server_table(rounds: list[dict[int, dict]]) -> str:
+    def ratio(setup: int, key: str) -> str:
+        values = [r[setup][key] / r[0][key] for r in rounds]
+        return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    def median(setup: int, key: str, scale: float = 1.0) -> str:
+        return f"{scale * statistics.median(r[setup][key] for r in rounds):.0f}"
+
+    rows = []
+    for setup in DASHBOARDS:
+        # Snapshots per second: the events the pages received, each snapshot once per page.
+        taken = statistics.median(r[setup].get("events", 0) / max(setup, 1) / r[setup]["duration"]
+                                  for r in rounds)
+        costs = [c for r in rounds for c in r[setup].get("engine_seconds", [])]
+        cost = statistics.median(costs) if costs else 0.0
+        rows.append([str(setup), median(setup, "output_throughput"),
+                     ratio(setup, "output_throughput"), median(setup, "engine_cpu", 1000),
+                     ratio(setup, "engine_cpu"), median(setup, "frontend_cpu", 1000),
+                     ratio(setup, "frontend_cpu"), f"{taken:.1f}" if setup else "-",
+                     f"{1000 * cost:.2f}" if setup else "-",
+                     f"{100 * taken * cost:.2f}%" if setup else "-"])
+    return markdown_table(["dashboards open", "output tok/s", "vs none (range)",
+                           "engine CPU ms / 1k tokens", "vs none (range)",
+                           "frontend CPU ms / 1k tokens", "vs none (range)", "snapshots/s",
+                           "engine ms / snapshot", "engine time on snapshots"], rows)
 
 
 def main() -> None:
@@ -168,25 +234,14 @@ def main() -> None:
                 print(f"server round {index + 1}, {dashboards} dashboard(s): "
                       f"{results[dashboards]['output_throughput']:.0f} tok/s", flush=True)
             rounds.append(results)
-    rows = []
-    for dashboards in DASHBOARDS:
-        throughput = [r[dashboards]["output_throughput"] for r in rounds]
-        ratios = [r[dashboards]["output_throughput"] / r[0]["output_throughput"] for r in rounds]
-        events = [r[dashboards].get("events", 0) / r[dashboards]["duration"] for r in rounds]
-        costs = [c for r in rounds for c in r[dashboards].get("engine_seconds", [])]
-        rows.append([str(dashboards), f"{statistics.median(throughput):.0f}",
-                     f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})",
-                     f"{statistics.median(events):.1f}" if dashboards else "-",
-                     f"{1000 * statistics.median(costs):.2f}" if costs else "-"])
     print()
     if engine_line:
         print(engine_line)
         print()
     print(f"Server: {args.num_prompts} random prompts of 256 tokens, 128 output tokens, "
           f"concurrency {args.max_concurrency}, {args.rounds} rounds, setups alternating")
-    print(markdown_table(["dashboards open", "output tok/s (median)", "vs none (median, range)",
-                          "events/s received (all pages)", "snapshot build ms (median)"],
-                         rows))
+    print(server_table(rounds))
+    print("(medians over rounds; ratios: the median of each round's ratio to none)")
 
 
 if __name__ == "__main__":

@@ -308,3 +308,48 @@ def test_disable_dashboard_takes_the_routes_away(flags):
     dashboard = {"/dashboard", "/dashboard/snapshot", "/dashboard/events"}
     assert paths & dashboard == (set() if flags else dashboard)
     assert "/v1/models" in paths
+
+
+def test_a_stuck_engine_gets_503_and_open_streams_are_bounded(monkeypatch):
+    """No snapshot in the timeout: 503 in OpenAI's shape, not a request waiting forever;
+    past MAX_STREAMS open pages, 429, and room again once one closes."""
+    import strata.dashboard.hub as hub_module
+
+    monkeypatch.setattr(hub_module, "SNAPSHOT_TIMEOUT", 0.3)
+    monkeypatch.setattr(hub_module, "MAX_STREAMS", 2)
+    router = make_router("http://10.0.0.1:8000")
+    stuck = asyncio.Event()
+
+    async def never() -> tuple[dict, float]:
+        await stuck.wait()
+        return {}, 0.0
+
+    async def first_event(http: httpx.AsyncClient, opened: list) -> None:
+        stream = await http.send(http.build_request("GET", "/dashboard/events"), stream=True)
+        opened.append(stream)
+        async for line in stream.aiter_lines():
+            if line.startswith('data: {"kind"'):
+                return
+        raise AssertionError("the stream ended")
+
+    async def run() -> None:
+        hub = DashboardHub(never)
+        async with serving(router, lambda request: reply(200, {}), dashboard=hub) as http:
+            answer = await http.get("/dashboard/snapshot")
+            assert answer.status_code == 503 and "stuck" in answer.json()["error"]["message"]
+            hub.source = RouterDashboard(router).source
+            stuck.set()  # the engine's long step ends
+            opened: list[httpx.Response] = []
+            await asyncio.gather(first_event(http, opened), first_event(http, opened))
+            refused = await http.get("/dashboard/events")
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == 429
+            await opened[0].aclose()
+            for _ in range(100):  # the server sees the close at its next write
+                if hub.num_streams < 2:
+                    break
+                await asyncio.sleep(0.05)
+            await first_event(http, opened)
+            for stream in opened:
+                await stream.aclose()
+
+    asyncio.run(run())

@@ -12,25 +12,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 from starlette.responses import Response, StreamingResponse
 
+from strata.openai_errors import error_body
+
 DEFAULT_INTERVAL = 0.25  # seconds between two snapshots: four a second
 MAX_SHARE = 0.01  # of the engine's time, at most, spent building snapshots
+SNAPSHOT_TIMEOUT = 10.0  # an engine that answers none in this long is busy or stuck: 503
+MAX_STREAMS = 64  # open event streams; one more gets 429
 KEEPALIVE_SECONDS = 10.0  # a comment line when nothing changed, so proxies keep the stream
 
 
 @dataclass
 class Snapshot:
-    payload: dict
+    encoded: bytes  # the payload as JSON
     cost_seconds: float  # what taking it cost the engine (its own measure)
-    taken: float = field(default_factory=time.monotonic)
-    encoded: bytes = b""
-
-    def __post_init__(self) -> None:
-        self.encoded = orjson.dumps(self.payload)
+    asked: float  # time.monotonic() when it was asked for
 
 
 # The source: (payload, seconds the engine spent on it). Raises to say it has none.
@@ -44,24 +44,30 @@ class DashboardHub:
         self.interval = interval
         self.max_share = max_share
         self.last: Snapshot | None = None
-        self.num_taken = 0
+        self.num_streams = 0
         self._refresh: asyncio.Task[Snapshot] | None = None
         self.stopping: Callable[[], bool] = lambda: False  # the server is shutting down
 
     def next_due(self) -> float:
-        """When the next snapshot may be taken (time.monotonic())."""
+        """When the next snapshot may be asked for (time.monotonic()): an interval after the
+        last was asked, so that waiting for the engine's step does not slow the pace."""
         if self.last is None:
             return 0.0
-        return self.last.taken + max(self.interval, self.last.cost_seconds / self.max_share)
+        return self.last.asked + max(self.interval, self.last.cost_seconds / self.max_share)
 
     async def snapshot(self) -> Snapshot:
-        """The last snapshot, or a new one if it is due; callers at once share one."""
+        """The last snapshot, or a new one if it is due; callers at once share one. Raises
+        TimeoutError if the engine gives none in SNAPSHOT_TIMEOUT."""
         if self.last is not None and time.monotonic() < self.next_due():
             return self.last
         if self._refresh is None:
             self._refresh = asyncio.ensure_future(self._take())
             self._refresh.add_done_callback(self._refreshed)
-        return await asyncio.shield(self._refresh)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._refresh), SNAPSHOT_TIMEOUT)
+        except TimeoutError:
+            raise TimeoutError(f"no snapshot in {SNAPSHOT_TIMEOUT:g} s: the engine is busy "
+                               f"with a long step, or stuck") from None
 
     def _refreshed(self, task: asyncio.Task) -> None:
         self._refresh = None
@@ -69,13 +75,21 @@ class DashboardHub:
             self.last = task.result()
 
     async def _take(self) -> Snapshot:
+        asked = time.monotonic()
         payload, cost = await self.source()
-        self.num_taken += 1
-        return Snapshot(payload, cost)
+        return Snapshot(await asyncio.to_thread(orjson.dumps, payload), cost, asked)
 
     async def stream(self) -> AsyncIterator[bytes]:
         """SSE: each new snapshot as it is taken, until the client leaves or the server
         stops; an error (the engine died) is sent as an event and ends the stream."""
+        self.num_streams += 1
+        try:
+            async for chunk in self._events():
+                yield chunk
+        finally:
+            self.num_streams -= 1
+
+    async def _events(self) -> AsyncIterator[bytes]:
         sent: Snapshot | None = None
         quiet_since = time.monotonic()
         while not self.stopping():
@@ -97,5 +111,12 @@ class DashboardHub:
 
 
 def sse_response(hub: DashboardHub) -> Response:
+    if hub.num_streams >= MAX_STREAMS:
+        return error_response(429, f"{MAX_STREAMS} dashboards are open already")
     return StreamingResponse(hub.stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def error_response(status: int, message: str) -> Response:
+    return Response(orjson.dumps(error_body(status, message)), status_code=status,
+                    media_type="application/json")

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from strata.dashboard.hub import DashboardHub, sse_response
+from strata.dashboard.hub import DashboardHub, error_response, sse_response
 
 # The page draws what the snapshots say and fetches nothing else: no script or style from
 # elsewhere, no frames; prompt text is only ever set as text, never as markup.
@@ -33,7 +33,11 @@ def dashboard_routes(hub: DashboardHub) -> list[Route]:
         return Response(page(), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     async def snapshot(request: Request) -> Response:
-        return Response((await hub.snapshot()).encoded, media_type="application/json",
+        try:
+            taken = await hub.snapshot()
+        except Exception as exc:  # noqa: BLE001 - the engine died or is stuck: say so
+            return error_response(503, f"no snapshot: {exc}")
+        return Response(taken.encoded, media_type="application/json",
                         headers={"Cache-Control": "no-cache"})
 
     async def events(request: Request) -> Response:

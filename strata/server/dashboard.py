@@ -4,6 +4,7 @@ its tokens turned into text, with sparklines from the same counters as /metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 
@@ -34,6 +35,9 @@ class EngineDashboard:
     def __init__(self, serving: OpenAIServing) -> None:
         self.serving = serving
         self.sparklines = Sparklines(LINES, registry_reader(serving.metrics.registry, COUNTERS))
+        # The tree's nodes and the evictions change little from one snapshot to the next.
+        self.text = functools.lru_cache(maxsize=1024)(
+            lambda token_ids: serving.tokenizer.decode(list(token_ids)))
 
     async def source(self) -> tuple[dict, float]:
         serving = self.serving
@@ -44,9 +48,10 @@ class EngineDashboard:
         return payload, snapshot.build_seconds
 
     def payload(self, snapshot: EngineSnapshot) -> dict:
-        info, tokenizer = self.serving.info, self.serving.tokenizer
+        started = time.perf_counter()
+        info = self.serving.info
         states = block_states(snapshot.ref_counts, [r.block_ids for r in snapshot.running])
-        texts = [tokenizer.decode(preview) for preview in itertools.chain(
+        texts = [self.text(tuple(preview)) for preview in itertools.chain(
             (n.preview_token_ids for n in snapshot.tree),
             (e.preview_token_ids for e in snapshot.evictions))]
         tree_texts, eviction_texts = texts[:len(snapshot.tree)], texts[len(snapshot.tree):]
@@ -86,7 +91,8 @@ class EngineDashboard:
                             for e, text in zip(snapshot.evictions, eviction_texts)],
             },
             "series": self.sparklines.update(),
-            "cost": {"engine_seconds": snapshot.build_seconds},
+            "cost": {"engine_seconds": snapshot.build_seconds,
+                     "frontend_seconds": time.perf_counter() - started},
         }
 
 
