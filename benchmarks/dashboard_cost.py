@@ -158,6 +158,7 @@ def server_run(url: str, model: Path, seed: int, dashboards: int, settings: dict
     tokens = summary["output_throughput"] * summary["duration"] / 1000
     for name, pid in pids.items():
         summary[f"{name}_cpu"] = (cpu_seconds(pid) - before[name]) / tokens
+    summary["pages_cpu"] = summary.pop("pages_cpu_seconds", 0.0) / tokens
     return summary
 
 
@@ -173,6 +174,7 @@ def _server_run(url: str, model: Path, seed: int, dashboards: int, settings: dic
         raise RuntimeError("the dashboards did not open")
     try:
         summary = bench_ids(url, model, seed, **settings)
+        summary["pages_cpu_seconds"] = cpu_seconds(reader.pid)  # the browsers' share, here
     finally:
         stop.set()
         events, costs = results.get(timeout=30)
@@ -194,17 +196,20 @@ def server_table(rounds: list[dict[int, dict]]) -> str:
         # Snapshots per second: the events the pages received, each snapshot once per page.
         taken = statistics.median(r[setup].get("events", 0) / max(setup, 1) / r[setup]["duration"]
                                   for r in rounds)
-        costs = [c for r in rounds for c in r[setup].get("engine_seconds", [])]
+        costs = [c for r in rounds for c in r[setup].get("engine_seconds", [])]  # per snapshot
         cost = statistics.median(costs) if costs else 0.0
         rows.append([str(setup), median(setup, "output_throughput"),
                      ratio(setup, "output_throughput"), median(setup, "engine_cpu", 1000),
                      ratio(setup, "engine_cpu"), median(setup, "frontend_cpu", 1000),
-                     ratio(setup, "frontend_cpu"), f"{taken:.1f}" if setup else "-",
+                     ratio(setup, "frontend_cpu"), median(setup, "pages_cpu", 1000),
+                     f"{taken:.1f}" if setup else "-",
                      f"{1000 * cost:.2f}" if setup else "-",
                      f"{100 * taken * cost:.2f}%" if setup else "-"])
     return markdown_table(["dashboards open", "output tok/s", "vs none (range)",
                            "engine CPU ms / 1k tokens", "vs none (range)",
-                           "frontend CPU ms / 1k tokens", "vs none (range)", "snapshots/s",
+                           "frontend CPU ms / 1k tokens", "vs none (range)",
+                           "pages' CPU ms / 1k tokens (the readers, on this machine too)",
+                           "snapshots/s",
                            "engine ms / snapshot", "engine time on snapshots"], rows)
 
 

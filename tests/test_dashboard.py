@@ -353,3 +353,17 @@ def test_a_stuck_engine_gets_503_and_open_streams_are_bounded(monkeypatch):
                 await stream.aclose()
 
     asyncio.run(run())
+
+
+def test_block_states_from_a_byte_per_block_or_from_counts_over_255():
+    """The engine sends its reference counts as bytes, or as a list when a block has more
+    holders than a byte counts (n > 255 samples sharing a prompt)."""
+    from strata.engine.snapshot import _ref_counts
+
+    counts = [0, 1, 2, 1, 300, 299]  # free, cached, shared, held, shared, held
+    held = [[2, 3], [4] * 299, [5] * 299]
+    assert isinstance(_ref_counts(counts), list)
+    assert block_states(_ref_counts(counts), held) == "013232"
+    small = counts[:4]
+    assert _ref_counts(small) == bytes(small)
+    assert block_states(_ref_counts(small), [[2, 3]]) == block_states(small, [[2, 3]]) == "0132"

@@ -201,6 +201,8 @@ def test_a_server_reports_the_host_tiers_hits_as_cached_tokens_and_in_its_metric
         for i in range(5):  # the first prompt and its salted copy go to the host tier
             complete(server.url, random_prompt(20 + i, 200))
         assert _completion(server.url, first, n=2) == ([expected, expected], 96)
+        tiers = httpx.get(f"{server.url}/dashboard/snapshot").json()["kv"]["tiers"]
+        assert set(tiers) == {"CPU"} and 12 <= tiers["CPU"]["blocks"] <= tiers["CPU"]["capacity"]
         text = httpx.get(f"{server.url}/metrics").text
         assert 'strata:kv_offload_hits_total{medium="CPU",model_name="stories"} 96.0' in text
         for transfer in ("GPU_to_CPU", "CPU_to_GPU"):

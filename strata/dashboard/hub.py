@@ -1,10 +1,11 @@
 """DashboardHub: snapshots taken at a bounded rate, however many dashboards are open.
 
-Every page and script shares the hub's last snapshot: five dashboards cost the engine what
-one does. A snapshot is refreshed when one is asked for and the last is older than the
-interval, and never more often than `max_share` of the time the source reported spending
-(the engine's time building it): a pool or tree so large that a snapshot takes 10 ms is
-shown twice a second rather than slowing the engine by more than that share.
+Every page and script shares the hub's last snapshot: five dashboards cost the server what
+one does. A snapshot is refreshed when one is asked for and the last was asked for more
+than an interval ago, and never more often than keeps the time the source reported
+spending on it (the engine's, building it; the frontend's, turning it into a document)
+under `max_share`: a pool or tree so large that a snapshot takes 10 ms is shown once a
+second rather than costing the server more than that share.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ KEEPALIVE_SECONDS = 10.0  # a comment line when nothing changed, so proxies keep
 @dataclass
 class Snapshot:
     encoded: bytes  # the payload as JSON
-    cost_seconds: float  # what taking it cost the engine (its own measure)
+    cost_seconds: float  # what taking it cost the server (the source's own measure)
     asked: float  # time.monotonic() when it was asked for
 
 
-# The source: (payload, seconds the engine spent on it). Raises to say it has none.
+# The source: (payload, seconds the server spent on it). Raises to say it has none.
 Source = Callable[[], Awaitable[tuple[dict, float]]]
 
 

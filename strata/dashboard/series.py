@@ -53,10 +53,11 @@ def registry_reader(registry: CollectorRegistry, samples: dict[str, str]
     """Reads counters off the registry /metrics renders, in one pass: key -> the sum of the
     sample `samples[key]` over its labels (every endpoint's, every finish reason's)."""
     keys = {name: key for key, name in samples.items()}
+    only = registry.restricted_registry(list(samples.values()))  # not every histogram
 
     def read() -> dict[str, float]:
         values = dict.fromkeys(samples, 0.0)
-        for family in registry.collect():
+        for family in only.collect():
             for sample in family.samples:
                 key = keys.get(sample.name)
                 if key is not None:

@@ -161,7 +161,9 @@ class EngineSnapshot(msgspec.Struct, tag=True):
     the tiers under the pool (medium -> blocks, capacity)."""
 
     block_size: int
-    ref_counts: list[int]
+    # One byte per block (C-fast to build and to read); a list if a block has over 255
+    # holders (n > 255 samples of one prompt).
+    ref_counts: bytes | list[int]
     running: list[RequestView]
     waiting: list[RequestView]
     num_waiting: int

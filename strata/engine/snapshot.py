@@ -80,9 +80,16 @@ def take_snapshot(core: EngineCore) -> EngineSnapshot:
     log = core.step_log
     log.watch()
     return EngineSnapshot(
-        manager.block_size, manager.pool.ref_counts[:], running, waiting,
+        manager.block_size, _ref_counts(manager.pool.ref_counts), running, waiting,
         len(scheduler.waiting), list(log.steps), log.num_steps, scheduler.num_preemptions,
         tree, num_nodes, evictions, tiers, time.perf_counter() - started)
+
+
+def _ref_counts(ref_counts: list[int]) -> bytes | list[int]:
+    try:
+        return bytes(ref_counts)
+    except ValueError:  # over 255 holders
+        return ref_counts[:]
 
 
 def _view(request: Request, status: str, with_blocks: bool) -> RequestView:

@@ -45,7 +45,8 @@ class EngineDashboard:
         snapshot = await serving.client.snapshot()
         # Work that grows with the pool and the previews: off the event loop.
         payload = await asyncio.to_thread(self.payload, snapshot)
-        return payload, snapshot.build_seconds
+        cost = payload["cost"]  # both processes' time: on a small machine they share cores
+        return payload, cost["engine_seconds"] + cost["frontend_seconds"]
 
     def payload(self, snapshot: EngineSnapshot) -> dict:
         started = time.perf_counter()
@@ -96,11 +97,12 @@ class EngineDashboard:
         }
 
 
-def block_states(ref_counts: list[int], held: list[list[int]]) -> str:
+def block_states(ref_counts: bytes | list[int], held: list[list[int]]) -> str:
     """One digit per block: FREE, CACHED (in the prefix tree only), HELD (by requests only)
     or SHARED (both). The tree holds one reference on each block in it, each request one on
     each of its blocks: a block referenced more than its requests hold it is in the tree."""
-    refs = np.asarray(ref_counts, dtype=np.int64)
+    refs = (np.frombuffer(ref_counts, dtype=np.uint8) if isinstance(ref_counts, bytes)
+            else np.asarray(ref_counts, dtype=np.int64))
     holders = np.bincount(np.fromiter(itertools.chain.from_iterable(held), dtype=np.int64),
                           minlength=len(refs))
     states = np.select([refs == 0, holders == 0, refs == holders], [FREE, CACHED, HELD], SHARED)
