@@ -24,6 +24,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 PREFIX = "A <b>bold</b> story: once upon a time a little fox lived in the woods. " * 2
+BLOCKS = 160
 SCREENSHOT_DIR = os.environ.get("STRATA_SCREENSHOT_DIR")  # keeps the screenshot, for docs/
 
 # `make test` installs it; in CI a missing one fails the test (Playwright finds no browser).
@@ -47,8 +48,9 @@ class Load:
             number = 0
             while not self.stopped.is_set():
                 number += 1
-                body = {"prompt": f"{PREFIX}Tale {index}.{number}:", "max_tokens": 300,
-                        "ignore_eos": True, "stream": True}
+                body = {"prompt": f"{PREFIX}Tale {index}.{number}:",
+                        "max_tokens": 40 + 60 * ((index + number) % 3), "ignore_eos": True,
+                        "stream": True}
                 with client.stream("POST", f"{self.url}/v1/completions", json=body) as stream:
                     if stream.status_code != 200:
                         self.errors.append(stream.read().decode())
@@ -67,8 +69,10 @@ class Load:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # Three run at once and the others wait; finished ones' blocks stay cached until the
+    # pool needs them.
     server = ServerProcess(tmp_path_factory.mktemp("dashboard"), "--num-gpu-blocks-override",
-                           "320", "--max-num-seqs", "6")
+                           str(BLOCKS), "--max-num-seqs", "3")
     yield server
     assert server.stop() == 0, server.log_text()
 
@@ -76,6 +80,20 @@ def server(tmp_path_factory):
 def counts(page) -> dict[str, int]:
     return {name: int(page.locator(f"#kv-{name}").inner_text())
             for name in ("free", "cached", "held", "shared")}
+
+
+def wait_for_one_of_ours(page, load: Load, timeout: float = 20.0) -> None:
+    """Until a running row is a request the load sent (its id: the completion's, and the
+    sample's index): the stream may not have had its first chunk when the page drew it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for row in page.locator("#running tbody tr").all():
+            shown = row.get_attribute("data-request-id") or ""
+            if any(shown.startswith(f"{i}-") for i in load.ids):
+                assert "running" in row.inner_text()
+                return
+        assert time.monotonic() < deadline, f"none of {len(load.ids)} requests shown"
+        page.wait_for_timeout(50)
 
 
 def wait_for_a_snapshot_after(page, since: float, timeout: float = 10.0) -> None:
@@ -90,7 +108,7 @@ def wait_for_a_snapshot_after(page, since: float, timeout: float = 10.0) -> None
 def test_a_person_sees_the_batch_the_tree_and_the_pool(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    load = Load(server.url, threads=4)
+    load = Load(server.url, threads=5)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -101,9 +119,7 @@ def test_a_person_sees_the_batch_the_tree_and_the_pool(server, tmp_path):
                 # The batch view: the requests this test sent, running.
                 rows = page.locator("#running tbody tr")
                 expect(rows.first).to_be_visible(timeout=20_000)
-                shown = rows.first.get_attribute("data-request-id")
-                assert any(shown.startswith(i) for i in load.ids), (shown, load.ids)
-                assert "running" in rows.first.inner_text()
+                wait_for_one_of_ours(page, load)
                 held = counts(page)
                 assert held["held"] + held["shared"] > 0
                 # The tree: their shared prefix, reused, shown as the text it is.
@@ -112,6 +128,8 @@ def test_a_person_sees_the_batch_the_tree_and_the_pool(server, tmp_path):
                 page.wait_for_timeout(500)
                 assert int(node.get_attribute("data-hits")) >= 2
                 assert page.locator("#tree b").count() == 0  # markup in a prompt stays text
+                page.wait_for_timeout(3000)  # a few seconds of history in the sparklines
+                rows = page.locator("#running tbody tr")
                 rows.first.hover()  # its blocks outlined in the grid
                 page.wait_for_timeout(300)
                 page.screenshot(path=tmp_path / "dashboard.png")
@@ -123,9 +141,9 @@ def test_a_person_sees_the_batch_the_tree_and_the_pool(server, tmp_path):
                 idle = wait_idle(server.url)
                 wait_for_a_snapshot_after(page, time.time())
                 grid = counts(page)
-                assert sum(grid.values()) == 320
+                assert sum(grid.values()) == BLOCKS
                 assert grid["held"] + grid["shared"] == round(
-                    idle["vllm:kv_cache_usage_perc"] * 320) == 0
+                    idle["vllm:kv_cache_usage_perc"] * BLOCKS) == 0
                 assert grid["cached"] == idle["strata:kv_cache_cached_blocks"] > 0
                 assert page.locator("#running tbody tr").count() == 0
                 assert scrape(server.url)["strata:kv_cache_cached_blocks"] == grid["cached"]
