@@ -10,6 +10,7 @@ most every few hundred milliseconds, and less often when the last one took long
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -69,7 +70,7 @@ def take_snapshot(core: EngineCore) -> EngineSnapshot:
     running = [_view(r, "held" if r.request_id in held_ids else r.status.value, True)
                for r in holders]
     waiting = [_view(r, r.status.value, False)
-               for r, _ in zip(scheduler.waiting, range(MAX_WAITING_SHOWN))]
+               for r in itertools.islice(scheduler.waiting, MAX_WAITING_SHOWN)]
     cache = manager.prefix_cache
     tree, num_nodes = _tree(cache) if cache is not None else ([], 0)
     evictions = _evictions(cache) if cache is not None else []
