@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from strata.openai_errors import error_body
+from strata.openai_errors import error_response
 
 DEFAULT_INTERVAL = 0.25  # seconds between two snapshots: four a second
-MAX_SHARE = 0.01  # of the engine's time, at most, spent building snapshots
+MAX_SHARE = 0.01  # of the server's time, at most, spent on snapshots (engine and frontend)
 SNAPSHOT_TIMEOUT = 10.0  # an engine that answers none in this long is busy or stuck: 503
 MAX_STREAMS = 64  # open event streams; one more gets 429
 KEEPALIVE_SECONDS = 10.0  # a comment line when nothing changed, so proxies keep the stream
@@ -116,8 +116,3 @@ def sse_response(hub: DashboardHub) -> Response:
         return error_response(429, f"{MAX_STREAMS} dashboards are open already")
     return StreamingResponse(hub.stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def error_response(status: int, message: str) -> Response:
-    return Response(orjson.dumps(error_body(status, message)), status_code=status,
-                    media_type="application/json")

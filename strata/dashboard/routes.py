@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from strata.dashboard.hub import DashboardHub, error_response, sse_response
+from strata.dashboard.hub import DashboardHub, sse_response
+from strata.openai_errors import error_response
 
 # The page draws what the snapshots say and fetches nothing else: no script or style from
 # elsewhere, no frames; prompt text is only ever set as text, never as markup.

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from strata.openai_errors import APIError, error_body
+from strata.openai_errors import APIError, error_response
 
 logger = logging.getLogger("strata.server")
-
-
-def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(error_body(status, message, param)), status_code=status,
-                     media_type="application/json", headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
