@@ -26,7 +26,9 @@ Also measured:
   processes had the cores); and alone, through an in-process Router (see
   decision_time_alone);
 - each hop's added latency: 200 one-token requests, one at a time, rotating between a
-  replica directly, the picker's proxy, and Envoy + picker (the other routers stopped):
+  replica directly, Envoy alone, Envoy asking a do-nothing ext_proc server
+  (extproc_floor.py: what Python's gRPC costs before any picking), Envoy + picker, and the
+  picker's proxy (the other routers stopped):
   first with every process sharing the cores, then with the picker and Envoy moved to a
   core of their own and the replicas and this client to the other, as the picker runs in a
   pod of its own on a cluster (the CPU they share is then not part of the hop);
@@ -51,6 +53,7 @@ import multiprocessing
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,10 +101,24 @@ def route(port: int, replicas: list[str], *flags: str) -> list[str]:
             *flags]
 
 
-def envoy(port: int, picker_port: int, replicas: list[str]) -> list[str]:
-    return envoy_command(bootstrap(GatewaySpec(
-        "127.0.0.1", port, f"127.0.0.1:{picker_port}",
-        [endpoint_address(url) for url in replicas], max_endpoints=len(replicas))))
+def envoy(port: int, picker_port: int, replicas: list[str], ext_proc: bool = True
+          ) -> list[str]:
+    """Envoy in front of the replicas asking the picker; without ext_proc, Envoy alone
+    (least request over the replicas): the gateway's own share of the hop."""
+    config = bootstrap(GatewaySpec("127.0.0.1", port, f"127.0.0.1:{picker_port}",
+                                   [endpoint_address(url) for url in replicas],
+                                   max_endpoints=len(replicas)))
+    if not ext_proc:
+        manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        filters = manager["typed_config"]["http_filters"]
+        filters[:] = [f for f in filters if f["name"] != "envoy.filters.http.ext_proc"]
+    return envoy_command(config)
+
+
+def extproc_floor(port: int, replica: str) -> subprocess.Popen:
+    """The do-nothing ext_proc server of extproc_floor.py, naming `replica`."""
+    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("extproc_floor.py")),
+                             "--port", str(port), "--endpoint", endpoint_address(replica)])
 
 
 def router_samples(router: str, name: str, label: str) -> dict[str, float]:
@@ -299,9 +316,13 @@ def main() -> int:
                         help="skip the fairness runs (they do not depend on the profile)")
     parser.add_argument("--fairness-only", action="store_true",
                         help="only the fairness runs (and the hop)")
+    parser.add_argument("--hop-only", action="store_true",
+                        help="only the hop (and the decision time alone)")
     parser.add_argument("--max-num-seqs", type=int, default=256,
                         help="per replica: the running batch's bound (the engine's default)")
     args = parser.parse_args()
+    if args.hop_only:
+        args.fairness_only, args.fairness = True, False
     # A deadline past any wait of these loads: the runs measure routing, not refusals.
     profile = ["--flow-request-ttl", "600"] + (
         ["--config", str(args.picker_config)] if args.picker_config else [])
@@ -341,14 +362,23 @@ def main() -> int:
                      for name in ("envoy + picker", "picker", "picker, no flow control")}
                     | {"isolated (the floor)": (replicas[0], replicas[1:2])}, index))
         others.close()  # the other routers' scrapes would load the replicas the hop reads
-        hops = {"direct": replicas[0], "picker": urls["picker"],
-                "envoy + picker": urls["envoy + picker"]}
+        floor = extproc_floor(port + 11, replicas[0])
+        stack.callback(floor.kill)
+        hops = {"direct": replicas[0],
+                "envoy alone": stack.enter_context(process(
+                    envoy(port + 4, port + 10, replicas[:1], ext_proc=False),
+                    args.log_dir / "router-envoy-alone.log", f"http://127.0.0.1:{port + 4}")),
+                "envoy + do-nothing ext_proc": stack.enter_context(process(
+                    envoy(port + 5, port + 11, replicas[:1]),
+                    args.log_dir / "router-envoy-floor.log", f"http://127.0.0.1:{port + 5}")),
+                "envoy + picker": urls["envoy + picker"], "picker": urls["picker"]}
         hop = {"shared cores": hop_latency(hops, PIDS[urls["picker"]])}
         for url in replicas:
             pin(PIDS[url], {0})
         pin(os.getpid(), {0})
-        for url in (urls["picker"], urls["envoy + picker"]):
-            pin(PIDS[url], {1})
+        pin(floor.pid, {1})
+        for name in ("picker", "envoy + picker", "envoy alone", "envoy + do-nothing ext_proc"):
+            pin(PIDS[hops[name]], {1})
         hop["picker on a core of its own"] = hop_latency(hops, PIDS[urls["picker"]])
     alone = decision_time_alone(args.model)
     if args.save:
