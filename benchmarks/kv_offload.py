@@ -37,6 +37,7 @@ SESSIONS, TURNS, CONCURRENCY = 16, 6, 4
 TOOLS, OWN, TURN, OUTPUT = 512, 256, 32, 32
 POOL_BLOCKS = 160  # 2,560 tokens: the sessions' 10,752 at their last turn are 4.2x that
 MODES = {"tier": ["--kv-offloading-size", "1"], "no tier": []}
+WORKLOADS = ("agentic", "no-revisit")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int]) -> dict:
@@ -118,7 +119,7 @@ async def copy_seconds(client: httpx.AsyncClient, url: str) -> float:
 
 def table(rounds: list[dict]) -> str:
     rows = []
-    for workload in ("agentic", "no-revisit"):
+    for workload in [w for w in WORKLOADS if f"{w}/tier" in rounds[0]]:
         for mode in MODES:
             runs = [r[f"{workload}/{mode}"] for r in rounds]
             cells = [workload, mode] + [
@@ -143,6 +144,7 @@ def table(rounds: list[dict]) -> str:
 def main() -> int:
     parser = comparison_parser(__doc__, 8600)
     parser.set_defaults(rounds=2)
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     args = parser.parse_args()
     rounds = []
     with contextlib.ExitStack() as stack:
@@ -153,10 +155,10 @@ def main() -> int:
         for index in range(args.rounds):
             results = {}
             modes = list(MODES) if index % 2 == 0 else list(MODES)[::-1]
-            for offset, workload in enumerate(("agentic", "no-revisit")):
+            for workload in args.workloads:
                 for mode in modes:  # the same prompts for both, new ones every run
                     result = asyncio.run(run_workload(urls[mode], workload,
-                                                      100 * index + offset))
+                                                      100 * index + WORKLOADS.index(workload)))
                     results[f"{workload}/{mode}"] = result
                     print(f"round {index + 1} {workload:>10} {mode:>7}: "
                           f"{result['throughput']:.0f} tok/s, TTFT p50 "
