@@ -14,6 +14,7 @@ from strata import LLM, SamplingParams
 from strata.config import EngineConfig
 from strata.engine.core import EngineCore
 from strata.engine.kv_connector.connector import RemoteBlocks, TransferResult
+from strata.engine.kv_offload.copies import HOST
 from strata.engine.kv_transfer import FinishedTransfers, KVTransfer
 from strata.engine.request import Request
 from tests.conftest import CONNECTORS, STORIES
@@ -114,6 +115,32 @@ def test_a_lease_nobody_reads_ends_and_frees_the_blocks(kind):
         check_kv_books(prefill.kv_cache_manager, [])
     finally:
         prefill.shutdown()
+
+
+def test_a_prefiller_serves_blocks_from_its_host_tier(kind, colocated):
+    """A prefiller whose pool pushed a prompt out to its host tier loads those blocks back
+    for that prompt's handoff instead of computing them, and the decode side reads the
+    same K/V: its tokens equal a colocated run's."""
+    prefill = engine(kind, num_kv_blocks=32, num_offload_blocks=64)
+    decode = engine(kind)
+    try:
+        rng = random.Random(11)
+        prompt, *others = [[rng.randrange(3, 512) for _ in range(100)] for _ in range(9)]
+        for index, tokens in enumerate([prompt, *others]):  # the others push prompt out
+            run(prefill, f"local-{index}", tokens, HANDOFF)
+        match = prefill.kv_cache_manager.get_computed_blocks(Request("probe", prompt, HANDOFF))
+        assert match.num_blocks == 0 and len(match.tier_hits) == 6  # in the host tier only
+        [reference] = colocated.generate({"prompt_token_ids": prompt}, GREEDY,
+                                         use_tqdm=False)
+        assert disaggregated(prefill, decode, prompt, "tier") == \
+            reference.outputs[0].token_ids
+        assert prefill.stats().kv_offload_hits[HOST] == 96  # its 6 full blocks
+        assert decode.kv_transfer.stats.num_bytes == 7 * decode.runner.bytes_per_block
+        assert idle_usage(prefill) == 0 and idle_usage(decode) == 0
+        check_kv_books(prefill.kv_cache_manager, [])
+    finally:
+        for core in (prefill, decode):
+            core.shutdown()
 
 
 def test_a_dead_prefiller_falls_back_to_local_prefill(kind, engines, colocated):
