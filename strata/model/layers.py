@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.model.cpu_kernels import skinny_linear_kernel
+from strata.model.cpu_kernels import fused_ops_kernel, skinny_linear_kernel
 from strata.model.parallel import SINGLE, TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -258,14 +258,35 @@ class VocabParallelEmbedding(Embedding):
         return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
 
 
+def fused_ops(*tensors: torch.Tensor):
+    """The C++ fused ops (csrc/fused_ops.cpp) where every tensor is a float32 CPU one,
+    else None: the PyTorch path."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return fused_ops_kernel()
+    return None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x normalised; with `residual`, (norm(x + residual), x + residual): the decoder's
+        residual add fused in (vLLM's way), which may update `residual` in place."""
+        shape, dim = x.shape, x.shape[-1]
+        kernel = fused_ops(x, self.weight)
+        if residual is None:
+            if kernel is None:
+                return F.rms_norm(x, (dim,), self.weight, self.eps)
+            return kernel.rms_norm(x.reshape(-1, dim), self.weight, self.eps).view(shape)
+        if kernel is None or not residual.is_contiguous():
+            residual = x + residual
+            return F.rms_norm(residual, (dim,), self.weight, self.eps), residual
+        out = kernel.add_rms_norm(x.reshape(-1, dim), residual.view(-1, dim), self.weight,
+                                  self.eps)
+        return out.view(shape), residual
 
 
 def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:

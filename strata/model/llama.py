@@ -22,6 +22,7 @@ from strata.model.layers import (
     RotaryEmbedding,
     VocabParallelEmbedding,
     apply_rotary,
+    fused_ops,
 )
 from strata.model.loader import TensorSlice
 from strata.model.parallel import SINGLE, TensorParallel
@@ -111,10 +112,17 @@ class Attention(nn.Module):
         qk = qk.view(-1, heads + kv_heads, head_dim)
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
-        # q and k rotate together: one set of elementwise ops instead of two.
-        q, k = apply_rotary(qk, *rope).split([heads, kv_heads], dim=1)
         v = v.view(-1, kv_heads, head_dim)
-        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        if (kernel := fused_ops(qk, self.k_cache)) is not None:
+            # one call: q and k rotated in place, k and v stored at their slots
+            cache_rows = (-1, kv_heads, head_dim)
+            kernel.rotary_write_kv(qk, v, *rope, self.k_cache.view(cache_rows),
+                                   self.v_cache.view(cache_rows), meta.slot_mapping, kv_heads)
+            q = qk[:, :heads]
+        else:
+            # q and k rotate together: one set of elementwise ops instead of two.
+            q, k = apply_rotary(qk, *rope).split([heads, kv_heads], dim=1)
+            write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return self.tp.all_reduce(self.o_proj(out.view(-1, self.q_size)))
 
@@ -129,9 +137,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                residual: torch.Tensor | None, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream): each add is fused into the norm
+        after it, the last one into the model's final norm."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(rope, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -168,11 +184,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of the flattened step batch, [tokens, hidden]."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         rope = self.rotary(positions)
         for layer in self.model.layers:
-            x = layer(rope, x, meta)
-        return self.model.norm(x)
+            x, residual = layer(rope, x, residual, meta)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary on rank 0 (the last rank's pad cut off), where
