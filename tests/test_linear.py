@@ -92,8 +92,9 @@ def test_strata_linear_torch_keeps_every_weight_for_f_linear(monkeypatch):
 
 
 def test_kernel_choices_are_cached_per_machine(monkeypatch, tmp_path):
-    """A shape timed once on this machine is not timed again; another thread count is
-    another machine; a cache that cannot be written costs nothing but the next timing."""
+    """A shape timed once on this machine is not timed again, nor the file rewritten;
+    another thread count is another machine; a cache that cannot be written costs nothing
+    but the next timing."""
     import json
 
     from strata.model import layers
@@ -106,7 +107,9 @@ def test_kernel_choices_are_cached_per_machine(monkeypatch, tmp_path):
         raise AssertionError("timed again")
 
     monkeypatch.setattr(layers, "kernel_slowdowns", timed_again)
+    written = cache.stat().st_ino  # a rewrite replaces the file: a new inode
     assert choose_cpu_linear_kernels(packable_linears(model), cache_file=cache) == first
+    assert cache.stat().st_ino == written
     monkeypatch.setattr(layers, "kernel_slowdowns",
                         lambda weight, kernels: {k: 1.0 + i for i, k in enumerate(kernels)})
     wider = nn.Sequential(Linear(32, 48, bias=False))

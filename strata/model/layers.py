@@ -139,13 +139,14 @@ def choose_cpu_linear_kernels(linears: list[Linear], quantization: str | None = 
     reference = kernels[0]
     key = _machine_key(kernels)
     cached = _read_cache(cache_file).get(key, {}) if cache_file else {}
-    choice, lines = {}, []
+    choice, lines, timed = {}, [], False
     for shape in sorted({tuple(m.weight.shape) for m in linears}):
         name = "x".join(map(str, shape))
         if name in cached:
             choice[shape] = cached[name]
             lines.append(f"{name} {cached[name]} (cached)")
             continue
+        timed = True
         slowdowns = kernel_slowdowns(torch.randn(shape), kernels)
         fastest = min(slowdowns, key=slowdowns.get)
         choice[shape] = cached[name] = fastest
@@ -153,7 +154,7 @@ def choose_cpu_linear_kernels(linears: list[Linear], quantization: str | None = 
                      f"({slowdowns[reference] / slowdowns[fastest]:.1f}x {reference}'s)")
     if choice:
         logger.info("CPU linear kernels, by weight: %s", ", ".join(lines))
-    if cache_file and cached:
+    if cache_file and timed:  # a start that timed nothing leaves the file alone
         _write_cache(cache_file, key, cached)
     return choice
 
