@@ -9,8 +9,10 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:  # imported where a URL is fetched: the engine imports this module
+    import httpx  # before it starts reading weights, and httpx takes ~0.13 s to import
 
 # What a model folder holds besides its weights: fetched from a URL into a local folder,
 # while the weights stream from the URL into memory (strata.model.weight_files).
@@ -63,6 +65,8 @@ def fetch_metadata(url: str) -> Path:
     folder = user_cache_dir() / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     base = url.rstrip("/")
+    import httpx
+
     with httpx.Client(follow_redirects=True, timeout=30.0) as client, \
             ThreadPoolExecutor(len(METADATA_FILES)) as pool:  # one round trip, not eight
         for name, response in zip(METADATA_FILES, pool.map(
@@ -82,6 +86,8 @@ def fetch_metadata(url: str) -> Path:
 
 
 def _get(client: httpx.Client, url: str) -> httpx.Response:
+    import httpx
+
     try:
         return client.get(url)
     except httpx.HTTPError as exc:

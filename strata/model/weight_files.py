@@ -15,8 +15,6 @@ import urllib.parse
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
 from strata.checkpoint import is_url
 
 # httpx logs every request at INFO: hundreds of ranged reads per load.
@@ -98,6 +96,8 @@ class HttpFiles:
     double the torch import it overlaps."""
 
     def __init__(self, base_url: str) -> None:
+        import httpx  # here, not above: a folder's load (and the engine's start) needs none
+
         self.base_url = base_url.rstrip("/")
         self.location = self.base_url
         self.client = httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0))
@@ -108,6 +108,8 @@ class HttpFiles:
         self._lock = threading.Lock()
 
     def size(self, name: str) -> int:
+        import httpx
+
         if name not in self._sizes:
             try:
                 response = self.client.head(f"{self.base_url}/{name}")
