@@ -11,8 +11,8 @@ from strata.model.layers import (
     Embedding,
     Linear,
     choose_cpu_linear_kernels,
-    pack_linears,
     packable_linears,
+    weight_packer,
 )
 
 kernel_required = pytest.mark.skipif(skinny_linear_kernel() is None,
@@ -57,9 +57,10 @@ def test_weights_shared_with_an_embedding_are_not_packed():
             self.proj = Linear(32, 32, bias=False)
 
     model = Tied()
-    linears = packable_linears(model)
-    assert linears == [model.proj]
-    pack_linears(linears, {(32, 32): "onednn", (50, 32): "onednn"})
+    assert packable_linears(model) == [model.proj]
+    pack = weight_packer(model, {(32, 32): "onednn", (50, 32): "onednn"})
+    for name in ("embed.weight", "head.weight", "proj.weight"):
+        pack(name)
     assert model.head.packed is None and model.head.weight is model.embed.weight
     assert model.proj.packed is not None and model.proj.weight is None
 

@@ -73,3 +73,41 @@ def test_cli_generate(capsys):
 def test_cli_reports_bad_input_without_a_traceback(capsys):
     assert main(["generate", "--model", str(STORIES), "--prompt", "x", "--top-p", "3"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_each_weight_is_packed_as_it_lands_and_a_late_copy_of_it_is_refused():
+    """on_complete names a parameter as soon as its last part is in (a fused qkv after its
+    q, k and v), before the checkpoint's next tensor; a packed weight's tensor arriving
+    again is an error, not a copy into a weight nobody reads."""
+    from safetensors import safe_open
+
+    from strata.model.layers import weight_packer
+    from strata.model.registry import build_model
+
+    with safe_open(STORIES / "model.safetensors", "pt") as checkpoint:
+        tensors = [(name, checkpoint.get_slice(name)) for name in checkpoint.keys()]  # noqa: SIM118
+    model = build_model(STORIES, torch.float32, torch.device("cpu"))
+    linears = {n for n, m in model.named_modules() if getattr(m, "packed", 0) is None}
+    arrived: list[str] = []
+    complete_at: dict[str, int] = {}  # how many tensors had arrived then
+
+    def stream():
+        for name, tensor in tensors:
+            arrived.append(name)
+            yield name, tensor
+
+    kernels = {tuple(model.get_submodule(n).weight.shape): "skinny" for n in linears}
+    pack = weight_packer(model, kernels)
+    model.load_weights(stream(), lambda name: (complete_at.setdefault(name, len(arrived)),
+                                               pack(name)))
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    last_part = max(i for i, (name, _) in enumerate(tensors, 1)
+                    if name.startswith("model.layers.0.self_attn.") and
+                    name.split(".")[-2] in ("q_proj", "k_proj", "v_proj"))
+    assert complete_at[qkv] == last_part
+    assert all(model.get_submodule(n).packed is not None for n in linears
+               if n != "lm_head" or not model.args.tie_word_embeddings)
+    again = next((name, t) for name, t in tensors if name.endswith("o_proj.weight"))
+    model = build_model(STORIES, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="o_proj.weight' came again after its weight was"):
+        model.load_weights(iter([*tensors, again]), weight_packer(model, kernels))

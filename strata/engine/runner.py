@@ -28,7 +28,7 @@ from strata.engine.request import Request
 from strata.engine.step_batch import StepBatch
 from strata.math_utils import cdiv
 from strata.model.attention import AttentionGroup, AttentionMetadata, SharedPrefix
-from strata.model.layers import choose_cpu_linear_kernels, pack_linears, packable_linears
+from strata.model.layers import choose_cpu_linear_kernels, packable_linears, weight_packer
 from strata.model.loader import PlacementTimes
 from strata.model.parallel import SINGLE, TensorParallel
 from strata.model.registry import build_model, load_weights, resolve_device, resolve_dtype
@@ -86,9 +86,6 @@ class ModelRunner:
             weights.close()  # its readers stop; nothing more is read
             raise
         self.model.bind_kv_caches(self.kv_caches)
-        started = time.monotonic()
-        pack_linears(packable_linears(self.model), self.linear_kernels)
-        self.startup_seconds["kernels"] += time.monotonic() - started
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
 
     def _load(self, config: EngineConfig, model_path: Path, tp: TensorParallel,
@@ -131,7 +128,8 @@ class ModelRunner:
             user_cache_dir() / "linear-kernels.json")
         calibrated = time.monotonic()
         times = PlacementTimes()
-        load_weights(self.model, weights, times)
+        # Each weight packed for its CPU kernel as it lands, while later ones still stream.
+        load_weights(self.model, weights, times, weight_packer(self.model, self.linear_kernels))
         # Where a start's time went (EngineReady reports it; the benchmark prints it).
         self.startup_seconds = {"weights_read": weights.read_seconds or 0.0,
                                 "weights_wait": times.wait_seconds,

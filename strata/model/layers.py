@@ -9,6 +9,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -230,11 +231,21 @@ def kernel_slowdowns(weight: torch.Tensor, kernels: list[str], rounds: int = 3,
     return {k: slowdown(k) for k in kernels}
 
 
-def pack_linears(linears: list[Linear], kernels: dict[tuple[int, ...], str]) -> None:
-    for module in linears:
-        kernel = kernels.get(tuple(module.weight.shape), "torch")
-        if kernel != "torch":
+def weight_packer(model: nn.Module, kernels: dict[tuple[int, ...], str]
+                  ) -> Callable[[str], None]:
+    """load_weights' on_complete: each packable Linear's weight packed for its kernel as
+    soon as it is loaded, while the rest of the checkpoint still streams."""
+    packable = {id(module) for module in packable_linears(model)}
+    by_weight = {f"{name}.weight": module for name, module in model.named_modules()
+                 if id(module) in packable}
+
+    def pack(name: str) -> None:
+        module = by_weight.get(name)
+        if module is not None and \
+                (kernel := kernels.get(tuple(module.weight.shape), "torch")) != "torch":
             module.pack(kernel)
+
+    return pack
 
 
 class Embedding(nn.Embedding):

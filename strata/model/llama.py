@@ -8,7 +8,7 @@ and loads only its shard (sharding.py); at size 1 the shard is the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -196,8 +196,11 @@ class LlamaForCausalLM(nn.Module):
         logits = self.tp.gather(self.lm_head(hidden))
         return None if logits is None else logits[:, :self.args.vocab_size].float()
 
-    def load_weights(self, weights: Iterable[tuple[str, TensorSlice]]) -> None:
-        """Copy this rank's part of each checkpoint tensor in, reading no more than it."""
+    def load_weights(self, weights: Iterable[tuple[str, TensorSlice]],
+                     on_complete: Callable[[str], None] = lambda name: None) -> None:
+        """Copy this rank's part of each checkpoint tensor in, reading no more than it.
+        `on_complete(name)` once a parameter holds all its parts, while later tensors may
+        still be on their way (the runner packs a Linear's weight then)."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -208,9 +211,18 @@ class LlamaForCausalLM(nn.Module):
             target, shard = _fused_target(name)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            try:  # not params[target]: a packed Linear has let its weight go
+                param = self.get_parameter(target)
+            except AttributeError:
+                raise ValueError(f"checkpoint tensor {name!r} came again after its weight "
+                                 f"was packed") from None
             split = split_of(target, shard, self.args, self.shapes, self.tp)
-            _copy_part(name, tensor, params[target].data, split, fused=shard is not None)
-            loaded.add(target if shard is None else f"{target}#{shard}")
+            _copy_part(name, tensor, param.data, split, fused=shard is not None)
+            part = target if shard is None else f"{target}#{shard}"
+            if part not in loaded:
+                loaded.add(part)
+                if all(f"{target}#{s}" in loaded for s in self._shards_of(target)):
+                    on_complete(target)
         expected = {name for name, _ in self.named_parameters()}
         expected = {f"{n}#{s}" for n in expected for s in self._shards_of(n)} | {
             n for n in expected if not self._shards_of(n)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,7 +74,9 @@ def build_model(path: Path, dtype: torch.dtype, device: torch.device,
 
 
 def load_weights(model: LlamaForCausalLM, stream: WeightStream,
-                 times: PlacementTimes | None = None) -> None:
-    """Place the streamed checkpoint's tensors in the model as they arrive."""
+                 times: PlacementTimes | None = None,
+                 on_complete: Callable[[str], None] = lambda name: None) -> None:
+    """Place the streamed checkpoint's tensors in the model as they arrive; `on_complete`
+    as LlamaForCausalLM.load_weights."""
     with torch.no_grad():
-        model.load_weights(iterate_weights(stream, times))
+        model.load_weights(iterate_weights(stream, times), on_complete)
