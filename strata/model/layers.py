@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 ONEDNN_BATCH_HINT = 32  # the rows oneDNN lays a packed weight out for (good from 1 to 512)
 CALIBRATION_ROWS = (1, 8, 32)  # decode batches a CPU linear kernel is chosen on
+# A weight past any CPU's last-level cache reads at memory speed whatever its size: a
+# larger one (a vocabulary's head) is timed on its first outputs, for half the start time.
+CALIBRATION_BYTES = 64 << 20
 
 
 class Linear(nn.Linear):
@@ -148,7 +151,8 @@ def choose_cpu_linear_kernels(linears: list[Linear], quantization: str | None = 
             lines.append(f"{name} {cached[name]} (cached)")
             continue
         timed = True
-        slowdowns = kernel_slowdowns(torch.randn(shape), kernels)
+        timed_outputs = max(1, min(shape[0], CALIBRATION_BYTES // (4 * shape[1])))
+        slowdowns = kernel_slowdowns(torch.randn(timed_outputs, shape[1]), kernels)
         fastest = min(slowdowns, key=slowdowns.get)
         choice[shape] = cached[name] = fastest
         lines.append(f"{name} {fastest} "
