@@ -277,9 +277,10 @@ class VocabParallelEmbedding(Embedding):
 def fused_ops(*tensors: torch.Tensor):
     """The C++ fused ops (csrc/fused_ops.cpp) where every tensor is a float32 CPU one,
     else None: the PyTorch path."""
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return fused_ops_kernel()
-    return None
+    for tensor in tensors:  # a loop, not all(...): this runs several times a layer
+        if not tensor.is_cpu or tensor.dtype != torch.float32:
+            return None
+    return fused_ops_kernel()
 
 
 class RMSNorm(nn.Module):
