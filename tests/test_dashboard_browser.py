@@ -130,7 +130,6 @@ def test_a_person_sees_the_batch_the_tree_and_the_pool(server, tmp_path):
                 assert page.locator("#tree b").count() == 0  # markup in a prompt stays text
                 if SCREENSHOT_DIR:  # a few seconds of history in the sparklines
                     page.wait_for_timeout(3000)
-                rows = page.locator("#running tbody tr")
                 rows.first.hover()  # its blocks outlined in the grid
                 page.wait_for_timeout(300)
                 page.screenshot(path=tmp_path / "dashboard.png")
