@@ -3,17 +3,21 @@ then greedy tokens with blocks loaded back from the host and disk tiers."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
+from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from strata import LLM, SamplingParams
 from strata.config import SchedulerConfig
 from strata.engine.kv_cache_manager import KVCacheManager
 from strata.engine.kv_offload.copies import DEVICE, DISK, HOST
 from strata.engine.kv_offload.manager import OffloadManager
+from strata.engine.kv_offload.stores import TierStores
 from strata.engine.runner import ModelRunnerOutput
 from strata.engine.scheduler import Scheduler
 from strata.router.kv_event_index import KVEventIndex
@@ -219,3 +223,20 @@ def test_two_tensor_parallel_ranks_each_move_their_shard_with_the_same_tokens(wi
                                             "tensor_parallel_size": 2})
     assert tokens == without_tiers[0]
     assert all(c >= 96 for c in cached[6:]) and stats.kv_offload_hits[HOST] > 0
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_host_tier_is_resident_from_the_start_and_the_disk_tier_is_not(tmp_path):
+    """Taken at start (a filling tier cannot run the host out of memory later, and no copy
+    pays for first touches); the disk tier stays a sparse file until written."""
+    pool = torch.zeros(2, 2, 4, BS, 2, 8)
+    host_bytes = 64 * 2**20
+    host_blocks = host_bytes // (pool[:, :, 0].numel() * pool.element_size())
+    before = _resident_bytes()
+    stores = TierStores(pool, host_blocks, str(tmp_path), 2 * host_blocks)
+    grown = _resident_bytes() - before
+    assert stores.stores[HOST].nbytes == host_bytes
+    assert host_bytes <= grown < 1.5 * host_bytes  # the disk tier's 128 MiB are not read in

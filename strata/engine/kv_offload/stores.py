@@ -18,11 +18,13 @@ SLOT_DIM = 2  # [layers, K and V, blocks, block_size, kv_heads, head_dim]
 
 def host_store(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
                ) -> torch.Tensor:
-    """Host memory for the host tier: page-locked beside a GPU (copies run by DMA), else
-    plain pages, faulted in as blocks are first written."""
+    """Host memory for the host tier, all of it taken at start (a tier that fills later
+    cannot then run the host out of memory): page-locked beside a GPU (copies run by DMA),
+    else plain pages written once here, so that no copy pays for first touches (they made
+    a no-revisit workload's copies ~1.6x slower: 3.6 vs 2.2 ms for 48 blocks here)."""
     if device.type == "cuda":
         return torch.empty(shape, dtype=dtype, pin_memory=True)
-    return torch.empty(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)
 
 
 def disk_store(folder: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
