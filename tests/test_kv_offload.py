@@ -20,6 +20,7 @@ from strata.engine.kv_offload.manager import OffloadManager
 from strata.engine.kv_offload.stores import TierStores
 from strata.engine.runner import ModelRunnerOutput
 from strata.engine.scheduler import Scheduler
+from strata.model.cpu_kernels import kv_blocks_kernel
 from strata.router.kv_event_index import KVEventIndex
 from tests.conftest import STORIES, assert_all_blocks_free
 from tests.kv_invariants import check_kv_books, tree_nodes
@@ -240,3 +241,32 @@ def test_the_host_tier_is_resident_from_the_start_and_the_disk_tier_is_not(tmp_p
     grown = _resident_bytes() - before
     assert stores.stores[HOST].nbytes == host_bytes
     assert host_bytes <= grown < 1.5 * host_bytes  # the disk tier's 128 MiB are not read in
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_block_copy_kernel_moves_the_same_bytes_as_torch(dtype):
+    kernel = kv_blocks_kernel()
+    assert kernel is not None
+    source = torch.randn(3, 2, 10, BS, 2, 8).to(dtype)
+    target = torch.randn(3, 2, 7, BS, 2, 8).to(dtype)
+    expected = target.clone()
+    source_slots, target_slots = torch.tensor([9, 0, 4, 5]), torch.tensor([2, 6, 0, 3])
+    expected.index_copy_(2, target_slots, source.index_select(2, source_slots))
+    kernel.copy_blocks(source, target, source_slots, target_slots)
+    assert torch.equal(target, expected)
+
+
+def test_the_block_copy_kernel_refuses_bad_slots_and_shapes_writing_nothing():
+    kernel = kv_blocks_kernel()
+    source, target = torch.randn(2, 2, 4, BS, 2, 8), torch.zeros(2, 2, 6, BS, 2, 8)
+    cases = [((torch.tensor([0, 1]), torch.tensor([5, 6])), "target slot 6 is out"),
+             ((torch.tensor([-1]), torch.tensor([0])), "source slot -1 is out"),
+             ((torch.tensor([0, 1]), torch.tensor([0])), "as many source as target"),
+             ((torch.tensor([0], dtype=torch.int32), torch.tensor([0])), "int64")]
+    for (source_slots, target_slots), reason in cases:
+        with pytest.raises(RuntimeError, match=reason):
+            kernel.copy_blocks(source, target, source_slots, target_slots)
+    with pytest.raises(RuntimeError, match="same shape"):
+        kernel.copy_blocks(source, torch.zeros(2, 2, 6, BS, 4, 8), torch.tensor([0]),
+                           torch.tensor([0]))
+    assert not target.any()

@@ -3,9 +3,10 @@ this machine's CPU), so that no start compiles anything. One that is missing (a 
 checkout not installed, a build that failed) is compiled on first use instead, into
 torch's extension cache, and said in the log; None where it cannot be built at all.
 
-Set STRATA_ATTENTION=torch (or STRATA_LINEAR=torch, STRATA_FUSED_OPS=torch) to run the
-pure-PyTorch reference path instead, and STRATA_COLLECTIVES=torch for torch.distributed's
-collectives between the tensor-parallel ranks of one machine; STRATA_KERNEL_BUILD=jit
+Set STRATA_ATTENTION=torch (or STRATA_LINEAR=torch, STRATA_FUSED_OPS=torch,
+STRATA_KV_BLOCKS=torch) to run the pure-PyTorch reference path instead, and
+STRATA_COLLECTIVES=torch for torch.distributed's collectives between the tensor-parallel
+ranks of one machine; STRATA_KERNEL_BUILD=jit
 compiles them on first use even where the install has them (one built for another CPU, say).
 """
 
@@ -42,6 +43,13 @@ def fused_ops_kernel() -> ModuleType | None:
     if os.environ.get("STRATA_FUSED_OPS", "auto") == "torch":
         return None
     return _load("fused_ops")
+
+
+@functools.cache
+def kv_blocks_kernel() -> ModuleType | None:
+    if os.environ.get("STRATA_KV_BLOCKS", "auto") == "torch":
+        return None
+    return _load("kv_blocks")
 
 
 @functools.cache
@@ -92,7 +100,7 @@ def _build(name: str, source: str) -> ModuleType | None:
 
 if __name__ == "__main__":  # says which kernels load, and compiles any that are missing
     logging.basicConfig(level=logging.INFO)
-    kernels = (paged_decode_kernel, skinny_linear_kernel, fused_ops_kernel,
+    kernels = (paged_decode_kernel, skinny_linear_kernel, fused_ops_kernel, kv_blocks_kernel,
                shm_collectives_kernel)
     built = [kernel() is not None for kernel in kernels]
     logger.info("C++ kernels available: %d of %d", sum(built), len(built))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from strata.engine.kv_offload.copies import DEVICE, DISK, HOST, BlockCopies, transfer_type
+from strata.model.cpu_kernels import kv_blocks_kernel
 
 SLOT_DIM = 2  # [layers, K and V, blocks, block_size, kv_heads, head_dim]
 
@@ -55,6 +56,7 @@ class TierStores:
         if num_disk_blocks:
             self.stores[DISK] = disk_store(disk_folder, shaped(num_disk_blocks),
                                            device_pool.dtype)
+        self.kernel = kv_blocks_kernel()  # slot to slot on CPU, no temporary
 
     def apply(self, copies: BlockCopies) -> dict[str, float]:
         """Run a step's copies, in order: each run is one gather and one scatter over all of
@@ -65,8 +67,11 @@ class TierStores:
             source, target = self.stores[run.source], self.stores[run.target]
             source_slots = torch.tensor(run.source_slots, device=source.device)
             target_slots = torch.tensor(run.target_slots, device=target.device)
-            blocks = source.index_select(SLOT_DIM, source_slots)
-            target.index_copy_(SLOT_DIM, target_slots, blocks.to(target.device))
+            if self.kernel is not None and source.is_cpu and target.is_cpu:
+                self.kernel.copy_blocks(source, target, source_slots, target_slots)
+            else:  # a GPU gathers its blocks, one transfer moves them
+                blocks = source.index_select(SLOT_DIM, source_slots)
+                target.index_copy_(SLOT_DIM, target_slots, blocks.to(target.device))
             if target.device.type == "cuda":
                 torch.cuda.synchronize(target.device)
             seconds[transfer_type(run.source, run.target)] = time.perf_counter() - started
