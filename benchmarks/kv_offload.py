@@ -17,6 +17,9 @@ is under load at a time; each round runs both workloads against both, alternatin
 
 Hit rate = cached prompt tokens over prompt tokens, as the server reports them; copying =
 the server's seconds of copies between tiers (vllm:kv_offload_total_time) over the run's.
+--control adds a third server, without a tier like the second: its ratio to the second is
+what two identical servers differ by on this machine, the noise the tier's cost is read
+against (the order of the servers rotates each round).
 """
 
 from __future__ import annotations
@@ -117,17 +120,17 @@ async def copy_seconds(client: httpx.AsyncClient, url: str) -> float:
                                             text, re.MULTILINE))
 
 
-def table(rounds: list[dict]) -> str:
+def table(rounds: list[dict], modes: list[str]) -> str:
     rows = []
     for workload in [w for w in WORKLOADS if f"{w}/tier" in rounds[0]]:
-        for mode in MODES:
+        for mode in modes:
             runs = [r[f"{workload}/{mode}"] for r in rounds]
             cells = [workload, mode] + [
                 fmt.format(statistics.median(run[key] for run in runs))
                 for key, fmt in (("throughput", "{:.0f}"), ("ttft_p50", "{:.0f}"),
                                  ("ttft_p99", "{:.0f}"), ("hit_rate", "{:.1%}"),
                                  ("copy_share", "{:.2%}"))]
-            if mode == "tier":
+            if mode != "no tier":
                 base = [r[f"{workload}/no tier"] for r in rounds]
                 cells += ["{:.2f}x".format(statistics.median(
                               a["throughput"] / b["throughput"] for a, b in zip(runs, base))),
@@ -137,26 +140,30 @@ def table(rounds: list[dict]) -> str:
                 cells += ["", ""]
             rows.append(cells)
     return markdown_table(["workload", "host tier", "output tok/s", "TTFT p50 ms",
-                           "TTFT p99 ms", "hit rate", "copying", "tier / none tok/s",
-                           "none / tier TTFT p50"], rows)
+                           "TTFT p99 ms", "hit rate", "copying", "/ no tier tok/s",
+                           "no tier / this TTFT p50"], rows)
 
 
 def main() -> int:
     parser = comparison_parser(__doc__, 8600)
     parser.set_defaults(rounds=2)
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--control", action="store_true",
+                        help="a second server without a tier, to read the noise against")
     args = parser.parse_args()
+    modes = MODES | ({"control": []} if args.control else {})
     rounds = []
     with contextlib.ExitStack() as stack:
         urls = {mode: stack.enter_context(process(
             serve(args.model, args.port + i, "--num-gpu-blocks-override", str(POOL_BLOCKS),
                   *extra), args.log_dir / f"kv-offload-{i}.log",
-            f"http://127.0.0.1:{args.port + i}")) for i, (mode, extra) in enumerate(MODES.items())}
+            f"http://127.0.0.1:{args.port + i}")) for i, (mode, extra) in enumerate(modes.items())}
         for index in range(args.rounds):
             results = {}
-            modes = list(MODES) if index % 2 == 0 else list(MODES)[::-1]
+            shift = index % len(modes)
+            order = list(modes)[shift:] + list(modes)[:shift]
             for workload in args.workloads:
-                for mode in modes:  # the same prompts for both, new ones every run
+                for mode in order:  # the same prompts for all, new ones every run
                     result = asyncio.run(run_workload(urls[mode], workload,
                                                       100 * index + WORKLOADS.index(workload)))
                     results[f"{workload}/{mode}"] = result
@@ -168,7 +175,7 @@ def main() -> int:
     if args.save:
         args.save.write_text(json.dumps(rounds, indent=1))
     print(f"{machine()}\n{commit()}\n")
-    print(table(rounds))
+    print(table(rounds, list(modes)))
     return 0
 
 

@@ -6,8 +6,8 @@ torch's extension cache, and said in the log; None where it cannot be built at a
 Set STRATA_ATTENTION=torch (or STRATA_LINEAR=torch, STRATA_FUSED_OPS=torch,
 STRATA_KV_BLOCKS=torch) to run the pure-PyTorch reference path instead, and
 STRATA_COLLECTIVES=torch for torch.distributed's collectives between the tensor-parallel
-ranks of one machine; STRATA_KERNEL_BUILD=jit
-compiles them on first use even where the install has them (one built for another CPU, say).
+ranks of one machine; STRATA_KERNEL_BUILD=jit compiles them on first use even where the
+install has them (one built for another CPU, say).
 """
 
 from __future__ import annotations
