@@ -4,7 +4,8 @@
    long prompt's time to first token, alone) and its decode rate per sequence (a full
    batch's streamed outputs), each the median of --rounds.
 2. `strata autoscale simulate`'s model with those figures, on two bursty traces sized to
-   them (between bursts a third of one replica's prefill capacity, bursts --burst-factor
+   them (between bursts a third of the requests one replica sustains, by its prefill or by
+   its batch's decode, whichever is less; bursts --burst-factor
    times that, as steps or built up over 300 s), for cold starts of the measured length,
    60 s and 240 s: SLO attainment, replica-seconds and scale events of each policy; and
    Strata's policy over its parameters on the second trace.
@@ -124,8 +125,12 @@ SIMULATED = 7200.0  # seconds of trace: four periods of 1800 s, a 300-s burst at
 
 
 def simulate(engine: ReplicaModel, args: argparse.Namespace) -> None:
-    mean_prompt = sum(PROMPT_TOKENS) / 2
-    base_rate = engine.prefill_tokens_per_second / mean_prompt / 3  # a third of one replica
+    mean_prompt, mean_output = sum(PROMPT_TOKENS) / 2, sum(OUTPUT_TOKENS) / 2
+    # A third of what one replica sustains: its prompts' prefill, or its batch's decodes,
+    # whichever runs out first (the decode did on this machine's engines).
+    capacity = min(engine.prefill_tokens_per_second / mean_prompt,
+                   engine.max_batch * engine.decode_tokens_per_second / mean_output)
+    base_rate = capacity / 3
     slo = 4 * mean_prompt / engine.prefill_tokens_per_second + 1.0
     print(f"\nTraces: {SIMULATED:.0f} s in periods of 1800 s: {base_rate:.2f} requests/s, "
           f"then a burst at {base_rate * args.burst_factor:.2f}/s for 300 s (as a step, or "
