@@ -38,6 +38,7 @@ import httpx
 from harness import commit, machine, markdown_table, process, serve
 
 from strata.autoscale.cli import run_policies, table
+from strata.autoscale.policy import LOCAL_SCALER_INTERVAL
 from strata.autoscale.simulator import ReplicaModel, Simulation, load_policy
 from strata.autoscale.traces import bursty, write_csv
 
@@ -136,10 +137,13 @@ def simulate(engine: ReplicaModel, args: argparse.Namespace) -> None:
           f"then a burst at {base_rate * args.burst_factor:.2f}/s for 300 s (as a step, or "
           f"built up and let down over 300 s each side); prompts {PROMPT_TOKENS[0]}-"
           f"{PROMPT_TOKENS[1]} tokens, outputs {OUTPUT_TOKENS[0]}-{OUTPUT_TOKENS[1]}. SLO: "
-          f"TTFT <= {slo:.2f} s (four mean prefills + 1 s). Every policy looks every 15 s "
-          f"with a scale-in window of twice the cold start (at least 60 s); Strata's: "
-          f"target utilization 0.8, backlog 2 s, look-ahead the cold start + 15 s.")
+          f"TTFT <= {slo:.2f} s (four mean prefills + 1 s). A cluster's scalers (HPA, KEDA, "
+          f"Strata's policy via KEDA) look every 15 s, `strata up`'s every "
+          f"{LOCAL_SCALER_INTERVAL:g} s; scale-in window twice the cold start (at least 60 "
+          f"s); Strata's: target utilization 0.8, backlog 2 s, look-ahead the cold start + "
+          f"the interval.")
     options = SimpleNamespace(min_replicas=0, max_replicas=args.max_replicas, interval=15.0,
+                              scaler_interval=LOCAL_SCALER_INTERVAL,
                               window=None, target_seconds=2.0, target_utilization=0.8,
                               lookahead=None, cpu_target=0.8, queue_per_replica=4.0)
     for trace_name, ramp in TRACES.items():
@@ -176,8 +180,9 @@ def sweep(engine: ReplicaModel, requests, slo: float, options: SimpleNamespace) 
                 row.append(f"{100 * outcome.attainment(slo):.2f}%, "
                            f"{outcome.replica_seconds:.0f}")
             rows.append(row)
-        print(f"\nStrata's policy on this trace, cold start {cold_start:.1f} s: SLO "
-              f"attainment and replica-s by target utilization and scale-in window")
+        print(f"\nStrata's policy via KEDA (every {options.interval:g} s) on this trace, cold "
+              f"start {cold_start:.1f} s: SLO attainment and replica-s by target utilization "
+              f"and scale-in window")
         print(markdown_table(["utilization", "window 60 s", "window 120 s", "window 300 s"],
                              rows))
 

@@ -156,6 +156,25 @@ def test_a_burst_scales_out_by_backlog_and_cpu_and_queue_see_it_differently():
 
 
 @pytest.mark.timeout(10)
+def test_strata_up_looks_at_its_own_pace_and_a_cluster_at_its_sync_period():
+    """The same burst at t = 20.5 s: `strata up`'s scaler (a look every second) asks for
+    more replicas at 21 s, Strata's policy through KEDA at the HPA's next sync, 30 s."""
+    import argparse
+
+    from strata.autoscale.cli import run_policies
+
+    trace = [Request(0.0, 100, 10)] + [Request(20.5, 1000, 10) for _ in range(20)]
+    model = ReplicaModel(1000.0, 50.0, max_batch=32, cold_start=5.0)
+    args = argparse.Namespace(min_replicas=1, max_replicas=4, interval=15.0,
+                              scaler_interval=1.0, window=None, lookahead=None,
+                              target_utilization=0.8, target_seconds=2.0, cpu_target=0.8,
+                              queue_per_replica=4.0)
+    outcomes = run_policies(trace, model, args)
+    assert outcomes["Strata load 0.8, strata up"].timeline[1] == (21.0, 4)
+    assert outcomes["Strata load 0.8 via KEDA"].timeline[1] == (30.0, 4)
+
+
+@pytest.mark.timeout(10)
 def test_an_impossible_policy_is_reported_not_looped_on():
     with pytest.raises(RuntimeError, match="too few replicas"):
         Simulation([Request(0.0, 10, 10)], MODEL, fixed(0), initial_replicas=0).run()
@@ -215,5 +234,5 @@ def test_simulate_prints_each_policy_and_plots_the_replicas(tmp_path, capsys):
         rows = section.splitlines()[2:]  # under the header and its rule
         assert [row.split(" | ")[0] for row in rows] == [
             "| fixed 1", "| fixed 2", "| fixed 3", "| HPA CPU 0.8", "| KEDA queue 4",
-            "| Strata load 0.8"]
+            "| Strata load 0.8 via KEDA", "| Strata load 0.8, strata up"]
         assert (tmp_path / f"replicas-cold{cold}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

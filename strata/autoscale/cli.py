@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from strata.autoscale.policy import LOCAL_SCALER_INTERVAL
 from strata.autoscale.simulator import (
     Outcome,
+    Policy,
     ReplicaModel,
     Simulation,
     fixed,
@@ -53,7 +55,11 @@ def add_autoscale_parser(commands) -> None:
                         help="for the policies that can scale to zero (HPA keeps 1)")
     policy.add_argument("--max-replicas", type=int, default=4)
     policy.add_argument("--interval", type=float, default=15.0,
-                        help="seconds between the scaler's looks (HPA's sync period)")
+                        help="seconds between a cluster's looks (HPA's sync period): HPA, "
+                             "KEDA, and Strata's policy as KEDA runs it")
+    policy.add_argument("--scaler-interval", type=float, default=LOCAL_SCALER_INTERVAL,
+                        help="seconds between the looks of Strata's own scaler (`strata up "
+                             "--autoscale`)")
     policy.add_argument("--window", type=float, default=None,
                         help="scale-in stabilization window, seconds (default: twice the "
                              "cold start, at least 60)")
@@ -63,7 +69,7 @@ def add_autoscale_parser(commands) -> None:
                         help="Strata's: queued prefill work one replica may hold, seconds")
     policy.add_argument("--lookahead", type=float, default=None,
                         help="Strata's: seconds the load is extrapolated ahead (default: the "
-                             "cold start plus the interval)")
+                             "cold start plus its scaler's interval)")
     policy.add_argument("--cpu-target", type=float, default=0.8, help="HPA: utilization")
     policy.add_argument("--queue-per-replica", type=float, default=4.0,
                         help="KEDA: waiting requests per replica")
@@ -78,7 +84,8 @@ def simulate(args: argparse.Namespace) -> int:
         args.duration, args.base_rate, args.burst_rate, args.burst_every, args.burst_length,
         ramp=args.ramp, seed=args.seed)
     print(f"{len(requests)} requests over {max(r.arrival for r in requests):.0f} s; SLO: TTFT <= "
-          f"{args.slo_ttft:g} s; scaler every {args.interval:g} s")
+          f"{args.slo_ttft:g} s; a cluster's scalers every {args.interval:g} s, Strata's own "
+          f"every {args.scaler_interval:g} s")
     for cold_start in (float(c) for c in args.cold_start.split(",")):
         model = ReplicaModel(args.prefill_rate, args.decode_rate, args.max_batch, cold_start)
         outcomes = run_policies(requests, model, args)
@@ -94,23 +101,30 @@ def simulate(args: argparse.Namespace) -> int:
 
 def run_policies(requests, model: ReplicaModel, args: argparse.Namespace
                  ) -> dict[str, Outcome]:
-    """Each policy over the trace. The scaled ones start with one ready replica (or their
-    minimum): the trace is a stretch of a pool's life, not its first minutes."""
+    """Each policy over the trace, at the pace of what runs it: a cluster's HPA looks every
+    `interval` (its sync period; KEDA's metrics reach it then too), Strata's own scaler every
+    `scaler_interval`. The scaled ones start with one ready replica (or their minimum): the
+    trace is a stretch of a pool's life, not its first minutes."""
     low, high = args.min_replicas, args.max_replicas
-    lookahead = model.cold_start + args.interval if args.lookahead is None else args.lookahead
     window = scale_in_window(model.cold_start) if args.window is None else args.window
-    policies = {f"fixed {n}": (fixed(n), n) for n in range(1, high + 1)}
+
+    def strata(interval: float) -> tuple[Policy, int, float]:
+        lookahead = model.cold_start + interval if args.lookahead is None else args.lookahead
+        return (load_policy(model, low, high, args.target_utilization, args.target_seconds,
+                            lookahead, window), max(1, low), interval)
+
+    name = f"Strata load {args.target_utilization:g}"
+    policies = {f"fixed {n}": (fixed(n), n, args.interval) for n in range(1, high + 1)}
     policies |= {
-        f"HPA CPU {args.cpu_target:g}": (hpa_cpu(low, high, args.cpu_target,
-                                                  window=window), max(1, low)),
-        f"KEDA queue {args.queue_per_replica:g}": (keda_queue(low, high, args.queue_per_replica,
-                                                              window), max(1, low)),
-        f"Strata load {args.target_utilization:g}": (
-            load_policy(model, low, high, args.target_utilization, args.target_seconds,
-                        lookahead, window), max(1, low)),
+        f"HPA CPU {args.cpu_target:g}": (hpa_cpu(low, high, args.cpu_target, window=window),
+                                         max(1, low), args.interval),
+        f"KEDA queue {args.queue_per_replica:g}": (
+            keda_queue(low, high, args.queue_per_replica, window), max(1, low), args.interval),
+        f"{name} via KEDA": strata(args.interval),
+        f"{name}, strata up": strata(args.scaler_interval),
     }
-    return {name: Simulation(requests, model, policy, initial, args.interval).run()
-            for name, (policy, initial) in policies.items()}
+    return {name: Simulation(requests, model, policy, initial, interval).run()
+            for name, (policy, initial, interval) in policies.items()}
 
 
 def scale_in_window(cold_start: float) -> float:

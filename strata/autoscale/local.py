@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from strata.autoscale.policy import LoadPolicy, Signals
+from strata.autoscale.policy import LOCAL_SCALER_INTERVAL, LoadPolicy, Signals
 from strata.up import Child
 
 
@@ -41,7 +41,7 @@ class AutoscaleOptions:
     target_utilization: float = 0.8
     target_seconds: float = 2.0  # of queued prefill work one replica may hold
     scale_in_window: float = 60.0
-    interval: float = 1.0
+    interval: float = LOCAL_SCALER_INTERVAL
     trend_window: float = 20.0  # seconds the arrival rate and its rise are read over
     batch_slots: int = 256  # the replicas' --max-num-seqs
 

@@ -31,6 +31,10 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+# Seconds between the looks of Strata's own scaler (`strata up --autoscale`): a look is one
+# read of the router's /metrics, so it can look far more often than a cluster's HPA (15 s).
+LOCAL_SCALER_INTERVAL = 1.0
+
 
 @dataclass(frozen=True)
 class Signals:
