@@ -269,4 +269,6 @@ def test_the_block_copy_kernel_refuses_bad_slots_and_shapes_writing_nothing():
     with pytest.raises(RuntimeError, match="same shape"):
         kernel.copy_blocks(source, torch.zeros(2, 2, 6, BS, 4, 8), torch.tensor([0]),
                            torch.tensor([0]))
+    none = torch.tensor([], dtype=torch.int64)  # a step with no copies, an empty store
+    kernel.copy_blocks(torch.zeros(2, 2, 0, BS, 2, 8), target, none, none)
     assert not target.any()

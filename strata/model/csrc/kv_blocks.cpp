@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace {
@@ -42,6 +43,7 @@ void copy_blocks(const torch::Tensor& src, torch::Tensor& dst, const torch::Tens
   check_slots(dst_slots, dst.size(kSlotDim), "target slot");
   const int64_t planes = src.size(0) * src.size(1);
   const int64_t blocks = src_slots.numel();
+  if (blocks == 0 || src.numel() == 0) return;  // (an empty store has no block to divide by)
   const int64_t block_bytes = src.numel() / (planes * src.size(kSlotDim)) * src.element_size();
   const int64_t src_plane = src.size(kSlotDim) * block_bytes;
   const int64_t dst_plane = dst.size(kSlotDim) * block_bytes;
