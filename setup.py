@@ -8,6 +8,7 @@ x86-64-v3), or a node with an older CPU stops on an illegal instruction.
 """
 
 import os
+import threading
 from pathlib import Path
 
 from setuptools import setup
@@ -16,11 +17,32 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 KERNELS = sorted(path.stem for path in Path("strata/model/csrc").glob("*.cpp"))
 ARCH = os.environ.get("STRATA_CPU_ARCH", "native")
 
+
+class BuildEachApart(BuildExtension):
+    """torch's ninja build writes one build.ninja into the shared temporary folder for
+    whichever extension it compiles, so two kernels built at once rewrite it under each
+    other (seen: ninja compiled one kernel's object while the other's link then found none).
+    Each kernel compiles in a folder of its own."""
+
+    _wrapping = threading.Lock()
+
+    def build_extension(self, ext) -> None:
+        with self._wrapping:  # the threads share one compiler: wrap its compile once
+            if not getattr(self.compiler, "strata_apart", False):
+                compile_in = self.compiler.compile
+
+                def compile_apart(sources, output_dir=None, **kwargs):
+                    folder = os.path.join(output_dir or ".", Path(sources[0]).stem)
+                    return compile_in(sources, output_dir=folder, **kwargs)
+
+                self.compiler.compile, self.compiler.strata_apart = compile_apart, True
+        super().build_extension(ext)
+
 setup(
     ext_modules=[CppExtension(f"strata.model._{name}", [f"strata/model/csrc/{name}.cpp"],
                               extra_compile_args=["-O3", f"-march={ARCH}", "-fopenmp"],
                               extra_link_args=["-fopenmp"])
                  for name in KERNELS],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildEachApart},
     options={"build_ext": {"parallel": os.cpu_count()}},  # one kernel per core at a time
 )
