@@ -272,3 +272,11 @@ def test_the_block_copy_kernel_refuses_bad_slots_and_shapes_writing_nothing():
     none = torch.tensor([], dtype=torch.int64)  # a step with no copies, an empty store
     kernel.copy_blocks(torch.zeros(2, 2, 0, BS, 2, 8), target, none, none)
     assert not target.any()
+
+
+@pytest.mark.timeout(60)
+def test_a_host_tier_past_the_hosts_memory_is_refused_at_start_with_a_reason():
+    """Taken at start, a tier larger than the host's memory would be the OOM killer's end;
+    it is a clear error before any of it is allocated."""
+    with pytest.raises(ValueError, match="lower --kv-offloading-size"):
+        LLM(str(STORIES), num_kv_blocks=32, kv_offloading_size=float(1 << 16))  # 64 TiB

@@ -8,6 +8,7 @@ what they sampled comes back as Python lists, one row per sampling request.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -71,6 +72,16 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_available_memory() -> int:
+    """What the host can still hand out, the page cache it would drop included (Linux's
+    MemAvailable); free pages alone where /proc/meminfo does not say."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return available_memory(torch.device("cpu"))
 
 
 class ModelRunner:
@@ -176,6 +187,17 @@ class ModelRunner:
             raise ValueError(f"a KV tier smaller than one block ({self.bytes_per_block} "
                              f"bytes here): raise --kv-offloading-size or "
                              f"--kv-offloading-disk-size")
+        # The host tier is taken at start (stores.host_store): past what the host has, it
+        # would be the kernel's OOM killer, not this message, that stopped the engine.
+        wanted = host * self.bytes_per_block * self.config.parallel.ranks_per_node
+        available = host_available_memory()
+        if self.device.type == "cpu":  # pages the weights and the pool will take
+            available -= self._weight_bytes() + self.kv_caches.nbytes
+        if wanted > available:
+            raise ValueError(f"the host KV tier needs {wanted / 2**30:.2f} GiB, more than the "
+                             f"host has available ({max(0, available) / 2**30:.2f} GiB once "
+                             f"the weights and the KV pool are in): lower "
+                             f"--kv-offloading-size")
         return tp.min_over_ranks(host), tp.min_over_ranks(disk) if disk else 0
 
     def copy_blocks(self, copies: BlockCopies) -> None:
@@ -186,9 +208,11 @@ class ModelRunner:
         """Free memory once the weights are in: on CPU their pages are not yet touched."""
         free = available_memory(self.device)
         if self.device.type == "cpu":
-            free -= sum(p.nbytes for p in {p.data_ptr(): p for p in self.model.parameters()
-                                             }.values())
+            free -= self._weight_bytes()
         return max(0, free)
+
+    def _weight_bytes(self) -> int:
+        return sum(p.nbytes for p in {p.data_ptr(): p for p in self.model.parameters()}.values())
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch, requests: list[Request]) -> ModelRunnerOutput:
