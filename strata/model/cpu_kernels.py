@@ -26,41 +26,34 @@ SOURCES = Path(__file__).parent / "csrc"
 
 @functools.cache
 def paged_decode_kernel() -> ModuleType | None:
-    if os.environ.get("STRATA_ATTENTION", "auto") == "torch":
-        return None
-    return _load("paged_decode")
+    return _load("paged_decode", switch="STRATA_ATTENTION")
 
 
 @functools.cache
 def skinny_linear_kernel() -> ModuleType | None:
-    if os.environ.get("STRATA_LINEAR", "auto") == "torch":
-        return None
-    return _load("skinny_linear")
+    return _load("skinny_linear", switch="STRATA_LINEAR")
 
 
 @functools.cache
 def fused_ops_kernel() -> ModuleType | None:
-    if os.environ.get("STRATA_FUSED_OPS", "auto") == "torch":
-        return None
-    return _load("fused_ops")
+    return _load("fused_ops", switch="STRATA_FUSED_OPS")
 
 
 @functools.cache
 def kv_blocks_kernel() -> ModuleType | None:
-    if os.environ.get("STRATA_KV_BLOCKS", "auto") == "torch":
-        return None
-    return _load("kv_blocks")
+    return _load("kv_blocks", switch="STRATA_KV_BLOCKS")
 
 
 @functools.cache
 def shm_collectives_kernel() -> ModuleType | None:
-    if os.environ.get("STRATA_COLLECTIVES", "auto") == "torch":
+    return _load("shm_collectives", switch="STRATA_COLLECTIVES")
+
+
+def _load(name: str, switch: str) -> ModuleType | None:
+    """The kernel built at install (strata.model._NAME), else compiled now; None where the
+    environment variable `switch` asks for the PyTorch path (=torch)."""
+    if os.environ.get(switch, "auto") == "torch":
         return None
-    return _load("shm_collectives")
-
-
-def _load(name: str) -> ModuleType | None:
-    """The kernel built at install (strata.model._NAME), else compiled now."""
     import torch  # noqa: F401 (an extension module needs torch's symbols loaded first)
 
     if os.environ.get("STRATA_KERNEL_BUILD", "install") != "jit":
