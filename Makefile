@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard strata/model/csrc/*.cpp)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard strata/model/csrc/*.cpp strata/model/csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0 'setuptools>=68' ninja

@@ -15,6 +15,9 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 KERNELS = sorted(path.stem for path in Path("strata/model/csrc").glob("*.cpp"))
+# Kernels share code through headers (decode_step.cpp runs the others' loops): a changed
+# header rebuilds every module, or setuptools would call a module up to date by its .cpp.
+HEADERS = sorted(str(path) for path in Path("strata/model/csrc").glob("*.h"))
 ARCH = os.environ.get("STRATA_CPU_ARCH", "native")
 
 
@@ -40,6 +43,7 @@ class BuildEachApart(BuildExtension):
 
 setup(
     ext_modules=[CppExtension(f"strata.model._{name}", [f"strata/model/csrc/{name}.cpp"],
+                              depends=HEADERS,
                               extra_compile_args=["-O3", f"-march={ARCH}", "-fopenmp"],
                               extra_link_args=["-fopenmp"])
                  for name in KERNELS],

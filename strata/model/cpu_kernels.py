@@ -4,7 +4,8 @@ checkout not installed, a build that failed) is compiled on first use instead, i
 torch's extension cache, and said in the log; None where it cannot be built at all.
 
 Set STRATA_ATTENTION=torch (or STRATA_LINEAR=torch, STRATA_FUSED_OPS=torch,
-STRATA_KV_BLOCKS=torch) to run the pure-PyTorch reference path instead, and
+STRATA_KV_BLOCKS=torch) to run the pure-PyTorch reference path instead,
+STRATA_DECODE_STEP=torch for decode steps' layers one Python call at a time, and
 STRATA_COLLECTIVES=torch for torch.distributed's collectives between the tensor-parallel
 ranks of one machine; STRATA_KERNEL_BUILD=jit compiles them on first use even where the
 install has them (one built for another CPU, say).
@@ -37,6 +38,11 @@ def skinny_linear_kernel() -> ModuleType | None:
 @functools.cache
 def fused_ops_kernel() -> ModuleType | None:
     return _load("fused_ops", switch="STRATA_FUSED_OPS")
+
+
+@functools.cache
+def decode_step_kernel() -> ModuleType | None:
+    return _load("decode_step", switch="STRATA_DECODE_STEP")
 
 
 @functools.cache
@@ -93,7 +99,7 @@ def _build(name: str, source: str) -> ModuleType | None:
 
 if __name__ == "__main__":  # says which kernels load, and compiles any that are missing
     logging.basicConfig(level=logging.INFO)
-    kernels = (paged_decode_kernel, skinny_linear_kernel, fused_ops_kernel, kv_blocks_kernel,
-               shm_collectives_kernel)
+    kernels = (paged_decode_kernel, skinny_linear_kernel, fused_ops_kernel, decode_step_kernel,
+               kv_blocks_kernel, shm_collectives_kernel)
     built = [kernel() is not None for kernel in kernels]
     logger.info("C++ kernels available: %d of %d", sum(built), len(built))

@@ -8,6 +8,7 @@ and loads only its shard (sharding.py); at size 1 the shard is the whole model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -15,6 +16,11 @@ import torch
 from torch import nn
 
 from strata.model.attention import AttentionMetadata, paged_attention, write_kv
+from strata.model.decode_step import (
+    compiled_decoder_layers,
+    decode_only_group,
+    run_decoder_layers,
+)
 from strata.model.layers import (
     GatedMLP,
     Linear,
@@ -180,14 +186,25 @@ class LlamaForCausalLM(nn.Module):
         """kv_caches: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             layer.self_attn.k_cache, layer.self_attn.v_cache = cache[0], cache[1]
+        self.__dict__.pop("compiled_layers", None)  # bound to the caches it was built over
+
+    @functools.cached_property
+    def compiled_layers(self):
+        """The C++ loop over the layers for decode steps, or None (decode_step.py); built
+        on the first decode step, once the weights are packed and the caches bound."""
+        return compiled_decoder_layers(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of the flattened step batch, [tokens, hidden]."""
         x, residual = self.model.embed_tokens(input_ids), None
         rope = self.rotary(positions)
-        for layer in self.model.layers:
-            x, residual = layer(rope, x, residual, meta)
+        if (group := decode_only_group(meta, len(input_ids))) is not None \
+                and self.compiled_layers is not None:
+            x, residual = run_decoder_layers(self.compiled_layers, x, rope, meta, group)
+        else:
+            for layer in self.model.layers:
+                x, residual = layer(rope, x, residual, meta)
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

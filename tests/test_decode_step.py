@@ -1,0 +1,84 @@
+"""The C++ layer loop of decode steps (csrc/decode_step.cpp) computes what the Python layers
+compute, bit for bit: every step's logits equal, over prompts whose decodes share steps
+with prompt chunks and run alone, for the model variants and kernels it covers; models it
+does not cover run the Python layers."""
+
+import pytest
+import torch
+
+import strata.engine.runner
+import strata.model.llama
+from strata import LLM, SamplingParams
+from strata.model.cpu_kernels import decode_step_kernel
+from tests.conftest import build_checkpoint, record_logits
+
+pytestmark = pytest.mark.skipif(decode_step_kernel() is None,
+                                reason="the C++ kernel could not be built here")
+
+PROMPTS = [list(range(3, 3 + n)) for n in (5, 23, 9, 41)]
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+CASES = {
+    "llama3": ("llama3", {}, {}),  # grouped-query heads, llama3 rope scaling
+    "mistral-window": ("mistral", {"sliding_window": 8}, {"block_size": 4}),
+    "qwen2": ("qwen2", {}, {}),  # q/k/v biases, tied head
+    "biases": ("llama3", {"attention_bias": True, "mlp_bias": True}, {}),
+    "int8": ("llama3", {}, {"quantization": "int8"}),
+}
+
+
+@pytest.fixture
+def packed_everywhere(monkeypatch):
+    """Every Linear on the packed C++ kernel of its format, whatever this machine's timing
+    would choose for these tiny shapes (the loop covers only packed products)."""
+    def choose(linears, quantization=None, cache_file=None):
+        kernel = "int8" if quantization == "int8" else "skinny"
+        return {tuple(m.weight.shape): kernel for m in linears}
+
+    monkeypatch.setattr(strata.engine.runner, "choose_cpu_linear_kernels", choose)
+
+
+def _run(path, engine_args, monkeypatch, compiled: bool):
+    """Every step's logits and the outputs, and how many steps took the C++ loop."""
+    calls = []
+    run = strata.model.llama.run_decoder_layers
+    with monkeypatch.context() as patch:
+        patch.setattr(strata.model.llama, "run_decoder_layers",
+                      lambda *args: calls.append(1) or run(*args))
+        if not compiled:
+            patch.setattr(strata.model.llama, "compiled_decoder_layers", lambda model: None)
+        llm = LLM(str(path), skip_tokenizer_init=True, max_num_batched_tokens=32, **engine_args)
+        logits = record_logits(llm)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS,
+                               use_tqdm=False)
+        llm.shutdown()
+    return logits, [o.outputs[0].token_ids for o in outputs], len(calls)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_loop_gives_the_python_layers_logits_bit_for_bit(case, tmp_path, monkeypatch,
+                                                             packed_everywhere):
+    arch, config, engine_args = CASES[case]
+    path = build_checkpoint(tmp_path, arch, **config)
+    compiled_logits, compiled_ids, compiled_steps = _run(path, engine_args, monkeypatch, True)
+    python_logits, python_ids, python_steps = _run(path, engine_args, monkeypatch, False)
+    # 32-token steps: the long prompts' chunks share steps with the short ones' decodes
+    # (the Python layers), then decodes run alone (the loop).
+    assert compiled_steps >= PARAMS.max_tokens - 2 and python_steps == 0
+    assert compiled_ids == python_ids
+    assert len(compiled_logits) == len(python_logits)
+    for step, (ours, theirs) in enumerate(zip(compiled_logits, python_logits, strict=True)):
+        assert torch.equal(ours, theirs), f"step {step}"
+
+
+def test_models_and_kernels_it_does_not_cover_run_the_python_layers(tmp_path, monkeypatch,
+                                                                    packed_everywhere):
+    qwen3 = build_checkpoint(tmp_path / "qwen3", "qwen3")  # q and k normed per head
+    llama = build_checkpoint(tmp_path / "llama", "llama3")
+    choose = strata.engine.runner.choose_cpu_linear_kernels
+    assert _run(qwen3, {}, monkeypatch, True)[2] == 0
+    assert _run(llama, {"kv_cache_dtype": "float16"}, monkeypatch, True)[2] == 0
+    # one product left on torch's own kernel
+    monkeypatch.setattr(strata.engine.runner, "choose_cpu_linear_kernels",
+                        lambda linears, *args, **kwargs: {
+                            **choose(linears), tuple(linears[0].weight.shape): "torch"})
+    assert _run(llama, {}, monkeypatch, True)[2] == 0
