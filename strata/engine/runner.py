@@ -362,6 +362,8 @@ def _by_query_length(counts: np.ndarray) -> list[np.ndarray]:
     suffix beside a 1,024-token prompt would otherwise cost as much as the prompt."""
     decodes = np.flatnonzero(counts == 1)
     chunks = np.flatnonzero(counts > 1)
+    if not len(chunks):  # a decode step: np.unique costs ~25 us even on nothing
+        return [decodes]
     buckets = np.ceil(np.log2(counts[chunks])).astype(np.int64)
     return ([decodes] if len(decodes) else []) + [chunks[buckets == b] for b in np.unique(buckets)]
 
@@ -377,6 +379,8 @@ def _shared_prefixes(tables: np.ndarray, context_lens: np.ndarray, block_size: i
     them one prefix), with the number of blocks all of them share. Each keeps at least its
     own last token outside the shared part."""
     found = []
+    if len(tables) < 2:  # one decode shares with nobody (and np.unique costs ~25 us)
+        return found
     first_blocks, inverse, sizes = np.unique(tables[:, 0], return_inverse=True,
                                              return_counts=True)
     for group in np.flatnonzero(sizes > 1):
