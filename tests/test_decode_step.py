@@ -40,9 +40,9 @@ def packed_everywhere(monkeypatch):
 def _run(path, engine_args, monkeypatch, compiled: bool):
     """Every step's logits and the outputs, and how many steps took the C++ loop."""
     calls = []
-    run = strata.model.llama.run_decoder_layers
+    run = strata.model.llama.run_compiled
     with monkeypatch.context() as patch:
-        patch.setattr(strata.model.llama, "run_decoder_layers",
+        patch.setattr(strata.model.llama, "run_compiled",
                       lambda *args: calls.append(1) or run(*args))
         if not compiled:
             patch.setattr(strata.model.llama, "compiled_decoder_layers", lambda model: None)

@@ -1,9 +1,9 @@
-"""Decode steps' layers in one C++ call (csrc/decode_step.cpp), where that loop covers the
-model: on CPU in float32, one rank, every layer product on a packed kernel ("skinny" or
-"int8"), a float32 KV cache, no per-head q/k norm (Qwen3), and the fused-ops and
-decode-attention kernels in use. A step qualifies when all of its tokens are decodes with
-no prefix attended for several at once (cascade attention). Anything else runs the Python
-layers, which compute the same values bit for bit."""
+"""Decode steps in one C++ call (csrc/decode_step.cpp), from the tokens to the final
+norm, where that loop covers the model: on CPU in float32, one rank, every layer product
+on a packed kernel ("skinny" or "int8"), a float32 KV cache, no per-head q/k norm (Qwen3),
+and the fused-ops and decode-attention kernels in use. A step qualifies when all of its
+tokens are decodes with no prefix attended for several at once (cascade attention).
+Anything else runs the Python layers, which compute the same values bit for bit."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def compiled_decoder_layers(model: LlamaForCausalLM):
     if any(linear.kernel not in PACKED_KERNELS for four in products for linear in four):
         return None
     first = layers[0].self_attn
-    stack = kernel.DecoderLayers(first.num_heads, first.num_kv_heads, first.head_dim,
+    stack = kernel.DecoderLayers(model.model.embed_tokens.weight.detach(), model.rotary.cos,
+                                 model.rotary.sin, model.model.norm.weight.detach(),
+                                 first.num_heads, first.num_kv_heads, first.head_dim,
                                  layers[0].mlp.intermediate, args.rms_norm_eps, first.scale)
     for layer, four in zip(layers, products, strict=True):
         stack.add_layer(layer.input_layernorm.weight.detach(),
@@ -68,12 +70,11 @@ def decode_only_group(meta: AttentionMetadata, tokens: int) -> AttentionGroup | 
     return group
 
 
-def run_decoder_layers(stack, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                       meta: AttentionMetadata, group: AttentionGroup
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the last layer's output, the residual stream), as the Python layers return them."""
+def run_compiled(stack, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata, group: AttentionGroup) -> torch.Tensor:
+    """The final norm's output for the step's tokens, as the Python model returns it."""
     starts = group.context_starts
     if starts is None:
         starts = torch.zeros_like(group.context_lens)
-    return stack.forward(hidden, *rope, meta.slot_mapping, group.block_tables, starts,
+    return stack.forward(input_ids, positions, meta.slot_mapping, group.block_tables, starts,
                          group.context_lens)

@@ -19,7 +19,7 @@ from strata.model.attention import AttentionMetadata, paged_attention, write_kv
 from strata.model.decode_step import (
     compiled_decoder_layers,
     decode_only_group,
-    run_decoder_layers,
+    run_compiled,
 )
 from strata.model.layers import (
     GatedMLP,
@@ -190,21 +190,20 @@ class LlamaForCausalLM(nn.Module):
 
     @functools.cached_property
     def compiled_layers(self):
-        """The C++ loop over the layers for decode steps, or None (decode_step.py); built
-        on the first decode step, once the weights are packed and the caches bound."""
+        """The C++ decode step, or None (decode_step.py); built on the first decode step,
+        once the weights are packed and the caches bound."""
         return compiled_decoder_layers(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of the flattened step batch, [tokens, hidden]."""
-        x, residual = self.model.embed_tokens(input_ids), None
-        rope = self.rotary(positions)
         if (group := decode_only_group(meta, len(input_ids))) is not None \
                 and self.compiled_layers is not None:
-            x, residual = run_decoder_layers(self.compiled_layers, x, rope, meta, group)
-        else:
-            for layer in self.model.layers:
-                x, residual = layer(rope, x, residual, meta)
+            return run_compiled(self.compiled_layers, input_ids, positions, meta, group)
+        x, residual = self.model.embed_tokens(input_ids), None
+        rope = self.rotary(positions)
+        for layer in self.model.layers:
+            x, residual = layer(rope, x, residual, meta)
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -1,9 +1,9 @@
-// A decode step's decoder layers in one call, on CPU in float32.
+// A decode step from its tokens to the final norm, in one call, on CPU in float32.
 //
 // At one sequence of the 19.5M model a layer's kernels took ~0.35 ms on an AVX2 EPYC and
 // the interpreter between them ~0.4 ms more: module calls, views, splits, checks, each
-// a few microseconds, some forty a layer. Here the layer loop runs in C++ and calls the
-// same kernels (skinny_linear.h, fused_ops.h, paged_decode.h) and torch's own silu and
+// a few microseconds, some forty a layer. Here the embedding, the rotary tables' rows,
+// the layer loop and the final norm run in C++ and call the same kernels (skinny_linear.h, fused_ops.h, paged_decode.h) and torch's own silu and
 // multiply, in the same order on the same values: its outputs are the Python path's bit
 // for bit (tests/test_decode_step.py), and that path stays for prompt chunks, mixed
 // steps, cascade attention and every model or kernel this does not cover (decode_step.py
@@ -12,7 +12,6 @@
 #include "paged_decode.h"
 #include "skinny_linear.h"
 
-#include <tuple>
 #include <vector>
 
 namespace {
@@ -41,10 +40,13 @@ struct Layer {
 
 class DecoderLayers {
  public:
-  DecoderLayers(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
-                double eps, double scale)
-      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim),
-        intermediate_(intermediate), eps_(eps), scale_(scale) {}
+  // embedding: [vocab, hidden]; cos, sin: the rotary tables, [positions, head_dim / 2].
+  DecoderLayers(torch::Tensor embedding, torch::Tensor cos, torch::Tensor sin,
+                torch::Tensor final_norm, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                int64_t intermediate, double eps, double scale)
+      : embedding_(embedding), cos_(cos), sin_(sin), final_norm_(final_norm), heads_(heads),
+        kv_heads_(kv_heads), head_dim_(head_dim), intermediate_(intermediate), eps_(eps),
+        scale_(scale) {}
 
   void add_layer(torch::Tensor input_norm, torch::Tensor post_attention_norm,
                  PackedLinear qkv, PackedLinear o, PackedLinear gate_up, PackedLinear down,
@@ -60,17 +62,18 @@ class DecoderLayers {
                        v_cache, k_cache.view(rows), v_cache.view(rows), sliding_window});
   }
 
-  // hidden: the step's embedded tokens [tokens, hidden], one decode of each sequence;
-  // cos, sin: [tokens, head_dim / 2]; the rest as paged_decode_attention takes them.
-  // Returns (the last layer's output, the residual stream), as the Python layers do.
-  std::tuple<torch::Tensor, torch::Tensor> forward(
-      torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
-      torch::Tensor block_tables, torch::Tensor context_starts,
-      torch::Tensor context_lens) const {
+  // The step's tokens (one decode of each sequence) and their positions, then the
+  // attention's inputs as paged_decode_attention takes them. Returns the final norm's
+  // output, [tokens, hidden], as the Python model does.
+  torch::Tensor forward(torch::Tensor input_ids, torch::Tensor positions, torch::Tensor slots,
+                        torch::Tensor block_tables, torch::Tensor context_starts,
+                        torch::Tensor context_lens) const {
     namespace fused = strata::fused;
-    const int64_t tokens = hidden.size(0), q_size = heads_ * head_dim_,
+    const int64_t tokens = input_ids.size(0), q_size = heads_ * head_dim_,
                   kv_size = kv_heads_ * head_dim_;
-    torch::Tensor residual = hidden, x;
+    const torch::Tensor cos = cos_.index_select(0, positions);
+    const torch::Tensor sin = sin_.index_select(0, positions);
+    torch::Tensor residual = embedding_.index_select(0, input_ids), x;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
       x = i == 0 ? fused::rms_norm(residual, layer.input_norm, eps_)
@@ -93,10 +96,11 @@ class DecoderLayers {
       x = layer.down(at::silu(gate_up.narrow(1, 0, intermediate_))
                          .mul_(gate_up.narrow(1, intermediate_, intermediate_)));
     }
-    return {x, residual};
+    return fused::add_rms_norm(x, residual, final_norm_, eps_);
   }
 
  private:
+  torch::Tensor embedding_, cos_, sin_, final_norm_;
   int64_t heads_, kv_heads_, head_dim_, intermediate_;
   double eps_, scale_;
   std::vector<Layer> layers_;
@@ -112,10 +116,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("packed"), py::arg("scales"), py::arg("bias"), py::arg("out_features"));
   py::class_<DecoderLayers>(m, "DecoderLayers")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, double, double>(), py::arg("heads"),
-           py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"), py::arg("eps"),
-           py::arg("scale"))
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
+                    int64_t, int64_t, int64_t, double, double>(),
+           py::arg("embedding"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"),
+           py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
+           py::arg("eps"), py::arg("scale"))
       .def("add_layer", &DecoderLayers::add_layer)
       .def("forward", &DecoderLayers::forward, py::call_guard<py::gil_scoped_release>(),
-           "a decode-only step through every layer: (output, residual)");
+           "a decode-only step from its tokens to the final norm's output");
 }
