@@ -44,8 +44,11 @@ def test_the_norm_module_gives_the_same_on_either_path(monkeypatch):
 
 @pytest.mark.parametrize("tokens, heads, kv_heads, head_dim", [(1, 8, 8, 32), (9, 8, 2, 16),
                                                                (40, 4, 1, 64)])
-def test_rotary_write_kv_equals_rotary_then_write_kv(tokens, heads, kv_heads, head_dim):
-    """On the model's views: q and k a strided view of the qkv product, v after them."""
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rotary_write_kv_equals_rotary_then_write_kv(tokens, heads, kv_heads, head_dim,
+                                                     cache_dtype):
+    """On the model's views: q and k a strided view of the qkv product, v after them; a
+    16-bit cache gets what write_kv's .to() rounds to."""
     torch.manual_seed(tokens)
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     qkv = torch.randn(tokens, q_size + 2 * kv_size)
@@ -55,7 +58,8 @@ def test_rotary_write_kv_equals_rotary_then_write_kv(tokens, heads, kv_heads, he
         torch.randint(0, 512, (tokens,)))
     blocks, block_size = 8, 16
     slots = torch.randperm(blocks * block_size)[:tokens]
-    caches = [torch.zeros(blocks, block_size, kv_heads, head_dim) for _ in range(4)]
+    caches = [torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=cache_dtype)
+              for _ in range(4)]
 
     q_ref, k_ref = apply_rotary(qk, *rope).split([heads, kv_heads], dim=1)
     write_kv(caches[0], caches[1], k_ref, v, slots)
@@ -77,3 +81,25 @@ def test_bad_input_is_refused_with_a_reason():
     with pytest.raises(RuntimeError, match="out of the cache"):
         kernel.rotary_write_kv(qk, v, cos, sin, cache, cache.clone(), torch.tensor([16]), 1)
     assert torch.equal(cache, torch.zeros(16, 1, 4))  # nothing written
+    with pytest.raises(RuntimeError, match="one type"):
+        kernel.rotary_write_kv(qk, v, cos, sin, cache, cache.half(), torch.tensor([0]), 1)
+    with pytest.raises(RuntimeError, match="one type"):
+        kernel.rotary_write_kv(qk, v, cos, sin, cache.double(), cache.double(),
+                               torch.tensor([0]), 1)
+
+
+@pytest.mark.parametrize("cols", [1, 7, 8, 13, 32000])
+def test_argmax_rows_equals_torch_ties_infinities_and_nans_included(cols):
+    torch.manual_seed(cols)
+    wide = torch.randn(9, cols + 3)
+    rows = wide[:, 1:1 + cols]  # a row stride wider than the row
+    rows[1] = float("-inf")  # every value equal: the first
+    rows[2, cols // 2:] = 50.0  # equal maxima: the first of them
+    rows[3, -1] = float("inf")
+    rows[4, cols // 3] = float("nan")  # a NaN counts above everything
+    rows[5, cols - 1] = float("nan")
+    rows[5, 0] = float("inf")
+    rows[6] = float("nan")
+    rows[7] = rows[7].round()  # many ties
+    assert torch.equal(fused_ops_kernel().argmax_rows(rows), rows.argmax(-1))
+

@@ -1,9 +1,10 @@
 """Decode steps in one C++ call (csrc/decode_step.cpp), from the tokens to the final
 norm, where that loop covers the model: on CPU in float32, one rank, every layer product
-on a packed kernel ("skinny" or "int8"), a float32 KV cache, no per-head q/k norm (Qwen3),
-and the fused-ops and decode-attention kernels in use. A step qualifies when all of its
-tokens are decodes with no prefix attended for several at once (cascade attention).
-Anything else runs the Python layers, which compute the same values bit for bit."""
+on a packed kernel ("skinny" or "int8"), a KV cache of any --kv-cache-dtype, no per-head
+q/k norm (Qwen3), and the fused-ops and decode-attention kernels in use. A step
+qualifies when all of its tokens are decodes with no prefix attended for several at once
+(cascade attention). Anything else runs the Python layers, which compute the same values
+bit for bit."""
 
 from __future__ import annotations
 
@@ -31,8 +32,7 @@ def compiled_decoder_layers(model: LlamaForCausalLM):
     args, layers = model.args, model.model.layers
     if model.tp.size != 1 or args.qk_norm:
         return None
-    cache = layers[0].self_attn.k_cache
-    if not cache.is_cpu or cache.dtype != torch.float32:
+    if not layers[0].self_attn.k_cache.is_cpu:
         return None
     products = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                  layer.mlp.down_proj) for layer in layers]

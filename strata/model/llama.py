@@ -119,8 +119,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
         v = v.view(-1, kv_heads, head_dim)
-        if (kernel := fused_ops(qk, self.k_cache)) is not None:
-            # one call: q and k rotated in place, k and v stored at their slots
+        if (kernel := fused_ops(qk)) is not None:
+            # one call: q and k rotated in place, k and v stored at their slots (in the
+            # cache's type: --kv-cache-dtype may make it 16-bit)
             cache_rows = (-1, kv_heads, head_dim)
             kernel.rotary_write_kv(qk, v, *rope, self.k_cache.view(cache_rows),
                                    self.v_cache.view(cache_rows), meta.slot_mapping, kv_heads)

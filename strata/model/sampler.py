@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.model.layers import fused_ops
+
 
 @dataclass
 class SamplingMetadata:
@@ -57,7 +59,7 @@ class Sampler:
         return SamplerOutput(token_ids, sampled, ranks, top_ids, top_logprobs)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        greedy = logits.argmax(-1)
+        greedy = _argmax(logits)
         if meta.all_greedy:
             return greedy
         is_greedy = meta.temperature == 0
@@ -72,8 +74,15 @@ class Sampler:
         race = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, generator in meta.generators.items():
             race[row].exponential_(generator=generator)
-        sampled = probs.div_(race).argmax(-1)
+        sampled = _argmax(probs.div_(race))
         return torch.where(is_greedy, greedy, sampled)
+
+
+def _argmax(rows: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(-1), through the C++ kernel for float32 rows on CPU: torch's own is
+    scalar there, ~30 us a 32,000-token row (1 ms a step at 32 sequences here)."""
+    kernel = fused_ops(rows)
+    return rows.argmax(-1) if kernel is None else kernel.argmax_rows(rows)
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
