@@ -30,9 +30,7 @@ def compiled_decoder_layers(model: LlamaForCausalLM):
     if kernel is None or fused_ops_kernel() is None or attention.paged_decode_kernel() is None:
         return None
     args, layers = model.args, model.model.layers
-    if model.tp.size != 1 or args.qk_norm:
-        return None
-    if not layers[0].self_attn.k_cache.is_cpu:
+    if model.tp.size != 1 or args.qk_norm or not layers[0].self_attn.k_cache.is_cpu:
         return None
     products = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                  layer.mlp.down_proj) for layer in layers]

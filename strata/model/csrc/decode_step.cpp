@@ -3,11 +3,12 @@
 // At one sequence of the 19.5M model a layer's kernels took ~0.35 ms on an AVX2 EPYC and
 // the interpreter between them ~0.4 ms more: module calls, views, splits, checks, each
 // a few microseconds, some forty a layer. Here the embedding, the rotary tables' rows,
-// the layer loop and the final norm run in C++ and call the same kernels (skinny_linear.h, fused_ops.h, paged_decode.h) and torch's own silu and
-// multiply, in the same order on the same values: its outputs are the Python path's bit
-// for bit (tests/test_decode_step.py), and that path stays for prompt chunks, mixed
-// steps, cascade attention and every model or kernel this does not cover (decode_step.py
-// says which).
+// the layer loop and the final norm run in C++ and call the same kernels
+// (skinny_linear.h, fused_ops.h, paged_decode.h) and torch's own silu and multiply, in
+// the same order on the same values: its outputs are the Python path's bit for bit
+// (tests/test_decode_step.py), and that path stays for prompt chunks, mixed steps,
+// cascade attention and every model or kernel this does not cover (decode_step.py says
+// which).
 #include "fused_ops.h"
 #include "paged_decode.h"
 #include "skinny_linear.h"
