@@ -229,7 +229,7 @@ void rotary_write_kv(torch::Tensor qk, torch::Tensor v, torch::Tensor cos, torch
           best_index = i;
         }
       }
-      if (nan || best != best)
+      if (nan)  // every value was looked at: a NaN anywhere set it
         for (int64_t i = 0; i < cols; ++i)
           if (row[i] != row[i]) {
             best_index = i;
