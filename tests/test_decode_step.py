@@ -10,6 +10,7 @@ import strata.engine.runner
 import strata.model.llama
 from strata import LLM, SamplingParams
 from strata.model.cpu_kernels import decode_step_kernel
+from strata.model.layers import cpu_linear_kernels
 from tests.conftest import build_checkpoint, record_logits
 
 pytestmark = pytest.mark.skipif(decode_step_kernel() is None,
@@ -24,17 +25,27 @@ CASES = {
     "biases": ("llama3", {"attention_bias": True, "mlp_bias": True}, {}),
     "int8": ("llama3", {}, {"quantization": "int8"}),
     "int8-float16-kv": ("llama3", {}, {"quantization": "int8", "kv_cache_dtype": "float16"}),
+    "bfloat16": ("qwen2", {}, {"dtype": "bfloat16"}),  # bfloat16 weights and KV
     "bfloat16-kv": ("mistral", {"sliding_window": 8}, {"kv_cache_dtype": "bfloat16"}),
 }
+# Products on oneDNN: float32, and bfloat16 where this CPU multiplies it.
+ONEDNN_CASES = {"onednn": ("qwen2", {"attention_bias": True}, {}),
+                "onednn-bf16": ("llama3", {"mlp_bias": True}, {"dtype": "bfloat16"})}
+ONEDNN_CASES = {kernel: case for kernel, case in ONEDNN_CASES.items()
+                if kernel in cpu_linear_kernels() + cpu_linear_kernels("bfloat16")}
+PACKED = {None: "skinny", "int8": "int8", "bfloat16": "bf16"}
 
 
 @pytest.fixture
 def packed_everywhere(monkeypatch):
     """Every Linear on the packed C++ kernel of its format, whatever this machine's timing
-    would choose for these tiny shapes (the loop covers only packed products)."""
-    def choose(linears, quantization=None, cache_file=None):
-        kernel = "int8" if quantization == "int8" else "skinny"
-        return {tuple(m.weight.shape): kernel for m in linears}
+    would choose for these tiny shapes."""
+    _every_product_on(monkeypatch, lambda weight_format: PACKED[weight_format])
+
+
+def _every_product_on(monkeypatch, kernel_of_format) -> None:
+    def choose(linears, weight_format=None, cache_file=None):
+        return {tuple(m.weight.shape): kernel_of_format(weight_format) for m in linears}
 
     monkeypatch.setattr(strata.engine.runner, "choose_cpu_linear_kernels", choose)
 
@@ -56,10 +67,12 @@ def _run(path, engine_args, monkeypatch, compiled: bool):
     return logits, [o.outputs[0].token_ids for o in outputs], len(calls)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(ONEDNN_CASES))
 def test_the_loop_gives_the_python_layers_logits_bit_for_bit(case, tmp_path, monkeypatch,
                                                              packed_everywhere):
-    arch, config, engine_args = CASES[case]
+    arch, config, engine_args = (CASES | ONEDNN_CASES)[case]
+    if case in ONEDNN_CASES:
+        _every_product_on(monkeypatch, lambda weight_format: case)
     path = build_checkpoint(tmp_path, arch, **config)
     compiled_logits, compiled_ids, compiled_steps = _run(path, engine_args, monkeypatch, True)
     python_logits, python_ids, python_steps = _run(path, engine_args, monkeypatch, False)

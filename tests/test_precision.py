@@ -1,7 +1,7 @@
 """Lower precisions, each against transformers in the same arithmetic: int8 weights
-(--quantization int8) against transformers over the same dequantized weights; 16-bit KV
-caches (--kv-cache-dtype) and bfloat16 models (--dtype) within their documented tolerances
-(docs/serving.md, "Precision")."""
+(--quantization int8) and bfloat16 weights (--dtype bfloat16 on CPU) against transformers
+over the same weights in float32; 16-bit KV caches (--kv-cache-dtype) within their
+documented tolerances (docs/serving.md, "Precision")."""
 
 import shutil
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import strata.engine.runner
 from strata import LLM, SamplingParams
 from strata.model.layers import Linear, cpu_linear_kernels, quantize_int8
 from tests.conftest import build_checkpoint, record_logits, transformers_greedy
@@ -19,21 +20,52 @@ NEW_TOKENS = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-@pytest.mark.parametrize("kernel", cpu_linear_kernels("int8"))
-@pytest.mark.parametrize("rows", [1, 5, 8, 13])
+def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    values, scales = quantize_int8(weight)
+    return values.float() * scales.unsqueeze(1)
+
+
+def _bfloat16(weight: torch.Tensor) -> torch.Tensor:
+    return weight.to(torch.bfloat16).float()
+
+
+# The float32 weights transformers is given to compute what each narrow format computes.
+STORED = {"int8": _dequantized, "bfloat16": _bfloat16}
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+def _onednn_bf16(x, weight, bias):
+    """oneDNN's bfloat16 product: input and weight rounded, sums in float32, the output
+    rounded to bfloat16 before the (float32) bias."""
+    out = _rounded(F.linear(_rounded(x), _rounded(weight)))
+    return out if bias is None else out + bias
+
+
+# What each kernel's product must equal, from the float32 rows, weight and bias.
+EXPECTED = {"int8": lambda x, w, b: F.linear(x, _dequantized(w), b),
+            "bf16": lambda x, w, b: F.linear(x, _bfloat16(w), b),
+            "onednn-bf16": _onednn_bf16}
+EXPECTED |= {"int8-torch": EXPECTED["int8"], "bf16-torch": EXPECTED["bf16"]}
+
+
+@pytest.mark.parametrize("kernel", cpu_linear_kernels("int8") + cpu_linear_kernels("bfloat16"))
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 17])  # one tile, two, and past a tile: widened
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_kernels_equal_the_dequantized_product(kernel, rows, bias):
+def test_narrow_kernels_compute_their_formats_product(kernel, rows, bias):
     torch.manual_seed(rows)
     layer = Linear(48, 37, bias=bias)  # 37 outputs: a last panel of 5
     torch.nn.init.normal_(layer.weight)
     if bias:
         torch.nn.init.normal_(layer.bias)
-    values, scales = quantize_int8(layer.weight.detach())
-    expected_weight = values.float() * scales.unsqueeze(1)
     x = torch.randn(rows, 48)
-    expected = F.linear(x, expected_weight, layer.bias)
+    expected = EXPECTED[kernel](x, layer.weight.detach(), layer.bias)
     layer.pack(kernel)
-    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    # A sum in another order may round to the neighbouring bfloat16: one step of 2^-8.
+    tolerance = 2 ** -8 if kernel == "onednn-bf16" else 1e-5
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=tolerance)
 
 
 def test_int8_quantization_is_within_half_a_step_per_channel():
@@ -47,9 +79,9 @@ def test_int8_quantization_is_within_half_a_step_per_channel():
     assert (values[3] == 0).all()
 
 
-def _dequantized_copy(path, out):
-    """The checkpoint with every linear weight Strata quantizes replaced by its int8
-    values times their scales: the same arithmetic in transformers, in float32."""
+def _stored_copy(path, out, stored):
+    """The checkpoint with every linear weight Strata stores narrower replaced by the
+    float32 values it stores: the same arithmetic in transformers, in float32."""
     out.mkdir()
     for item in path.iterdir():
         if item.suffix != ".safetensors":
@@ -57,19 +89,34 @@ def _dequantized_copy(path, out):
     tensors = load_file(path / "model.safetensors")
     for name, tensor in tensors.items():
         if name.endswith("_proj.weight") or name == "lm_head.weight":
-            values, scales = quantize_int8(tensor)
-            tensors[name] = values.float() * scales.unsqueeze(1)
+            tensors[name] = stored(tensor)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
 
+def _every_product_on(monkeypatch, kernel: str) -> None:
+    """Every packable product on `kernel`, whatever this machine's timing would choose."""
+    monkeypatch.setattr(strata.engine.runner, "choose_cpu_linear_kernels",
+                        lambda linears, *args, **kwargs: {tuple(m.weight.shape): kernel
+                                                          for m in linears})
+
+
+FORMATS = {"int8": dict(quantization="int8"),
+           # a float32 KV cache: the weights' rounding is the only difference
+           "bfloat16": dict(dtype="bfloat16", kv_cache_dtype="float32")}
+
+
+@pytest.mark.parametrize("weight_format", list(FORMATS))
 @pytest.mark.parametrize("arch", ["llama3", "qwen2"])  # untied head; tied head and biases
-def test_int8_weights_match_transformers_over_the_same_weights(tmp_path, arch):
+def test_narrow_weights_match_transformers_over_the_same_weights(tmp_path, arch, weight_format,
+                                                               monkeypatch):
+    if weight_format == "bfloat16":  # the kernel that keeps the activations in float32
+        _every_product_on(monkeypatch, cpu_linear_kernels("bfloat16")[0])
     path = build_checkpoint(tmp_path / arch, arch)
-    reference = _dequantized_copy(path, tmp_path / f"{arch}-dequantized")
-    llm = LLM(str(path), quantization="int8", skip_tokenizer_init=True)
+    reference = _stored_copy(path, tmp_path / f"{arch}-stored", STORED[weight_format])
+    llm = LLM(str(path), skip_tokenizer_init=True, **FORMATS[weight_format])
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
-    assert {m.kernel for m in linears} <= set(cpu_linear_kernels("int8")) | {"torch"}
+    assert {m.kernel for m in linears} <= set(cpu_linear_kernels(weight_format)) | {"torch"}
     assert sum(m.kernel != "torch" for m in linears) >= 4 * 2  # qkv, o, gate_up, down
     logits = record_logits(llm)
     for prompt in PROMPTS:
@@ -99,11 +146,19 @@ def test_16_bit_kv_cache_within_its_tolerance(tmp_path, kv_dtype):
         assert 0 < error <= KV_TOLERANCE[kv_dtype]  # rounded, but within the bound
 
 
-def test_bfloat16_model_within_its_tolerance_of_transformers_in_bfloat16(tmp_path):
+@pytest.mark.parametrize("kernel", cpu_linear_kernels("bfloat16"))
+def test_bfloat16_on_cpu_is_bfloat16_weights_and_kv_within_bfloat16s_tolerance(
+        tmp_path, kernel, monkeypatch):
     import transformers
 
+    _every_product_on(monkeypatch, kernel)
     path = build_checkpoint(tmp_path / "llama3", "llama3")
     llm = LLM(str(path), dtype="bfloat16", skip_tokenizer_init=True)
+    runner = llm.engine.runner
+    assert runner.dtype == torch.float32 and runner.kv_caches.dtype == torch.bfloat16
+    packed = [m.packed for m in runner.model.modules() if isinstance(m, Linear)
+              and m.kernel == kernel]
+    assert len(packed) >= 4 * 2 and all(p.dtype == torch.bfloat16 for p in packed)
     logits = record_logits(llm)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     for prompt in PROMPTS:

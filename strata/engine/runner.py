@@ -111,6 +111,13 @@ class ModelRunner:
                              f"{self.device.type}")
         self.kv_dtype = self.dtype if config.cache.kv_cache_dtype == "auto" else \
             resolve_dtype(config.cache.kv_cache_dtype, self.device, hf_config)
+        weight_format = config.quantization
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            # bfloat16 weights (half the bytes a decode step reads), float32 activations,
+            # as llama.cpp runs 16-bit weights on a CPU: each product widens its weights,
+            # or rounds its input for oneDNN where the CPU multiplies bfloat16 (Linear).
+            # torch's bfloat16 layers were slower on CPU (docs/serving.md, "Precision").
+            self.dtype, weight_format = torch.float32, "bfloat16"
         self.model = build_model(model_path, self.dtype, self.device, self.tp)
         args = self.model.args
         # This rank's KV heads only: at N ranks the same memory holds about N x the tokens.
@@ -135,7 +142,7 @@ class ModelRunner:
             if self.num_offload_blocks else None
         allocated = time.monotonic()
         self.linear_kernels = choose_cpu_linear_kernels(
-            packable_linears(self.model), config.quantization,
+            packable_linears(self.model), weight_format,
             user_cache_dir() / "linear-kernels.json")
         calibrated = time.monotonic()
         times = PlacementTimes()

@@ -1,6 +1,6 @@
 """Decode steps in one C++ call (csrc/decode_step.cpp), from the tokens to the final
 norm, where that loop covers the model: on CPU in float32, one rank, every layer product
-on a packed kernel ("skinny" or "int8"), a KV cache of any --kv-cache-dtype, no per-head
+on a packed kernel ("skinny", "bf16" or "int8"), a KV cache of any --kv-cache-dtype, no per-head
 q/k norm (Qwen3), and the fused-ops and decode-attention kernels in use. A step
 qualifies when all of its tokens are decodes with no prefix attended for several at once
 (cascade attention). Anything else runs the Python layers, which compute the same values
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from strata.model.layers import Linear
     from strata.model.llama import LlamaForCausalLM
 
-PACKED_KERNELS = ("skinny", "int8")
+PACKED_KERNELS = ("skinny", "bf16", "int8", "onednn", "onednn-bf16")
 
 
 def compiled_decoder_layers(model: LlamaForCausalLM):
@@ -53,7 +53,8 @@ def compiled_decoder_layers(model: LlamaForCausalLM):
 def _packed(kernel, linear: Linear):
     weight, scales = linear.packed if linear.kernel == "int8" else (linear.packed, None)
     bias = None if linear.bias is None else linear.bias.detach()
-    return kernel.PackedLinear(weight, scales, bias, linear.out_features)
+    return kernel.PackedLinear(weight, scales, bias, linear.out_features,
+                               linear.kernel.startswith("onednn"))
 
 
 def decode_only_group(meta: AttentionMetadata, tokens: int) -> AttentionGroup | None:

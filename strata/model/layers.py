@@ -39,8 +39,11 @@ class Linear(nn.Linear):
     reordered for it) or "skinny" (the C++ kernel of csrc/skinny_linear.cpp). With
     --quantization int8 the weight is packed as int8 with a scale per output instead:
     "int8" (the same C++ kernel, widening each vector in registers) or "int8-torch"
-    (torch's _weight_int8pack_mm). Which one, per weight shape, is measured at start
-    (choose_cpu_linear_kernels).
+    (torch's _weight_int8pack_mm). With --dtype bfloat16 on CPU it is packed as bfloat16:
+    "bf16" (the same kernel again, in float32 arithmetic) or, where the CPU multiplies
+    bfloat16 (AMX, AVX512-BF16), "onednn-bf16" (oneDNN's product over a weight reordered
+    for it, its input rounded to bfloat16 and its output widened back). Which one, per
+    weight shape, is measured at start (choose_cpu_linear_kernels).
     """
 
     kernel: str = "torch"
@@ -77,6 +80,12 @@ def _pack_int8(weight: torch.Tensor, pack) -> tuple[torch.Tensor, torch.Tensor]:
     return pack(values), scales
 
 
+def _onednn_bf16(rows, packed, bias, _) -> torch.Tensor:
+    out = torch.ops.mkldnn._linear_pointwise(rows.to(torch.bfloat16), packed, None, "none",
+                                             [], "").float()
+    return out if bias is None else out.add_(bias)
+
+
 def _int8_torch(rows, packed, bias, _) -> torch.Tensor:
     out = torch._weight_int8pack_mm(rows.contiguous(), *packed)
     return out if bias is None else out.add_(bias)
@@ -88,6 +97,11 @@ _PACK = {
     "skinny": lambda w: skinny_linear_kernel().pack_weight(w),
     "int8": lambda w: _pack_int8(w, skinny_linear_kernel().pack_weight),
     "int8-torch": lambda w: _pack_int8(w, torch.Tensor.contiguous),
+    "bf16": lambda w: skinny_linear_kernel().pack_weight(w.to(torch.bfloat16)),
+    "onednn-bf16": lambda w: torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16),
+                                                                    ONEDNN_BATCH_HINT),
+    # Where the C++ kernel is missing: the same values, kept in float32 for F.linear.
+    "bf16-torch": lambda w: w.to(torch.bfloat16).float(),
 }
 _PRODUCT = {
     "torch": lambda rows, weight, bias, _: F.linear(rows, weight, bias),
@@ -98,6 +112,10 @@ _PRODUCT = {
     "int8": lambda rows, packed, bias, out: skinny_linear_kernel().packed_linear_int8(
         rows, *packed, bias, out),
     "int8-torch": _int8_torch,
+    "bf16": lambda rows, packed, bias, out: skinny_linear_kernel().packed_linear_bf16(
+        rows, packed, bias, out),
+    "onednn-bf16": _onednn_bf16,
+    "bf16-torch": lambda rows, weight, bias, _: F.linear(rows, weight, bias),
 }
 
 
@@ -112,12 +130,18 @@ def packable_linears(model: nn.Module) -> list[Linear]:
     return [m for m in linears if id(m.weight) not in shared]
 
 
-def cpu_linear_kernels(quantization: str | None = None) -> list[str]:
-    """The kernels this machine has for the weights' format, the reference first: torch's
-    own product in float32 (the only one with STRATA_LINEAR=torch), torch's int8 product
-    under int8."""
-    if quantization == "int8":
+def cpu_linear_kernels(weight_format: str | None = None) -> list[str]:
+    """The kernels this machine has for the weights' format (None: float32; "int8";
+    "bfloat16"), the reference first: torch's own product in float32 (the only one with
+    STRATA_LINEAR=torch), torch's int8 product under int8; under bfloat16 the C++ kernel
+    (or F.linear over the rounded values where it is missing) and oneDNN's where the CPU
+    multiplies bfloat16."""
+    if weight_format == "int8":
         return ["int8-torch"] + (["int8"] if skinny_linear_kernel() is not None else [])
+    if weight_format == "bfloat16":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return ["bf16" if skinny_linear_kernel() is not None else "bf16-torch"] + \
+            (["onednn-bf16"] if native and torch.backends.mkldnn.is_available() else [])
     kernels = ["torch"]
     if os.environ.get("STRATA_LINEAR", "auto") == "torch":
         return kernels
@@ -128,18 +152,18 @@ def cpu_linear_kernels(quantization: str | None = None) -> list[str]:
     return kernels
 
 
-def choose_cpu_linear_kernels(linears: list[Linear], quantization: str | None = None,
+def choose_cpu_linear_kernels(linears: list[Linear], weight_format: str | None = None,
                               cache_file: Path | None = None) -> dict[tuple[int, ...], str]:
     """For each weight shape, the fastest kernel on this CPU over decode batches of
     CALIBRATION_ROWS rows, timed on random weights: the values play no part, so this runs
-    before the checkpoint is in (while it streams). Quantized weights always get a kernel
-    of their format, even where there is only one. With a `cache_file`, a shape timed
-    before on this machine (same CPU, threads, torch and kernel build) is not timed again:
-    a wide model's timing takes seconds of its start."""
-    kernels = cpu_linear_kernels(quantization)
+    before the checkpoint is in (while it streams). Narrower weights (int8, bfloat16)
+    always get a kernel of their format, even where there is only one. With a
+    `cache_file`, a shape timed before on this machine (same CPU, threads, torch and kernel
+    build) is not timed again: a wide model's timing takes seconds of its start."""
+    kernels = cpu_linear_kernels(weight_format)
     if len(kernels) == 1:
         return dict.fromkeys((tuple(m.weight.shape) for m in linears), kernels[0]) \
-            if quantization else {}
+            if weight_format else {}
     reference = kernels[0]
     key = _machine_key(kernels)
     cached = _read_cache(cache_file).get(key, {}) if cache_file else {}

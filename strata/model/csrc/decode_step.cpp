@@ -4,7 +4,7 @@
 // the interpreter between them ~0.4 ms more: module calls, views, splits, checks, each
 // a few microseconds, some forty a layer. Here the embedding, the rotary tables' rows,
 // the layer loop and the final norm run in C++ and call the same kernels
-// (skinny_linear.h, fused_ops.h, paged_decode.h) and torch's own silu and multiply, in
+// (skinny_linear.h, fused_ops.h, paged_decode.h, oneDNN's linear) and torch's silu and mul, in
 // the same order on the same values: its outputs are the Python path's bit for bit
 // (tests/test_decode_step.py), and that path stays for prompt chunks, mixed steps,
 // cascade attention and every model or kernel this does not cover (decode_step.py says
@@ -17,17 +17,40 @@
 
 namespace {
 
-// A Linear's weight as its C++ kernel takes it: packed float32, or packed int8 with a
-// scale per output (--quantization int8).
+// oneDNN's linear (torch's mkldnn::_linear_pointwise, as layers.py calls it) over a weight
+// reordered for it. Called boxed: its C++ signature is not in torch's headers.
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& reordered,
+                            const c10::optional<torch::Tensor>& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, reordered, bias, std::string("none"),
+                                 c10::List<c10::optional<c10::Scalar>>(), std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// A Linear's weight as its kernel takes it: packed for the C++ kernel in float32, bfloat16
+// (--dtype bfloat16) or int8 with a scale per output (--quantization int8); or reordered
+// for oneDNN, in float32 or bfloat16 (its input rounded to bfloat16, its output widened).
 struct PackedLinear {
   torch::Tensor packed;
   c10::optional<torch::Tensor> scales, bias;
   int64_t out_features;
+  bool onednn;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
-    return scales.has_value()
-               ? strata::linear::packed_linear_int8(x, packed, *scales, bias, out_features)
-               : strata::linear::packed_linear(x, packed, bias, out_features);
+    namespace linear = strata::linear;
+    const bool bf16 = packed.scalar_type() == torch::kBFloat16;
+    if (onednn && !bf16) return onednn_linear(x, packed, bias);
+    if (onednn) {
+      torch::Tensor y = onednn_linear(x.to(torch::kBFloat16), packed, c10::nullopt);
+      y = y.to(torch::kFloat32);
+      return bias.has_value() ? y.add_(*bias) : y;
+    }
+    if (scales.has_value())
+      return linear::packed_linear_int8(x, packed, *scales, bias, out_features);
+    if (bf16) return linear::packed_linear_bf16(x, packed, bias, out_features);
+    return linear::packed_linear(x, packed, bias, out_features);
   }
 };
 
@@ -112,10 +135,11 @@ class DecoderLayers {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<PackedLinear>(m, "PackedLinear")
       .def(py::init([](torch::Tensor packed, c10::optional<torch::Tensor> scales,
-                       c10::optional<torch::Tensor> bias, int64_t out_features) {
-             return PackedLinear{packed, scales, bias, out_features};
+                       c10::optional<torch::Tensor> bias, int64_t out_features, bool onednn) {
+             return PackedLinear{packed, scales, bias, out_features, onednn};
            }),
-           py::arg("packed"), py::arg("scales"), py::arg("bias"), py::arg("out_features"));
+           py::arg("packed"), py::arg("scales"), py::arg("bias"), py::arg("out_features"),
+           py::arg("onednn"));
   py::class_<DecoderLayers>(m, "DecoderLayers")
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
                     int64_t, int64_t, int64_t, double, double>(),

@@ -12,7 +12,9 @@
 //
 // The weight may also be int8 with one float scale per output (weight-only
 // quantization, per channel): a quarter of the bytes to read, each vector widened
-// to float in registers, and the scales applied once per tile at the end.
+// to float in registers, and the scales applied once per tile at the end. Or bfloat16
+// (--dtype bfloat16 on CPU): half the bytes, each value widened exactly (its 16 bits
+// are a float32's high half) and multiplied in float32.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -46,6 +48,8 @@ constexpr int kTileRows = 4;
 constexpr int kVecs = kWidth / kLanes;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int8_t vec_i8 __attribute__((vector_size(kLanes)));
+typedef uint16_t vec_u16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t vec_u32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 inline vec load(const float* p) {
   vec v;
@@ -62,6 +66,17 @@ inline vec load(const int8_t* p) {
   vec_i8 v;
   std::memcpy(&v, p, sizeof(v));
   return __builtin_convertvector(v, vec);
+#endif
+}
+
+inline vec load(const at::BFloat16* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vec>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+#else
+  vec_u16 halves;
+  std::memcpy(&halves, p, sizeof(halves));
+  return reinterpret_cast<vec>(__builtin_convertvector(halves, vec_u32) << 16);
 #endif
 }
 
@@ -118,28 +133,28 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, const float* scales,
   const W* p_ptr = packed.data_ptr<W>();
   const float* b_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   float* y_ptr = y.data_ptr<float>();
-  constexpr bool quantized = std::is_same_v<W, int8_t>;
+  constexpr bool scaled = std::is_same_v<W, int8_t>, narrow = !std::is_same_v<W, float>;
   at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> widened;  // a quantized panel in float32, for more rows than a tile
+    std::vector<float> widened;  // a narrow panel in float32, for more rows than a tile
     for (int64_t p = begin; p < end; ++p) {
       const W* panel = p_ptr + p * in * kWidth;
       const int64_t col = p * kWidth, width = std::min(kWidth, out_cols - col);
       vec bias_v[kVecs] = {}, scale_v[kVecs] = {};
       if (b_ptr) std::memcpy(bias_v, b_ptr + col, width * sizeof(float));
       if (scales) std::memcpy(scale_v, scales + col, width * sizeof(float));
-      if (quantized && rows > kTileRows) {
-        // Widening costs more than reading int8 saves once several tiles would each
-        // widen the panel again: widen it once (in x 16 floats, within L2) instead.
+      if (narrow && rows > kTileRows) {
+        // Widening costs more than reading fewer bytes saves once several tiles would
+        // each widen the panel again: widen it once (in x 16 floats, within L2) instead.
         widened.resize(in * kWidth);
         for (int64_t i = 0; i < in * kWidth; i += kLanes) {
           const vec v = load(panel + i);
           std::memcpy(widened.data() + i, &v, sizeof(v));
         }
-        panel_rows<true>(widened.data(), x_ptr, bias_v, scale_v, y_ptr + col, rows, in,
-                         out_cols, width);
+        panel_rows<scaled>(widened.data(), x_ptr, bias_v, scale_v, y_ptr + col, rows, in,
+                           out_cols, width);
       } else {
-        panel_rows<quantized>(panel, x_ptr, bias_v, scale_v, y_ptr + col, rows, in, out_cols,
-                              width);
+        panel_rows<scaled>(panel, x_ptr, bias_v, scale_v, y_ptr + col, rows, in, out_cols,
+                           width);
       }
     }
   });
@@ -148,9 +163,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, const float* scales,
 
 // Unused where only the products are wanted (decode_step.cpp): no warning there.
 [[maybe_unused]] torch::Tensor pack_weight(torch::Tensor w) {
-  TORCH_CHECK((w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kInt8) &&
+  TORCH_CHECK((w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kInt8 ||
+               w.scalar_type() == torch::kBFloat16) &&
                   w.dim() == 2,
-              "pack_weight: float32 or int8 [out, in]");
+              "pack_weight: float32, int8 or bfloat16 [out, in]");
   const int64_t out_cols = w.size(0), in = w.size(1);
   const int64_t panels = (out_cols + kWidth - 1) / kWidth;
   auto padded = torch::zeros({panels * kWidth, in}, w.options());
@@ -170,6 +186,12 @@ torch::Tensor packed_linear_int8(torch::Tensor x, torch::Tensor packed, torch::T
                   scales.is_contiguous() && scales.numel() == out_cols,
               "packed_linear_int8: an int8 weight and float32 scales, one per output");
   return linear<int8_t>(x, packed, scales.data_ptr<float>(), bias, out_cols);
+}
+
+torch::Tensor packed_linear_bf16(torch::Tensor x, torch::Tensor packed,
+                                 c10::optional<torch::Tensor> bias, int64_t out_cols) {
+  TORCH_CHECK(packed.scalar_type() == torch::kBFloat16, "packed_linear_bf16: a bfloat16 weight");
+  return linear<at::BFloat16>(x, packed, nullptr, bias, out_cols);
 }
 
 }  // namespace
