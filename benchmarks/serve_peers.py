@@ -39,7 +39,7 @@ from harness import machine, markdown_table
 from roofline import copy_bandwidth, decode_step_bytes
 
 from strata.bench import BenchConfig, plot_cdfs, run_benchmark
-from strata.health import wait_healthy
+from strata.health import ServerExited, wait_healthy
 
 PORT = 8300
 INPUT_LEN, OUTPUT_LEN = 32, 128
@@ -63,6 +63,9 @@ class Peer:
     model_name: str  # what the server expects in "model"
     extra_body: dict
     takes_ignore_eos: bool = True  # else EOS is switched off through extra_body
+    # Flags for a second try when a start crashes: llama.cpp's q8_0 weights, repacked for
+    # AMX, crash its server at load on a Xeon with AMX (llama-cpp-python 0.3.36).
+    retry_flags: list[str] | None = None
 
     def command(self, peers: Path, model: Path, gguf: Path, concurrency: int,
                 threads: int, precision: str) -> tuple[list[str], dict]:
@@ -95,7 +98,8 @@ class TransformersServe(Peer):
 def peers_of(peers_dir: Path, output_len: int) -> list[Peer]:
     hf_eos = json.dumps({"min_new_tokens": output_len, "eos_token_id": -1})
     return [Strata("strata", "tiny-llama", {}),
-            LlamaCpp("llama.cpp", "tiny-llama", {"cache_prompt": False}),
+            LlamaCpp("llama.cpp", "tiny-llama", {"cache_prompt": False},
+                     retry_flags=["--no-repack"]),
             TransformersServe("transformers", str(peers_dir / "tiny-llama"),
                               {"generation_config": hf_eos}, takes_ignore_eos=False)]
 
@@ -104,11 +108,20 @@ def start(peer: Peer, args: argparse.Namespace, concurrency: int, precision: str
           log_dir: Path) -> subprocess.Popen:
     command, env = peer.command(args.peers_dir, args.model, args.gguf, concurrency,
                                 args.threads, precision)
-    log = open(log_dir / f"{peer.name}-{precision}-{concurrency}.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, **env}, start_new_session=True)
-    wait_healthy(f"http://127.0.0.1:{PORT}", process, 600)
-    return process
+    tries = [[], peer.retry_flags] if peer.retry_flags else [[]]
+    for flags in tries:
+        log = open(log_dir / f"{peer.name}-{precision}-{concurrency}.log", "w")  # noqa: SIM115
+        process = subprocess.Popen(command + flags, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **env}, start_new_session=True)
+        try:
+            wait_healthy(f"http://127.0.0.1:{PORT}", process, 600)
+            return process
+        except ServerExited as exc:
+            failure = exc
+            if flags is not tries[-1]:
+                print(f"{peer.name} {precision} crashed at start: again with {tries[-1]}",
+                      file=sys.stderr, flush=True)
+    raise failure
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -151,6 +164,7 @@ def main() -> int:
     log_dir = Path(args.save.parent if args.save else ".")
     summaries: dict[tuple[str, int], list[dict]] = {}
     results = {}
+    not_started: set[str] = set()
     for round_index in range(args.rounds):
         for precision in args.precision:
             for concurrency in args.concurrency:
@@ -158,7 +172,13 @@ def main() -> int:
                     if peer.name not in PRECISIONS[precision][2]:
                         continue
                     key = (f"{peer.name} {precision}", concurrency)
-                    process = start(peer, args, concurrency, precision, log_dir)
+                    try:
+                        process = start(peer, args, concurrency, precision, log_dir)
+                    except ServerExited as exc:  # llama.cpp's q8_0 server, on some CPUs
+                        print(f"round {round_index} c={concurrency} {key[0]}: did not start "
+                              f"({exc}; its log is in {log_dir})", file=sys.stderr, flush=True)
+                        not_started.add(key[0])
+                        continue
                     try:
                         run = run_benchmark(BenchConfig(
                             base_url=f"http://127.0.0.1:{PORT}", model=peer.model_name,
@@ -182,6 +202,8 @@ def main() -> int:
     print(f"{machine()}, copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     print(table(summaries, list(dict.fromkeys(name for name, _ in summaries)),
                 args.concurrency))
+    if not_started:
+        print(f"\nDid not start (a crash, not a slow start): {', '.join(sorted(not_started))}")
     if args.save:
         args.save.write_text(json.dumps(
             {f"{name} c={c}": runs for (name, c), runs in summaries.items()}, indent=1))

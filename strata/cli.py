@@ -17,7 +17,9 @@ DEFAULT_MASTER_PORT = 29501  # vLLM's
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
-    parser.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto: float32 on CPU, bfloat16 on CUDA; bfloat16 on CPU keeps "
+                             "the weights and KV in bfloat16 and the activations in float32")
     parser.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
                         help="int8: weights in 8 bits, one scale per output channel, "
                              "activations in float32 (CPU; a model sharing its head with "
