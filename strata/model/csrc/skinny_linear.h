@@ -24,7 +24,7 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -57,9 +57,13 @@ inline vec load(const float* p) {
   return v;
 }
 
+// GCC widens generic narrow vectors one lane at a time, on AVX2 and on AVX-512 alike (an
+// int8 decode step of the 19.5M model took 3.8 ms on an AVX-512 Xeon, 0.95 ms with these).
 inline vec load(const int8_t* p) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  // GCC widens a generic int8 vector one lane at a time on AVX2.
+#if defined(__AVX512F__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vec>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
+#elif defined(__AVX2__)
   const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return reinterpret_cast<vec>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
 #else
@@ -70,7 +74,10 @@ inline vec load(const int8_t* p) {
 }
 
 inline vec load(const at::BFloat16* p) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+  const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return reinterpret_cast<vec>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+#elif defined(__AVX2__)
   const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return reinterpret_cast<vec>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
 #else
