@@ -36,6 +36,7 @@ SETTINGS = {
     "kv bfloat16": {"kv_cache_dtype": "bfloat16"},
     "int8": {"quantization": "int8"},
     "int8, kv float16": {"quantization": "int8", "kv_cache_dtype": "float16"},
+    "bfloat16, kv float32": {"dtype": "bfloat16", "kv_cache_dtype": "float32"},
     "bfloat16": {"dtype": "bfloat16"},
 }
 

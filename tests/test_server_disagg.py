@@ -21,6 +21,7 @@ from strata.proc_stats import process_cpu_seconds
 from tests.conftest import CONNECTORS
 from tests.listener import Listener
 from tests.metrics_scrape import scrape, wait_idle
+from tests.polling import wait_until
 from tests.server_process import ServerProcess
 from tests.test_up import descendants
 
@@ -202,8 +203,10 @@ def test_an_idle_pair_uses_next_to_no_cpu(pd_pair):
 
 def test_killing_the_prefiller_mid_load_loses_no_request(tmp_path, strata_server):
     """Twelve requests through a decode instance; the prefiller (both its processes) is
-    SIGKILLed while they run. Each request either read its blocks or fell back to a local
-    prefill: all complete, with the colocated tokens, and none hangs."""
+    SIGKILLed while they run: once the first transfer is in, with six sent and six still
+    to come (a fixed wait let a fast machine finish every transfer before the kill). Each
+    request either read its blocks or fell back to a local prefill: all complete, with the
+    colocated tokens, and none hangs."""
     # Peers trusted by network alone: no token.
     prefill = ServerProcess(tmp_path, "--kv-connector", "tcp", "--kv-peers", "127.0.0.1")
     decode = ServerProcess(tmp_path, "--kv-connector", "tcp", "--kv-transfer-timeout", "2",
@@ -214,11 +217,16 @@ def test_killing_the_prefiller_mid_load_loses_no_request(tmp_path, strata_server
         expected = [token_ids(strata_server.url, p, stream=False) for p in prompts]
         header = {"x-prefiller-host-port": f"127.0.0.1:{prefill.port}"}
         with ThreadPoolExecutor(12) as pool:
-            futures = [pool.submit(token_ids, decode.url, p, i % 2 == 1, header)
-                       for i, p in enumerate(prompts)]
-            time.sleep(0.3)
+            def send(first: int, last: int) -> list:
+                return [pool.submit(token_ids, decode.url, prompts[i], i % 2 == 1, header)
+                        for i in range(first, last)]
+
+            futures = send(0, 6)
+            wait_until(lambda: scrape(decode.url)["strata:kv_transfers_total"] >= 1,
+                       "a first KV transfer", timeout=60)
             subprocess.run(["pkill", "-KILL", "-P", str(prefill.process.pid)], check=False)
             prefill.process.kill()
+            futures += send(6, 12)
             results = [f.result(timeout=120) for f in futures]
         assert results == expected
         metrics = wait_idle(decode.url)
