@@ -28,10 +28,12 @@ CASES = {
     "bfloat16": ("qwen2", {}, {"dtype": "bfloat16"}),  # bfloat16 weights and KV
     "bfloat16-kv": ("mistral", {"sliding_window": 8}, {"kv_cache_dtype": "bfloat16"}),
 }
-# Products on oneDNN: float32, and bfloat16 where this CPU multiplies it.
-ONEDNN_CASES = {"onednn": ("qwen2", {"attention_bias": True}, {}),
+# Every product on one of the other kernels: torch's own, oneDNN's in float32, and in
+# bfloat16 where this CPU multiplies it.
+OTHER_KERNEL_CASES = {"torch": ("llama3", {"attention_bias": True}, {}),
+                "onednn": ("qwen2", {"attention_bias": True}, {}),
                 "onednn-bf16": ("llama3", {"mlp_bias": True}, {"dtype": "bfloat16"})}
-ONEDNN_CASES = {kernel: case for kernel, case in ONEDNN_CASES.items()
+OTHER_KERNEL_CASES = {kernel: case for kernel, case in OTHER_KERNEL_CASES.items()
                 if kernel in cpu_linear_kernels() + cpu_linear_kernels("bfloat16")}
 PACKED = {None: "skinny", "int8": "int8", "bfloat16": "bf16"}
 
@@ -67,11 +69,11 @@ def _run(path, engine_args, monkeypatch, compiled: bool):
     return logits, [o.outputs[0].token_ids for o in outputs], len(calls)
 
 
-@pytest.mark.parametrize("case", list(CASES) + list(ONEDNN_CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(OTHER_KERNEL_CASES))
 def test_the_loop_gives_the_python_layers_logits_bit_for_bit(case, tmp_path, monkeypatch,
                                                              packed_everywhere):
-    arch, config, engine_args = (CASES | ONEDNN_CASES)[case]
-    if case in ONEDNN_CASES:
+    arch, config, engine_args = (CASES | OTHER_KERNEL_CASES)[case]
+    if case in OTHER_KERNEL_CASES:
         _every_product_on(monkeypatch, lambda weight_format: case)
     path = build_checkpoint(tmp_path, arch, **config)
     compiled_logits, compiled_ids, compiled_steps = _run(path, engine_args, monkeypatch, True)
@@ -91,8 +93,9 @@ def test_models_and_kernels_it_does_not_cover_run_the_python_layers(tmp_path, mo
     llama = build_checkpoint(tmp_path / "llama", "llama3")
     choose = strata.engine.runner.choose_cpu_linear_kernels
     assert _run(qwen3, {}, monkeypatch, True)[2] == 0
-    # one product left on torch's own kernel
+    # one product on torch's int8 kernel
     monkeypatch.setattr(strata.engine.runner, "choose_cpu_linear_kernels",
                         lambda linears, *args, **kwargs: {
-                            **choose(linears), tuple(linears[0].weight.shape): "torch"})
-    assert _run(llama, {}, monkeypatch, True)[2] == 0
+                            **choose(linears, "int8"),
+                            tuple(linears[0].weight.shape): "int8-torch"})
+    assert _run(llama, {"quantization": "int8"}, monkeypatch, True)[2] == 0

@@ -1,7 +1,8 @@
 """Decode steps in one C++ call (csrc/decode_step.cpp), from the tokens to the final
 norm, where that loop covers the model: on CPU in float32, one rank, every layer product
-on a packed kernel ("skinny", "bf16" or "int8"), a KV cache of any --kv-cache-dtype, no per-head
-q/k norm (Qwen3), and the fused-ops and decode-attention kernels in use. A step
+on a kernel it calls (PRODUCTS: all but torch's int8 product), a KV cache of any
+--kv-cache-dtype, no per-head q/k norm (Qwen3), and the fused-ops and decode-attention
+kernels in use. A step
 qualifies when all of its tokens are decodes with no prefix attended for several at once
 (cascade attention). Anything else runs the Python layers, which compute the same values
 bit for bit."""
@@ -20,7 +21,10 @@ if TYPE_CHECKING:
     from strata.model.layers import Linear
     from strata.model.llama import LlamaForCausalLM
 
-PACKED_KERNELS = ("skinny", "bf16", "int8", "onednn", "onednn-bf16")
+# Each kernel's product in the C++ loop (its Product enum): the C++ kernel, oneDNN's,
+# torch's own (F.linear over the plain weight; torch's int8 product is not covered).
+PRODUCTS = {"skinny": 0, "bf16": 0, "int8": 0, "onednn": 1, "onednn-bf16": 1, "torch": 2,
+            "bf16-torch": 2}
 
 
 def compiled_decoder_layers(model: LlamaForCausalLM):
@@ -34,7 +38,7 @@ def compiled_decoder_layers(model: LlamaForCausalLM):
         return None
     products = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                  layer.mlp.down_proj) for layer in layers]
-    if any(linear.kernel not in PACKED_KERNELS for four in products for linear in four):
+    if any(linear.kernel not in PRODUCTS for four in products for linear in four):
         return None
     first = layers[0].self_attn
     stack = kernel.DecoderLayers(model.model.embed_tokens.weight.detach(), model.rotary.cos,
@@ -52,9 +56,11 @@ def compiled_decoder_layers(model: LlamaForCausalLM):
 
 def _packed(kernel, linear: Linear):
     weight, scales = linear.packed if linear.kernel == "int8" else (linear.packed, None)
+    if PRODUCTS[linear.kernel] == 2 and linear.weight is not None:  # "torch": not packed
+        weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     return kernel.PackedLinear(weight, scales, bias, linear.out_features,
-                               linear.kernel.startswith("onednn"))
+                               PRODUCTS[linear.kernel])
 
 
 def decode_only_group(meta: AttentionMetadata, tokens: int) -> AttentionGroup | None:

@@ -29,20 +29,25 @@ torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& reorder
   return stack[0].toTensor();
 }
 
+// Which product a Linear's kernel (layers.py) is.
+enum class Product : int64_t { kPacked = 0, kOneDNN = 1, kTorch = 2 };
+
 // A Linear's weight as its kernel takes it: packed for the C++ kernel in float32, bfloat16
-// (--dtype bfloat16) or int8 with a scale per output (--quantization int8); or reordered
-// for oneDNN, in float32 or bfloat16 (its input rounded to bfloat16, its output widened).
+// (--dtype bfloat16) or int8 with a scale per output (--quantization int8); reordered for
+// oneDNN, in float32 or bfloat16 (its input rounded to bfloat16, its output widened); or
+// the [out, in] weight of torch's own product.
 struct PackedLinear {
   torch::Tensor packed;
   c10::optional<torch::Tensor> scales, bias;
   int64_t out_features;
-  bool onednn;
+  Product product;
 
   torch::Tensor operator()(const torch::Tensor& x) const {
     namespace linear = strata::linear;
     const bool bf16 = packed.scalar_type() == torch::kBFloat16;
-    if (onednn && !bf16) return onednn_linear(x, packed, bias);
-    if (onednn) {
+    if (product == Product::kTorch) return at::linear(x, packed, bias);
+    if (product == Product::kOneDNN && !bf16) return onednn_linear(x, packed, bias);
+    if (product == Product::kOneDNN) {
       torch::Tensor y = onednn_linear(x.to(torch::kBFloat16), packed, c10::nullopt);
       y = y.to(torch::kFloat32);
       return bias.has_value() ? y.add_(*bias) : y;
@@ -135,11 +140,13 @@ class DecoderLayers {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<PackedLinear>(m, "PackedLinear")
       .def(py::init([](torch::Tensor packed, c10::optional<torch::Tensor> scales,
-                       c10::optional<torch::Tensor> bias, int64_t out_features, bool onednn) {
-             return PackedLinear{packed, scales, bias, out_features, onednn};
+                       c10::optional<torch::Tensor> bias, int64_t out_features,
+                       int64_t product) {
+             TORCH_CHECK(product >= 0 && product <= 2, "PackedLinear: product 0, 1 or 2");
+             return PackedLinear{packed, scales, bias, out_features, Product(product)};
            }),
            py::arg("packed"), py::arg("scales"), py::arg("bias"), py::arg("out_features"),
-           py::arg("onednn"));
+           py::arg("product"));
   py::class_<DecoderLayers>(m, "DecoderLayers")
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
                     int64_t, int64_t, int64_t, double, double>(),
