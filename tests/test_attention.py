@@ -25,7 +25,10 @@ def _decode_group(context_lens: list[int], block_size: int, num_blocks: int) -> 
 
 
 @kernel_required
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 8, 32), (8, 2, 16), (4, 1, 64)])
+# Heads of their own KV head take the kernel's per-head loop at every vector count (16 to
+# 128 values); grouped heads its grouped loop.
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 8, 32), (4, 4, 16), (4, 4, 64),
+                                                       (2, 2, 128), (8, 2, 16), (4, 1, 64)])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("lens", [[1], [17, 3, 64, 100, 33]])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
