@@ -116,7 +116,7 @@ class ModelRunner:
             # bfloat16 weights (half the bytes a decode step reads), float32 activations,
             # as llama.cpp runs 16-bit weights on a CPU: each product widens its weights,
             # or rounds its input for oneDNN where the CPU multiplies bfloat16 (Linear).
-            # torch's bfloat16 layers were slower on CPU (docs/serving.md, "Precision").
+            # torch's bfloat16 layers were 1.4-2.8x slower (docs/benchmarks.md, issue 20).
             self.dtype, weight_format = torch.float32, "bfloat16"
         self.model = build_model(model_path, self.dtype, self.device, self.tp)
         args = self.model.args

@@ -2,10 +2,9 @@
 norm, where that loop covers the model: on CPU in float32, one rank, every layer product
 on a kernel it calls (PRODUCTS: all but torch's int8 product), a KV cache of any
 --kv-cache-dtype, no per-head q/k norm (Qwen3), and the fused-ops and decode-attention
-kernels in use. A step
-qualifies when all of its tokens are decodes with no prefix attended for several at once
-(cascade attention). Anything else runs the Python layers, which compute the same values
-bit for bit."""
+kernels in use. A step qualifies when all of its tokens are decodes with no prefix
+attended for several at once (cascade attention). Anything else runs the Python layers,
+which compute the same values bit for bit."""
 
 from __future__ import annotations
 
@@ -21,10 +20,11 @@ if TYPE_CHECKING:
     from strata.model.layers import Linear
     from strata.model.llama import LlamaForCausalLM
 
-# Each kernel's product in the C++ loop (its Product enum): the C++ kernel, oneDNN's,
-# torch's own (F.linear over the plain weight; torch's int8 product is not covered).
-PRODUCTS = {"skinny": 0, "bf16": 0, "int8": 0, "onednn": 1, "onednn-bf16": 1, "torch": 2,
-            "bf16-torch": 2}
+# Each kernel's product in the C++ loop (decode_step.cpp's Product): the C++ kernel,
+# oneDNN's, torch's own (F.linear; torch's int8 product is not covered).
+PACKED, ONEDNN, TORCH = 0, 1, 2
+PRODUCTS = {"skinny": PACKED, "bf16": PACKED, "int8": PACKED, "onednn": ONEDNN,
+            "onednn-bf16": ONEDNN, "torch": TORCH, "bf16-torch": TORCH}
 
 
 def compiled_decoder_layers(model: LlamaForCausalLM):
@@ -56,7 +56,7 @@ def compiled_decoder_layers(model: LlamaForCausalLM):
 
 def _packed(kernel, linear: Linear):
     weight, scales = linear.packed if linear.kernel == "int8" else (linear.packed, None)
-    if PRODUCTS[linear.kernel] == 2 and linear.weight is not None:  # "torch": not packed
+    if linear.kernel == "torch":  # not packed: the Linear's own weight
         weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     return kernel.PackedLinear(weight, scales, bias, linear.out_features,

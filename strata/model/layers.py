@@ -115,8 +115,8 @@ _PRODUCT = {
     "bf16": lambda rows, packed, bias, out: skinny_linear_kernel().packed_linear_bf16(
         rows, packed, bias, out),
     "onednn-bf16": _onednn_bf16,
-    "bf16-torch": lambda rows, weight, bias, _: F.linear(rows, weight, bias),
 }
+_PRODUCT["bf16-torch"] = _PRODUCT["torch"]  # over the rounded weight, kept in float32
 
 
 def packable_linears(model: nn.Module) -> list[Linear]:
