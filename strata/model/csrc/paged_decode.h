@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -62,21 +64,11 @@ inline const float* as_float(const T* values, float* buffer, int64_t n) {
   return buffer;
 }
 
-// Vectors of the CPU's width for the per-head loops below, whose head dimension is a
-// multiple of it (every Llama-family size on AVX2 and AVX-512).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float fvec __attribute__((vector_size(kLanes * sizeof(float))));
+// Vectors of the CPU's width (simd.h) for the per-head loops below, whose head dimension
+// is a multiple of it (every Llama-family size on AVX2 and AVX-512).
+using simd::kLanes;
+using fvec = simd::vec;
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline fvec load_vec(const float* p) {
-  fvec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 inline float sum_lanes(fvec v) {
 #if defined(__AVX512F__)
@@ -120,11 +112,11 @@ inline float attend_head(const float* query, float* scores, float* output, int64
                          int64_t len, float scale, Row key_of, Row value_of) {
   const int64_t n = len - first;
   fvec q[Vecs];
-  for (int v = 0; v < Vecs; ++v) q[v] = load_vec(query + v * kLanes);
+  for (int v = 0; v < Vecs; ++v) q[v] = simd::load(query + v * kLanes);
   for (int64_t j = 0; j < n; ++j) {
     const float* key = key_of(first + j);
-    fvec dot = q[0] * load_vec(key);
-    for (int v = 1; v < Vecs; ++v) dot += q[v] * load_vec(key + v * kLanes);
+    fvec dot = q[0] * simd::load(key);
+    for (int v = 1; v < Vecs; ++v) dot += q[v] * simd::load(key + v * kLanes);
     scores[j] = sum_lanes(dot) * scale;
   }
   float top = -INFINITY;
@@ -132,7 +124,7 @@ inline float attend_head(const float* query, float* scores, float* output, int64
   fvec total_v = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    const fvec e = exp_nonpositive(load_vec(scores + j) - top);
+    const fvec e = exp_nonpositive(simd::load(scores + j) - top);
     std::memcpy(scores + j, &e, sizeof(e));
     total_v += e;
   }
@@ -143,7 +135,7 @@ inline float attend_head(const float* query, float* scores, float* output, int64
   for (int64_t t = 0; t < n; ++t) {
     const float* value = value_of(first + t);
     const float weight = scores[t] * inverse;
-    for (int v = 0; v < Vecs; ++v) acc[v] += weight * load_vec(value + v * kLanes);
+    for (int v = 0; v < Vecs; ++v) acc[v] += weight * simd::load(value + v * kLanes);
   }
   std::memcpy(output, acc, sizeof(acc));
   return top + std::log(total);

@@ -20,6 +20,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -34,28 +36,18 @@ namespace {
 
 constexpr int64_t kWidth = 16;  // outputs per panel
 
-// The CPU's own vector width: GCC compiles a 16-float generic vector on AVX2 (two ymm
-// registers) through the stack, several times slower than two 8-float vectors. A row's
-// accumulator is kVecs vectors; AVX-512 has 32 registers for 8 rows of one, AVX2 16 for
-// 4 rows of two (8 rows would spill).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kTileRows = 8;
-#else
-constexpr int kLanes = 8;
-constexpr int kTileRows = 4;
-#endif
+// Vectors of the CPU's own width (simd.h): a 16-float generic vector on AVX2 (two ymm
+// registers) went through the stack, several times slower than two 8-float vectors. A
+// row's accumulator is kVecs vectors; AVX-512 has 32 registers for 8 rows of one, AVX2 16
+// for 4 rows of two (8 rows would spill).
+using simd::kLanes;
+using simd::load;
+using simd::vec;
+constexpr int kTileRows = kLanes == 16 ? 8 : 4;
 constexpr int kVecs = kWidth / kLanes;
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int8_t vec_i8 __attribute__((vector_size(kLanes)));
 typedef uint16_t vec_u16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t vec_u32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 // GCC widens generic narrow vectors one lane at a time, on AVX2 and on AVX-512 alike (an
 // int8 decode step of the 19.5M model took 3.8 ms on an AVX-512 Xeon, 0.95 ms with these).
