@@ -129,7 +129,8 @@ class ServerMetrics:
                                      (self.offload_seconds, stats.kv_offload_seconds,
                                       last.kv_offload_seconds)):
             for label, value in now.items():
-                counter.labels(self.model_name, label).inc(value - before.get(label, 0))
+                if value != before.get(label, 0):
+                    counter.labels(self.model_name, label).inc(value - before.get(label, 0))
         self._last = stats
 
     def finished(self, reason: str, e2e: float) -> None:

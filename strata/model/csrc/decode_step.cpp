@@ -23,8 +23,10 @@ torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& reorder
                             const c10::optional<torch::Tensor>& bias) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  std::vector<c10::IValue> stack{x, reordered, bias, std::string("none"),
-                                 c10::List<c10::optional<c10::Scalar>>(), std::string("")};
+  // The fixed arguments built once (the op reads them, it does not change them).
+  static const c10::IValue attr(std::string("none")), algorithm(std::string(""));
+  static const c10::IValue scalars{c10::List<c10::optional<c10::Scalar>>()};
+  std::vector<c10::IValue> stack{x, reordered, bias, attr, scalars, algorithm};
   op.callBoxed(&stack);
   return stack[0].toTensor();
 }

@@ -24,7 +24,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
@@ -100,7 +99,7 @@ inline fvec exp_nonpositive(fvec x) {
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.f;
   const ivec bits = (n + 127) << 23;  // 2^n
-  return p * reinterpret_cast<const fvec&>(bits);
+  return p * reinterpret_cast<fvec>(bits);
 }
 
 // One head's scores against `n` keys, then its softmax and weighted sum of values, with
@@ -194,21 +193,24 @@ void attend(torch::Tensor out, torch::Tensor lse, torch::Tensor q, torch::Tensor
           scores.resize(n);
           for (int64_t h = head_begin; h < head_end; ++h) {
             const int64_t offset = h * dim;  // this head's K or V in a token's row
-            auto rows = [&](const T* cache) {
+            const auto rows = [&](const T* cache) {
               return [&, cache](int64_t j) {
                 return as_float(cache + table[j / block_size] * block_stride +
                                     (j % block_size) * token_stride + offset,
                                 widened.data(), dim);
               };
             };
-            const auto args = std::make_tuple(queries + h * dim, scores.data(), outputs + h * dim,
-                                              first, len, softmax_scale, rows(k_ptr), rows(v_ptr));
+            const auto head = [&](auto vecs_constant) {
+              return attend_head<decltype(vecs_constant)::value>(
+                  queries + h * dim, scores.data(), outputs + h * dim, first, len,
+                  softmax_scale, rows(k_ptr), rows(v_ptr));
+            };
             float& lse_h = lse_ptr[seq * heads + h];
             switch (vecs) {
-              case 1: lse_h = std::apply(attend_head<1, decltype(rows(k_ptr))>, args); break;
-              case 2: lse_h = std::apply(attend_head<2, decltype(rows(k_ptr))>, args); break;
-              case 4: lse_h = std::apply(attend_head<4, decltype(rows(k_ptr))>, args); break;
-              default: lse_h = std::apply(attend_head<8, decltype(rows(k_ptr))>, args);
+              case 1: lse_h = head(std::integral_constant<int, 1>()); break;
+              case 2: lse_h = head(std::integral_constant<int, 2>()); break;
+              case 4: lse_h = head(std::integral_constant<int, 4>()); break;
+              default: lse_h = head(std::integral_constant<int, 8>());
             }
           }
           continue;
